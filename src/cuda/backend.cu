@@ -31,7 +31,7 @@ Status check_pointer(const void* ptr, const char* name, int device) {
 
 }  // namespace
 
-Status run(const MoeGemmParams& p, Phase /*phase*/, const Device& device) {
+Status run(const MoeGemmParams& p, Phase phase, const Device& device) {
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
     cudaGetLastError();
@@ -53,7 +53,11 @@ Status run(const MoeGemmParams& p, Phase /*phase*/, const Device& device) {
   cudaGetDevice(&previous);
   if (previous != device.index) cudaSetDevice(device.index);
   auto stream = static_cast<cudaStream_t>(device.stream);
-  Status s = launch_generic(p, stream);
+  Status s;
+  const bool fast = phase == Phase::decode ? launch_decode(p, stream, &s)
+                                           : (launch_prefill(p, stream, &s) ||
+                                              launch_decode(p, stream, &s));
+  if (!fast) s = launch_generic(p, stream);
   if (previous != device.index) cudaSetDevice(previous);
   return s;
 }

@@ -45,7 +45,7 @@ generic_kernel(MoeGemmParams p) {
   const auto* act = static_cast<const uint16_t*>(p.activations);
 
   for (int64_t tb = t0; tb < t1; tb += kTok) {
-    const int nt = int(min<int64_t>(kTok, t1 - tb));
+    const int nt = int(min(int64_t(kTok), t1 - tb));
     float acc[kTok];
 #pragma unroll
     for (int j = 0; j < kTok; ++j) acc[j] = 0.0f;
