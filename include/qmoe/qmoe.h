@@ -117,6 +117,13 @@ const char* to_string(ActType t);
 void set_num_threads(int n);
 int num_threads();
 
+// 16-bit float conversions (round to nearest even) for callers that hold
+// activations as raw bits.
+uint16_t float_to_f16_bits(float v);
+float f16_bits_to_float(uint16_t h);
+uint16_t float_to_bf16_bits(float v);
+float bf16_bits_to_float(uint16_t h);
+
 // Which build features are present.
 bool built_with_cuda();
 const char* version();

@@ -141,6 +141,11 @@ Status moe_gemm_reference(const MoeGemmParams& p) {
   return cpu::run_reference(p);
 }
 
+uint16_t float_to_f16_bits(float v) { return float_to_f16(v); }
+float f16_bits_to_float(uint16_t h) { return f16_to_float(h); }
+uint16_t float_to_bf16_bits(float v) { return float_to_bf16(v); }
+float bf16_bits_to_float(uint16_t h) { return bf16_to_float(h); }
+
 void set_num_threads(int n) { cpu::set_pool_size(n); }
 int num_threads() { return cpu::pool_size(); }
 
