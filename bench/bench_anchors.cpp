@@ -221,7 +221,7 @@ Anchors measure_cuda_anchors() {
     uint32_t x = 12345;
     for (auto& h : host) {
       x = x * 1664525u + 1013904223u;
-      h = float_to_bf16(float(int(x >> 16) - 32768) / 32768.0f);
+      h = float_to_bf16_bits(float(int(x >> 16) - 32768) / 32768.0f);
     }
     cudaMemcpy(A, host.data(), host.size() * 2, cudaMemcpyHostToDevice);
     cudaMemcpy(B, host.data(), host.size() * 2, cudaMemcpyHostToDevice);
@@ -260,7 +260,7 @@ Timing time_cuda(const MoeGemmParams& p, Phase phase, std::vector<uint16_t>& out
     void *act, *w, *s, *z, *out;
     int32_t* counts;
   };
-  std::vector<Set> sets(size_t(copies));
+  std::vector<Set> sets(static_cast<size_t>(copies));
   for (Set& s : sets) {
     BENCH_CUDA(cudaMalloc(&s.act, std::max<size_t>(act_bytes, 2)));
     BENCH_CUDA(cudaMalloc(&s.w, w_bytes));
