@@ -89,6 +89,17 @@ def test_odd_shapes(shape, enc_name, act, fw, rng):
         check_output(out, case, act, case.T, N, fw)
 
 
+@pytest.mark.parametrize("act", ref.ACTS)
+@pytest.mark.parametrize("enc_name", ENC_NAMES)
+def test_larger_shapes(enc_name, act, rng):
+    """Shapes past the CPU kernels' blocking (several tiles of N, K and tokens)."""
+    require_framework("torch")
+    E, N, K, gs = 5, 257, 768, 128
+    case = make_case(rng, ref.ENCODINGS[enc_name], act, E, N, K, gs, random_counts(rng, E, 96))
+    for entry in ("decode", "prefill"):
+        check_output(run(entry, case, "torch"), case, act, case.T, N, "torch")
+
+
 @pytest.mark.parametrize("fw", FRAMEWORKS)
 @pytest.mark.parametrize("threshold", [0, 1, 4, 1000])
 def test_moe_phase_choice_gives_the_same_result(fw, threshold, rng):
