@@ -239,20 +239,41 @@ def test_threads_setting_and_concurrent_calls(rng):
                                       output_f64(outs[1], "bfloat16"))
 
 
+@pytest.mark.filterwarnings("ignore:Synchronization debug mode is a prototype")
 def test_cuda_tensors(rng):
-    """A smoke check of CUDA tensors through the Python layer (the CUDA suite
-    lives in tests/python/test_cuda_*.py)."""
+    """A smoke check of CUDA tensors through the Python layer: the current stream,
+    outputs on the device, and no host synchronisation (torch's sync debug mode
+    raises on one). The CUDA suite proper lives in tests/python/test_cuda_*.py."""
     if torch is None or not torch.cuda.is_available():
         pytest.skip("needs torch with a CUDA device (torch.cuda.is_available() is False)")
-    case = make_case(rng, ref.ENCODINGS["int4"], "bfloat16", 4, 64, 256, 128,
+    dev = torch.device("cuda", torch.cuda.device_count() - 1)
+    case = make_case(rng, ref.ENCODINGS["int4_asym"], "bfloat16", 4, 64, 256, 128,
                      random_counts(rng, 4, 8))
-    a, w, c, kw = case.args("torch")
-    a, w, c = a.cuda(), w.cuda(), c.cuda()
-    kw = {k: (v.cuda() if hasattr(v, "cuda") else v) for k, v in kw.items()}
+    a, w, c, kw = case.args("torch", counts_dtype="int64")
+    a, w, c = a.to(dev), w.to(dev), c.to(dev)
+    kw = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
     if not qmoe.built_with_cuda():
         with pytest.raises(NotImplementedError, match="CUDA"):
             qmoe.moe(a, w, c, **kw)
         return
-    out = qmoe.moe(a, w, c, **kw)
-    assert out.device == a.device
-    check_output(out, case, "bfloat16", case.T, 64, "torch")
+    (ga, gw, gc), gkw, gexpect, gT = moe_gemm_case(rng, "float16", 3, 128, 40, [5, 0, 2], True,
+                                                   "torch")
+    ga, gw, gc, gs = ga.to(dev), gw.to(dev), gc.to(dev), gkw["scales"].to(dev)
+    stream = torch.cuda.Stream(dev)
+    outs = []
+    torch.cuda.synchronize(dev)
+    with torch.cuda.device(dev), torch.cuda.stream(stream):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            outs.append(qmoe.moe(a, w, c, **kw))
+            outs.append(qmoe.moe(a, w, c, phase="decode", **kw))
+            outs.append(qmoe.moe_gemm_prefill(a, w, c, **kw))
+            gemm_out = qmoe.moe_gemm(ga, gw, gc, scales=gs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    stream.synchronize()
+    for out in outs:
+        assert out.device == dev
+        check_output(out, case, "bfloat16", case.T, 64, "torch")
+    assert gemm_out.device == dev
+    check_output(gemm_out, gexpect, "float16", gT, 40, "torch")
