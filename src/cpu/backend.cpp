@@ -1,8 +1,16 @@
 // CPU backend: count checks and the choice of kernel.
+//
+// `run` picks the instruction-set level (src/cpu/isa.h: best of this CPU, or
+// QMOE_CPU_ISA) and runs that level's kernels (src/cpu/simd/). A level that
+// does not take a call (EKN layout, a group size that is not a whole number
+// of its decode units) hands it to the portable blocked kernel, which takes
+// everything.
 #include <string>
 
 #include "core/backend.h"
 #include "cpu/blocked.h"
+#include "cpu/isa.h"
+#include "cpu/simd/simd.h"
 
 namespace qmoe::cpu {
 
@@ -21,6 +29,18 @@ Status check_counts(const MoeGemmParams& p) {
   return Status::success();
 }
 
-Status run(const MoeGemmParams& p, Phase /*phase*/) { return run_blocked(p); }
+Status run(const MoeGemmParams& p, Phase phase) {
+  const Isa isa = selected_isa();
+  if (isa == Isa::avx512 && simd::run_avx512(p, phase)) {
+    note_isa_used(Isa::avx512);
+    return Status::success();
+  }
+  if (isa >= Isa::avx2 && simd::run_avx2(p, phase)) {
+    note_isa_used(Isa::avx2);
+    return Status::success();
+  }
+  note_isa_used(Isa::portable);
+  return run_blocked(p);
+}
 
 }  // namespace qmoe::cpu

@@ -21,11 +21,12 @@ int default_threads() {
 }
 
 thread_local bool t_inside_pool = false;
+thread_local int t_worker = 0;
 
 class Pool {
  public:
   explicit Pool(int threads) {
-    for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+    for (int i = 1; i < threads; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
   }
   ~Pool() {
     {
@@ -37,31 +38,35 @@ class Pool {
   }
   int size() const { return int(workers_.size()) + 1; }
 
-  void run(int64_t n, const std::function<void(int64_t)>& body) {
+  void run(int64_t n, RawBody body, void* ctx) {
     std::lock_guard<std::mutex> one_job(job_mu_);  // one job at a time
     {
       std::lock_guard<std::mutex> lock(mu_);
-      body_ = &body;
+      body_ = body;
+      ctx_ = ctx;
       n_ = n;
       next_.store(0);
       active_ = int(workers_.size());
       ++generation_;
     }
     wake_.notify_all();
-    work();
+    work(0);
     std::unique_lock<std::mutex> lock(mu_);
     done_.wait(lock, [this] { return active_ == 0; });
     body_ = nullptr;
   }
 
  private:
-  void work() {
+  void work(int worker) {
     const bool was_inside = t_inside_pool;
+    const int was_worker = t_worker;
     t_inside_pool = true;
-    for (int64_t i = next_.fetch_add(1); i < n_; i = next_.fetch_add(1)) (*body_)(i);
+    t_worker = worker;
+    for (int64_t i = next_.fetch_add(1); i < n_; i = next_.fetch_add(1)) body_(ctx_, i, worker);
     t_inside_pool = was_inside;
+    t_worker = was_worker;
   }
-  void worker_loop() {
+  void worker_loop(int id) {
     uint64_t seen = 0;
     for (;;) {
       {
@@ -70,7 +75,7 @@ class Pool {
         if (stop_) return;
         seen = generation_;
       }
-      work();
+      work(id);
       std::lock_guard<std::mutex> lock(mu_);
       if (--active_ == 0) done_.notify_one();
     }
@@ -79,7 +84,8 @@ class Pool {
   std::vector<std::thread> workers_;
   std::mutex job_mu_, mu_;
   std::condition_variable wake_, done_;
-  const std::function<void(int64_t)>* body_ = nullptr;
+  RawBody body_ = nullptr;
+  void* ctx_ = nullptr;
   int64_t n_ = 0;
   std::atomic<int64_t> next_{0};
   int active_ = 0;
@@ -96,20 +102,28 @@ Pool& pool() {
   return *g_pool;
 }
 
+void call_function(void* ctx, int64_t i, int /*worker*/) {
+  (*static_cast<const std::function<void(int64_t)>*>(ctx))(i);
+}
+
 }  // namespace
 
-void parallel_for(int64_t n, const std::function<void(int64_t)>& body) {
+void parallel_for_raw(int64_t n, RawBody body, void* ctx) {
   if (n <= 0) return;
   if (n == 1 || t_inside_pool) {
-    for (int64_t i = 0; i < n; ++i) body(i);
+    for (int64_t i = 0; i < n; ++i) body(ctx, i, t_worker);
     return;
   }
   Pool& p = pool();
   if (p.size() == 1) {
-    for (int64_t i = 0; i < n; ++i) body(i);
+    for (int64_t i = 0; i < n; ++i) body(ctx, i, 0);
     return;
   }
-  p.run(n, body);
+  p.run(n, body, ctx);
+}
+
+void parallel_for(int64_t n, const std::function<void(int64_t)>& body) {
+  parallel_for_raw(n, call_function, const_cast<std::function<void(int64_t)>*>(&body));
 }
 
 int pool_size() { return pool().size(); }

@@ -17,6 +17,15 @@ namespace qmoe::cpu {
 // it coarse items. A call from inside a body runs serially.
 void parallel_for(int64_t n, const std::function<void(int64_t)>& body);
 
+// The same with a plain function pointer (no std::function: the SIMD files
+// compiled with -mavx512* use this so that no inline library template is
+// instantiated there with wider instructions than the rest of the binary).
+// `worker` is in [0, pool_size()) and names the thread running the item, so
+// bodies can index per-thread scratch. A nested call runs serially with the
+// caller's worker id.
+using RawBody = void (*)(void* ctx, int64_t item, int worker);
+void parallel_for_raw(int64_t n, RawBody body, void* ctx);
+
 int pool_size();
 void set_pool_size(int n);  // n < 1: default
 

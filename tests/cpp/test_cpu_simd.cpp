@@ -1,0 +1,191 @@
+// Every SIMD level of the CPU backend against the exact reference kernel
+// (qmoe::moe_gemm_reference) and the float64 product of harness.h: every
+// encoding x activation dtype x decode/prefill, on every level this machine
+// has, each forced through QMOE_CPU_ISA; odd shapes (N tails, K tails,
+// group sizes 32/64/128 and the smallest allowed), poisoned outputs.
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+
+#include "cpu/isa.h"
+#include "harness.h"
+
+namespace qmoe::test {
+namespace {
+
+using cpu::Isa;
+
+// Forces a level through the environment for one scope.
+struct ForceIsa {
+  explicit ForceIsa(Isa isa) { setenv("QMOE_CPU_ISA", cpu::to_string(isa), 1); }
+  ~ForceIsa() { unsetenv("QMOE_CPU_ISA"); }
+};
+
+// Weights per register-decode unit of each fast level (a group must be a
+// whole number of them for the level to take the call).
+int64_t unit(Isa isa, WeightType w) {
+  if (isa == Isa::avx512) {
+    if (w == WeightType::int4) return 64;
+    if (w == WeightType::int2) return 128;
+    return 32;
+  }
+  if (w == WeightType::int2) return 32;
+  return 16;
+}
+
+Isa expected_level(Isa forced, const MoeGemmParams& p) {
+  if (forced == Isa::portable) return Isa::portable;
+  if (p.weight_type == WeightType::native16) return forced;
+  return p.group_size % unit(forced, p.weight_type) == 0 ? forced : Isa::portable;
+}
+
+int64_t min_group(WeightType w) {
+  return w == WeightType::int4 ? 2 : w == WeightType::int2 ? 4 : 1;
+}
+
+struct Shape {
+  std::string label;
+  int64_t n, k, group_size;
+  std::vector<int32_t> counts;
+};
+
+std::vector<Shape> shapes(WeightType w, bool prefill) {
+  // Decode: 1-8 tokens per expert (an expert with 0 too); prefill: more.
+  const std::vector<int32_t> dec = {1, 0, 3, 8, 2, 5};
+  const std::vector<int32_t> pre = {9, 0, 17, 40};
+  const auto& c = prefill ? pre : dec;
+  std::vector<Shape> s;
+  if (w == WeightType::native16) {
+    s.push_back({"n_tail_k_tail", 37, 72, 0, c});
+    s.push_back({"k_lt_vector", 21, 24, 0, c});
+    s.push_back({"k_aligned", 16, 256, 0, c});
+  } else {
+    for (int64_t gs : {32, 64, 128}) s.push_back({"gs" + std::to_string(gs), 35, 256, gs, c});
+    s.push_back({"k_eq_group", 19, 128, 128, c});
+    s.push_back({"k_384_gs128", 17, 384, 128, c});
+    const int64_t g = min_group(w);
+    s.push_back({"min_group", 13, 8 * g, g, c});
+    s.push_back({"odd_group", 11, 24 * g, 3 * g, c});
+  }
+  s.push_back({"n1", 1, w == WeightType::native16 ? 64 : 128, w == WeightType::native16 ? 0 : 128,
+               prefill ? std::vector<int32_t>{12} : std::vector<int32_t>{1}});
+  s.push_back({"t0", 24, 128, w == WeightType::native16 ? 0 : 64, {0, 0}});
+  return s;
+}
+
+std::vector<Isa> levels() {
+  std::vector<Isa> v;
+  for (Isa isa : {Isa::portable, Isa::avx2, Isa::avx512})
+    if (cpu::isa_supported(isa)) v.push_back(isa);
+  return v;
+}
+
+double rel_diff(const Problem& pr, const std::vector<uint16_t>& a, const std::vector<uint16_t>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double x = pr.half_value(a[i]), y = pr.half_value(b[i]);
+    num += (x - y) * (x - y);
+    den += y * y;
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+using Param = std::tuple<Isa, ActType, Encoding, bool /*prefill*/>;
+class CpuSimd : public ::testing::TestWithParam<Param> {};
+
+TEST_P(CpuSimd, MatchesReferenceKernels) {
+  const auto [isa, at, enc, prefill] = GetParam();
+  ForceIsa force(isa);
+  for (const Shape& s : shapes(enc.type, prefill)) {
+    const uint64_t seed = fresh_seed();
+    SCOPED_TRACE(s.label + " seed=" + std::to_string(seed));
+    Problem pr = Problem::random(at, enc, s.n, s.k, s.group_size, s.counts, seed);
+    const Status st = prefill ? moe_gemm_prefill(pr.params) : moe_gemm_decode(pr.params);
+    ASSERT_TRUE(st.ok()) << st.message;
+    EXPECT_EQ(cpu::last_isa(), expected_level(isa, pr.params))
+        << "ran on " << cpu::to_string(cpu::last_isa());
+    const std::vector<uint16_t> fast = pr.out;
+
+    pr.poison();
+    ASSERT_TRUE(moe_gemm_reference(pr.params).ok());
+    const std::vector<uint16_t> exact = pr.out;
+
+    const std::vector<double> ref = pr.reference();
+    const Comparison c = compare(pr, fast, ref);
+    EXPECT_EQ(c.unwritten, 0);
+    EXPECT_LT(c.rel_error, tolerance(at));
+    EXPECT_LT(rel_diff(pr, fast, exact), tolerance(at));
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    AllLevels, CpuSimd,
+    ::testing::Combine(::testing::ValuesIn(levels()), ::testing::Values(ActType::f16, ActType::bf16),
+                       ::testing::ValuesIn(all_encodings()), ::testing::Bool()),
+    [](const auto& info) {
+      return std::string(cpu::to_string(std::get<0>(info.param))) + "_" +
+             name(std::get<1>(info.param), std::get<2>(info.param)) +
+             (std::get<3>(info.param) ? "_prefill" : "_decode");
+    });
+
+// Decode keeps fp32 accuracy on every level (exact bf16 codes, fp16
+// activations split into two bf16 halves): it must agree with the exact
+// kernel far below the tolerance on a long K.
+TEST(CpuSimd, DecodeIsNearlyExact) {
+  for (Isa isa : levels()) {
+    ForceIsa force(isa);
+    for (ActType at : {ActType::f16, ActType::bf16})
+      for (Encoding enc : all_encodings()) {
+        const uint64_t seed = fresh_seed();
+        SCOPED_TRACE(std::string(cpu::to_string(isa)) + " " + name(at, enc) + " seed=" +
+                     std::to_string(seed));
+        Problem pr = Problem::random(at, enc, 64, 2048, 128, {1, 4, 8}, seed);
+        ASSERT_TRUE(moe_gemm_decode(pr.params).ok());
+        const std::vector<double> ref = pr.reference();
+        // Output rounding to the 16-bit dtype alone gives about 2^-12 (fp16)
+        // or 2^-9 (bf16) relative.
+        EXPECT_LT(compare(pr, pr.out, ref).rel_error, at == ActType::f16 ? 5e-4 : 4e-3);
+      }
+  }
+}
+
+TEST(CpuSimd, LevelSelection) {
+  EXPECT_TRUE(cpu::isa_supported(Isa::portable));
+  for (Isa isa : levels()) {
+    ForceIsa force(isa);
+    EXPECT_EQ(cpu::selected_isa(), isa);
+  }
+  {
+    ForceIsa force(Isa::portable);
+    cpu::set_isa_override(int(cpu::best_isa()));  // the override wins
+    EXPECT_EQ(cpu::selected_isa(), cpu::best_isa());
+    cpu::set_isa_override(-1);
+    EXPECT_EQ(cpu::selected_isa(), Isa::portable);
+  }
+  setenv("QMOE_CPU_ISA", "no-such-level", 1);  // ignored, with a message
+  EXPECT_EQ(cpu::selected_isa(), cpu::best_isa());
+  unsetenv("QMOE_CPU_ISA");
+  EXPECT_EQ(cpu::selected_isa(), cpu::best_isa());
+}
+
+// Threads split experts x rows: the result must not depend on the count.
+TEST(CpuSimd, ThreadCountDoesNotChangeBits) {
+  for (bool prefill : {false, true}) {
+    const uint64_t seed = fresh_seed();
+    SCOPED_TRACE(seed);
+    Problem pr = Problem::random(ActType::bf16, {WeightType::int4, true}, 100, 512, 128,
+                                 prefill ? std::vector<int32_t>{30, 50} : std::vector<int32_t>{3, 8},
+                                 seed);
+    set_num_threads(1);
+    ASSERT_TRUE(moe(pr.params).ok());
+    const std::vector<uint16_t> one = pr.out;
+    set_num_threads(3);
+    pr.poison();
+    ASSERT_TRUE(moe(pr.params).ok());
+    set_num_threads(0);
+    EXPECT_EQ(one, pr.out);
+  }
+}
+
+}  // namespace
+}  // namespace qmoe::test
