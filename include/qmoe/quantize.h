@@ -2,7 +2,9 @@
 // float weights, and their exact dequantizers. CPU memory only.
 //
 // sym:  scale = absmax / qmax (127, 7, 1), q = clamp(round(w / scale), qmin, qmax)
-// asym: scale = (max - min) / (2^bits - 1), zero = clamp(round(-min / scale), 0, 2^bits - 1),
+// asym: min = min(group min, 0), max = max(group max, 0) (the range holds 0, as
+//       AutoRound's RTN; a group of one sign stays representable),
+//       scale = (max - min) / (2^bits - 1), zero = clamp(round(-min / scale), 0, 2^bits - 1),
 //       q = clamp(round(w / scale) + zero, 0, 2^bits - 1)
 // fp8:  scale = absmax / fp8_max (448 e4m3, 57344 e5m2), f = saturating RNE cast of w / scale
 // Scales and zeros are stored in the activation dtype; quantization divides by

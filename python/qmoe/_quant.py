@@ -6,7 +6,8 @@ CPU); this module only checks arguments and moves data. Rules, per group of
 
 - int sym (bits 8/4/2, qmax 127/7/1): scale = absmax / qmax;
   q = clamp(round(w / scale), -qmax-1, qmax), stored in two's complement.
-- int asym: scale = (max - min) / (2^bits - 1); zero = clamp(round(-min / scale), 0, 2^bits - 1);
+- int asym: min/max of the group widened to hold 0; scale = (max - min) / (2^bits - 1);
+  zero = clamp(round(-min / scale), 0, 2^bits - 1);
   q = clamp(round(w / scale) + zero, 0, 2^bits - 1).
 - fp8: scale = absmax / fp8_max (448 e4m3, 57344 e5m2); f = saturating
   round-to-nearest-even cast of w / scale.

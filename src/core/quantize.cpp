@@ -68,8 +68,12 @@ Status quantize(const QuantSpec& spec, int64_t E, int64_t N, int64_t K, const fl
           }
           float s, z = 0.0f;
           if constexpr (Enc::kAsym) {
+            // The range always contains 0 (as AutoRound's RTN does): a group of
+            // one sign is then representable and the zero point stays in range.
             const float levels = float(Enc::kQmax);
-            s = hi > lo ? (hi - lo) / levels : (hi == 0.0f ? 1.0f : std::fabs(hi));
+            lo = std::min(lo, 0.0f);
+            hi = std::max(hi, 0.0f);
+            s = hi > lo ? (hi - lo) / levels : 1.0f;  // all-zero group: any scale works
             s = stored<Act>(s);
             z = s > 0.0f ? std::clamp(std::nearbyint(-lo / s), 0.0f, levels) : 0.0f;
             for (int64_t i = 0; i < gs; ++i)

@@ -307,6 +307,8 @@ def quantize_ref(w, enc: Encoding, act: str, group_size: int):
     with np.errstate(divide="ignore", invalid="ignore"):
         if enc.asym:
             levels = np.float32(enc.levels)
+            lo = np.minimum(lo, np.float32(0))  # the range holds 0 (quantize.h)
+            hi = np.maximum(hi, np.float32(0))
             s = np.where(hi > lo, (hi - lo) / levels,
                          np.where(hi == 0, np.float32(1), np.abs(hi))).astype(np.float32)
             s = round_to_act(s, act)
