@@ -7,5 +7,11 @@ namespace cuda {
 Status run(const MoeGemmParams&, Phase, const Device&) {
   return Status::unsupported("device: qmoe was built without CUDA (configure with QMOE_CUDA=ON)");
 }
+Status fused_moe(const FusedMoeParams&, const Device&) {
+  return Status::unsupported("device: qmoe was built without CUDA (configure with QMOE_CUDA=ON)");
+}
+Status route(const FusedMoeParams&, int32_t*, float*, const Device&) {
+  return Status::unsupported("device: qmoe was built without CUDA (configure with QMOE_CUDA=ON)");
+}
 }  // namespace cuda
 }  // namespace qmoe

@@ -5,6 +5,9 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <memory>
+#include <stdexcept>
+
 #include "harness.h"
 
 namespace qmoe::test {

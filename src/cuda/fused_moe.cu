@@ -1,0 +1,236 @@
+// The fused MoE layer on CUDA: routing, grouping, gather, the two grouped
+// products (the decode/prefill kernels of this backend), SiLU·mul, and a
+// deterministic weighted sum. Everything is queued on the caller's stream,
+// sized from host-known shapes only, and writes only into the workspace and
+// `out`: no host synchronisation, no allocation, graph-capturable.
+#include <utility>
+
+#include "core/backend.h"
+#include "core/fused_moe_workspace.h"
+#include "core/routing.h"
+#include "cuda/common.cuh"
+
+namespace qmoe::cuda {
+namespace {
+
+constexpr int kGroupThreads = 1024;
+
+// One thread a token (E <= 512, k <= 32: a few thousand instructions).
+template <class Act>
+__global__ void route_kernel(FusedMoeParams p, int32_t* ids, float* weights) {
+  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= p.num_tokens) return;
+  const int E = int(p.num_experts);
+  const auto logit = [&](int e) {
+    return p.logits_f32 ? static_cast<const float*>(p.router_logits)[t * E + e]
+                        : Act::to_float(static_cast<const uint16_t*>(p.router_logits)[t * E + e]);
+  };
+  route_token(logit, p.routing, E, int(p.top_k), ids + t * p.top_k, weights + t * p.top_k);
+}
+
+// Counts token copies per expert and gives each copy its row in the
+// expert-sorted order, stable (copies of an expert keep their (t, j) order),
+// so the layer is deterministic. One block; pairs are taken in chunks of
+// 1024; inside a chunk a warp ranks equal ids with __match_any_sync, and
+// per-warp counts in shared memory order the warps. Ids outside [0, E) are
+// sent to expert 0 and get weight 0 (never out of bounds).
+__global__ void __launch_bounds__(kGroupThreads)
+group_kernel(const int32_t* __restrict__ ids_in, float* __restrict__ weights, int64_t pairs, int E,
+             int64_t T, int32_t* __restrict__ ids_out, int32_t* __restrict__ counts,
+             int32_t* __restrict__ slot_of, int32_t* __restrict__ all_tokens) {
+  extern __shared__ int32_t smem[];
+  int32_t* warp_counts = smem;                // [32][E]
+  int32_t* running = smem + 32 * E;           // [E] next free row of each expert
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  for (int e = tid; e < E; e += blockDim.x) running[e] = 0;
+  if (tid == 0) all_tokens[0] = int32_t(T);
+  __syncthreads();
+  // Totals first, so that `running` can start at each expert's offset.
+  for (int64_t i = tid; i < pairs; i += blockDim.x) {
+    int32_t id = ids_in[i];
+    if (id < 0 || id >= E) {
+      id = 0;
+      weights[i] = 0.0f;
+    }
+    ids_out[i] = id;
+    atomicAdd(&running[id], 1);
+  }
+  __syncthreads();
+  if (tid == 0) {
+    int32_t off = 0;
+    for (int e = 0; e < E; ++e) {
+      const int32_t c = running[e];
+      counts[e] = c;
+      running[e] = off;
+      off += c;
+    }
+  }
+  __syncthreads();
+  for (int64_t base = 0; base < pairs; base += blockDim.x) {
+    for (int i = tid; i < 32 * E; i += blockDim.x) warp_counts[i] = 0;
+    __syncthreads();
+    const int64_t i = base + tid;
+    const bool live = i < pairs;
+    const int32_t id = live ? ids_out[i] : -1;
+    const unsigned peers = __match_any_sync(0xffffffffu, id);
+    const int rank = __popc(peers & ((1u << lane) - 1));
+    if (live && rank == 0) warp_counts[warp * E + id] = __popc(peers);
+    __syncthreads();
+    if (live) {
+      int32_t slot = running[id] + rank;
+      for (int w = 0; w < warp; ++w) slot += warp_counts[w * E + id];
+      slot_of[i] = slot;
+    }
+    __syncthreads();
+    for (int e = tid; e < E; e += blockDim.x) {
+      int32_t add = 0;
+      for (int w = 0; w < 32; ++w) add += warp_counts[w * E + e];
+      running[e] += add;
+    }
+    __syncthreads();
+  }
+}
+
+// x_sorted[slot_of[i]] = x[i / k], 16 bytes at a time where H allows.
+__global__ void gather_kernel(const uint16_t* __restrict__ x, const int32_t* __restrict__ slot_of,
+                              int64_t pairs, int64_t k, int64_t H, uint16_t* __restrict__ x_sorted) {
+  const int64_t i = blockIdx.x;
+  if (i >= pairs) return;
+  const uint16_t* src = x + (i / k) * H;
+  uint16_t* dst = x_sorted + int64_t(slot_of[i]) * H;
+  if (H % 8 == 0) {
+    for (int64_t h = threadIdx.x; h < H / 8; h += blockDim.x)
+      reinterpret_cast<uint4*>(dst)[h] = reinterpret_cast<const uint4*>(src)[h];
+  } else {
+    for (int64_t h = threadIdx.x; h < H; h += blockDim.x) dst[h] = src[h];
+  }
+}
+
+template <class Act>
+__global__ void swiglu_kernel(const uint16_t* __restrict__ gu, int64_t rows, int64_t inter,
+                              uint16_t* __restrict__ out) {
+  const int64_t r = blockIdx.x;
+  if (r >= rows) return;
+  for (int64_t i = threadIdx.x; i < inter; i += blockDim.x)
+    out[r * inter + i] = Act::from_float(silu(Act::to_float(gu[r * 2 * inter + i])) *
+                                         Act::to_float(gu[r * 2 * inter + inter + i]));
+}
+
+// out[t] = sum_j w[t, j] * y[slot_of[t, j]] in j order (+ shared expert,
+// scaled by sigmoid(x·g) when a gate is given). One block a token.
+template <class Act>
+__global__ void combine_kernel(FusedMoeParams p, const float* __restrict__ weights,
+                               const int32_t* __restrict__ slot_of, const uint16_t* __restrict__ y,
+                               const uint16_t* __restrict__ shared_out) {
+  const int64_t t = blockIdx.x;
+  const int64_t H = p.hidden, K = p.top_k;
+  __shared__ float shared_scale;
+  if (threadIdx.x == 0) shared_scale = 1.0f;
+  if (p.shared_intermediate > 0 && p.shared_gate) {
+    const auto* x = static_cast<const uint16_t*>(p.hidden_states) + t * H;
+    const auto* g = static_cast<const uint16_t*>(p.shared_gate);
+    __shared__ float partial[32];
+    float dot = 0.0f;
+    for (int64_t h = threadIdx.x; h < H; h += blockDim.x) dot += Act::to_float(x[h]) * Act::to_float(g[h]);
+    for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = dot;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float s = 0.0f;
+      for (int w = 0; w < int(blockDim.x / 32); ++w) s += partial[w];  // fixed order
+      shared_scale = 1.0f / (1.0f + expf(-s));
+    }
+  }
+  __syncthreads();
+  auto* out = static_cast<uint16_t*>(p.out) + t * H;
+  for (int64_t h = threadIdx.x; h < H; h += blockDim.x) {
+    float acc = 0.0f;
+    for (int64_t j = 0; j < K; ++j)
+      acc += weights[t * K + j] * Act::to_float(y[int64_t(slot_of[t * K + j]) * H + h]);
+    if (p.shared_intermediate > 0) acc += shared_scale * Act::to_float(shared_out[t * H + h]);
+    out[h] = Act::from_float(acc);
+  }
+}
+
+unsigned blocks(int64_t n, int per) { return unsigned((n + per - 1) / per); }
+
+}  // namespace
+
+Status route(const FusedMoeParams& p, int32_t* topk_ids, float* topk_weights, const Device& device) {
+  if (Status s = check_device(device.index); !s.ok()) return s;
+  for (auto [ptr, name] : {std::pair<const void*, const char*>{p.router_logits, "router_logits"},
+                           {p.routing.correction_bias, "routing.correction_bias"},
+                           {topk_ids, "topk_ids"}, {topk_weights, "topk_weights"}})
+    if (Status s = check_pointer(ptr, name, device.index); !s.ok()) return s;
+  DeviceScope scope(device.index);
+  auto stream = static_cast<cudaStream_t>(device.stream);
+  visit_act(p.act_type, [&](auto act) {
+    route_kernel<decltype(act)><<<blocks(p.num_tokens, 128), 128, 0, stream>>>(p, topk_ids, topk_weights);
+  });
+  return launch_status("routing kernel");
+}
+
+Status fused_moe(const FusedMoeParams& p, const Device& device) {
+  if (Status s = check_device(device.index); !s.ok()) return s;
+  for (auto [ptr, name] : {std::pair<const void*, const char*>{p.hidden_states, "hidden_states"},
+                           {p.router_logits, "router_logits"},
+                           {p.routing.correction_bias, "routing.correction_bias"},
+                           {p.topk_ids, "topk_ids"}, {p.topk_weights, "topk_weights"},
+                           {p.shared_gate, "shared_gate"}, {p.out, "out"}, {p.workspace, "workspace"}})
+    if (Status s = check_pointer(ptr, name, device.index); !s.ok()) return s;
+  DeviceScope scope(device.index);
+  auto stream = static_cast<cudaStream_t>(device.stream);
+  FusedWorkspace ws;
+  FusedWorkspace::carve(p, p.workspace, &ws);
+  const int64_t T = p.num_tokens, K = p.top_k, H = p.hidden, I = p.intermediate, E = p.num_experts;
+  const int64_t pairs = T * K;
+
+  // 1. Routing (or the caller's top-k, copied so grouping may sanitise it).
+  const int32_t* ids = ws.topk_ids;
+  if (p.topk_ids) {
+    cudaMemcpyAsync(ws.topk_weights, p.topk_weights, size_t(pairs) * 4, cudaMemcpyDeviceToDevice, stream);
+    ids = p.topk_ids;
+  } else if (Status s = route(p, ws.topk_ids, ws.topk_weights, device); !s.ok()) {
+    return s;
+  }
+  // 2. Grouping.
+  const size_t smem = size_t(33 * E) * 4;
+  if (smem > 48 * 1024)
+    cudaFuncSetAttribute(group_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  group_kernel<<<1, kGroupThreads, smem, stream>>>(ids, ws.topk_weights, pairs, int(E), T, ws.topk_ids,
+                                                   ws.counts, ws.slot_of, ws.all_tokens);
+  if (Status s = launch_status("grouping kernel"); !s.ok()) return s;
+  // 3. Token copies sorted by expert.
+  gather_kernel<<<unsigned(pairs), 128, 0, stream>>>(static_cast<const uint16_t*>(p.hidden_states), ws.slot_of,
+                                                     pairs, K, H, ws.x_sorted);
+  if (Status s = launch_status("gather kernel"); !s.ok()) return s;
+
+  Status status;
+  visit_act(p.act_type, [&](auto act) {
+    using Act = decltype(act);
+    const auto product = [&](const MoeGemmParams& q) { return run(q, choose_phase(q), device); };
+    // 4-6. gate/up product, SiLU(gate)·up, down product.
+    MoeGemmParams q = stage_params(p.act_type, p.gate_up, E, 2 * I, H, pairs, ws.x_sorted, ws.counts, ws.gate_up);
+    if (!(status = product(q)).ok()) return;
+    swiglu_kernel<Act><<<unsigned(pairs), 256, 0, stream>>>(ws.gate_up, pairs, I, ws.act);
+    if (!(status = launch_status("swiglu kernel")).ok()) return;
+    q = stage_params(p.act_type, p.down, E, H, I, pairs, ws.act, ws.counts, ws.expert_out);
+    if (!(status = product(q)).ok()) return;
+    // Shared experts over every token.
+    const int64_t Is = p.shared_intermediate;
+    if (Is > 0) {
+      q = stage_params(p.act_type, p.shared_gate_up, 1, 2 * Is, H, T, p.hidden_states, ws.all_tokens, ws.shared_gate_up);
+      if (!(status = product(q)).ok()) return;
+      swiglu_kernel<Act><<<unsigned(T), 256, 0, stream>>>(ws.shared_gate_up, T, Is, ws.shared_act);
+      if (!(status = launch_status("swiglu kernel")).ok()) return;
+      q = stage_params(p.act_type, p.shared_down, 1, H, Is, T, ws.shared_act, ws.all_tokens, ws.shared_out);
+      if (!(status = product(q)).ok()) return;
+    }
+    // 7. Weighted sum.
+    combine_kernel<Act><<<unsigned(T), 256, 0, stream>>>(p, ws.topk_weights, ws.slot_of, ws.expert_out, ws.shared_out);
+    status = launch_status("combine kernel");
+  });
+  return status;
+}
+
+}  // namespace qmoe::cuda
