@@ -3,8 +3,8 @@
 // `run` picks the instruction-set level (src/cpu/isa.h: best of this CPU, or
 // QMOE_CPU_ISA) and runs that level's kernels (src/cpu/simd/). A level that
 // does not take a call (EKN layout, a group size that is not a whole number
-// of its decode units) hands it to the portable blocked kernel, which takes
-// everything.
+// of its decode units) hands it down: avx512 -> avx2 -> the portable blocked
+// kernel, which takes everything.
 #include <string>
 
 #include "core/backend.h"

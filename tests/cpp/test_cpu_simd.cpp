@@ -33,10 +33,14 @@ int64_t unit(Isa isa, WeightType w) {
   return 16;
 }
 
+// A level that cannot take a group size hands the call down: avx512 ->
+// avx2 -> portable.
 Isa expected_level(Isa forced, const MoeGemmParams& p) {
-  if (forced == Isa::portable) return Isa::portable;
-  if (p.weight_type == WeightType::native16) return forced;
-  return p.group_size % unit(forced, p.weight_type) == 0 ? forced : Isa::portable;
+  for (int level = int(forced); level > 0; --level) {
+    if (p.weight_type == WeightType::native16) return Isa(level);
+    if (p.group_size % unit(Isa(level), p.weight_type) == 0) return Isa(level);
+  }
+  return Isa::portable;
 }
 
 int64_t min_group(WeightType w) {

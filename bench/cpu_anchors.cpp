@@ -1,0 +1,223 @@
+// See cpu_anchors.h. The vector loops use function-level target attributes,
+// so this file needs no special flags and runs on any x86-64 CPU (the level
+// is checked at run time through qmoe's own detection).
+#include "cpu_anchors.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <fstream>
+#include <thread>
+#include <vector>
+
+#include "cpu/isa.h"
+#include "qmoe/qmoe.h"
+
+namespace qmoe::bench {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+int resolve(int threads) { return threads > 0 ? threads : qmoe::num_threads(); }
+bool has_avx512() { return cpu::best_isa() == cpu::Isa::avx512; }
+bool has_avx2() { return cpu::best_isa() >= cpu::Isa::avx2; }
+
+// Runs f(i) on `n` threads released together; returns the wall time.
+template <class F>
+double on_threads(int n, F&& f) {
+  std::atomic<int> ready{0};
+  std::atomic<bool> go{false};
+  std::vector<std::thread> th;
+  for (int i = 0; i < n; ++i)
+    th.emplace_back([&, i] {
+      ready.fetch_add(1);
+      while (!go.load()) {
+      }
+      f(i);
+    });
+  while (ready.load() < n) {
+  }
+  const Clock::time_point t0 = Clock::now();
+  go.store(true);
+  for (auto& t : th) t.join();
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+template <int W>
+double hsum(const float* t) {
+  double s = 0;
+  for (int i = 0; i < W; ++i) s += t[i];
+  return s;
+}
+
+__attribute__((target("avx512f"))) double sum512(const float* p, size_t n) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (size_t i = 0; i + 64 <= n; i += 64) {
+    a0 = _mm512_add_ps(a0, _mm512_load_ps(p + i));
+    a1 = _mm512_add_ps(a1, _mm512_load_ps(p + i + 16));
+    a2 = _mm512_add_ps(a2, _mm512_load_ps(p + i + 32));
+    a3 = _mm512_add_ps(a3, _mm512_load_ps(p + i + 48));
+  }
+  alignas(64) float t[16];
+  _mm512_store_ps(t, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  return hsum<16>(t);
+}
+
+__attribute__((target("avx2"))) double sum256(const float* p, size_t n) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (size_t i = 0; i + 32 <= n; i += 32) {
+    a0 = _mm256_add_ps(a0, _mm256_load_ps(p + i));
+    a1 = _mm256_add_ps(a1, _mm256_load_ps(p + i + 8));
+    a2 = _mm256_add_ps(a2, _mm256_load_ps(p + i + 16));
+    a3 = _mm256_add_ps(a3, _mm256_load_ps(p + i + 24));
+  }
+  alignas(32) float t[8];
+  _mm256_store_ps(t, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  return hsum<8>(t);
+}
+
+double sum_scalar(const float* p, size_t n) {
+  float a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (size_t i = 0; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) a[j] += p[i + j];
+  return hsum<8>(a);
+}
+
+// Register-only loops: 12 independent accumulator chains hide the latency;
+// the empty asm keeps the compiler from folding the loop.
+#define QMOE_KEEP12(r)                                                                          \
+  __asm__ volatile("" : "+v"(r[0]), "+v"(r[1]), "+v"(r[2]), "+v"(r[3]), "+v"(r[4]), "+v"(r[5]), \
+                   "+v"(r[6]), "+v"(r[7]), "+v"(r[8]), "+v"(r[9]), "+v"(r[10]), "+v"(r[11]))
+
+__attribute__((target("avx512f,fma"))) double fma512(int64_t iters) {
+  __m512 acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_ps(float(i) * 1e-3f);
+  const __m512 x = _mm512_set1_ps(0.999999f), y = _mm512_set1_ps(1e-7f);
+  for (int64_t it = 0; it < iters; ++it) {
+    for (int i = 0; i < 12; ++i) acc[i] = _mm512_fmadd_ps(acc[i], x, y);
+    QMOE_KEEP12(acc);
+  }
+  for (int i = 1; i < 12; ++i) acc[0] = _mm512_add_ps(acc[0], acc[i]);
+  alignas(64) float t[16];
+  _mm512_store_ps(t, acc[0]);
+  return hsum<16>(t);
+}
+
+__attribute__((target("avx2,fma"))) double fma256(int64_t iters) {
+  __m256 acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = _mm256_set1_ps(float(i) * 1e-3f);
+  const __m256 x = _mm256_set1_ps(0.999999f), y = _mm256_set1_ps(1e-7f);
+  for (int64_t it = 0; it < iters; ++it) {
+    for (int i = 0; i < 12; ++i) acc[i] = _mm256_fmadd_ps(acc[i], x, y);
+    QMOE_KEEP12(acc);
+  }
+  for (int i = 1; i < 12; ++i) acc[0] = _mm256_add_ps(acc[0], acc[i]);
+  alignas(32) float t[8];
+  _mm256_store_ps(t, acc[0]);
+  return hsum<8>(t);
+}
+
+__attribute__((target("avx512f,avx512bf16"))) double dot512(int64_t iters) {
+  __m512 acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_ps(float(i) * 1e-3f);
+  const __m512bh a = (__m512bh)_mm512_set1_epi16(0x3f80), b = (__m512bh)_mm512_set1_epi16(0x3380);
+  for (int64_t it = 0; it < iters; ++it) {
+    for (int i = 0; i < 12; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], a, b);
+    QMOE_KEEP12(acc);
+  }
+  for (int i = 1; i < 12; ++i) acc[0] = _mm512_add_ps(acc[0], acc[i]);
+  alignas(64) float t[16];
+  _mm512_store_ps(t, acc[0]);
+  return hsum<16>(t);
+}
+
+template <class Loop>
+double peak(int threads, double seconds, Loop loop, double flops_per_iter) {
+  int64_t iters = 1 << 16;  // calibrate on one thread
+  for (;;) {
+    const auto t0 = Clock::now();
+    volatile double sink = loop(iters);
+    (void)sink;
+    const double s = std::chrono::duration<double>(Clock::now() - t0).count();
+    if (s > 0.02) {
+      iters = int64_t(double(iters) * seconds / s) + 1;
+      break;
+    }
+    iters *= 4;
+  }
+  double best = 0;
+  for (int rep = 0; rep < 3; ++rep) {
+    const double s = on_threads(threads, [&](int) {
+      volatile double sink = loop(iters);
+      (void)sink;
+    });
+    best = std::max(best, threads * double(iters) * flops_per_iter / s / 1e9);
+  }
+  return best;
+}
+
+}  // namespace
+
+double cpu_read_bandwidth_gbs(size_t bytes, int threads, int passes) {
+  threads = resolve(threads);
+  const size_t chunk = 64 * size_t(threads);
+  const size_t n = bytes / sizeof(float) / chunk * chunk;
+  float* a = static_cast<float*>(std::aligned_alloc(64, n * sizeof(float)));
+  if (!a) return 0;
+  const size_t per = n / threads;
+  on_threads(threads, [&](int i) {  // first touch by the reading thread
+    for (size_t j = i * per; j < (i + 1) * per; ++j) a[j] = float(j & 1023) * 1e-3f;
+  });
+  std::vector<double> sums(threads);
+  double best = 0;
+  for (int pass = 0; pass < passes; ++pass) {
+    const double s = on_threads(threads, [&](int i) {
+      const float* p = a + i * per;
+      sums[i] = has_avx512() ? sum512(p, per) : has_avx2() ? sum256(p, per) : sum_scalar(p, per);
+    });
+    best = std::max(best, double(n * sizeof(float)) / s / 1e9);
+  }
+  std::free(a);
+  return best;
+}
+
+double cpu_peak_fma_gflops(int threads, double seconds) {
+  threads = resolve(threads);
+  if (has_avx512()) return peak(threads, seconds, fma512, 12.0 * 16 * 2);
+  if (has_avx2()) return peak(threads, seconds, fma256, 12.0 * 8 * 2);
+  return 0;
+}
+
+double cpu_peak_bf16_dot_gflops(int threads, double seconds) {
+  threads = resolve(threads);
+  if (!has_avx512()) return 0;  // qmoe's avx512 level implies AVX512_BF16
+  return peak(threads, seconds, dot512, 12.0 * 32 * 2);
+}
+
+std::string cpu_model_name() {
+  std::ifstream f("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind("model name", 0) == 0) {
+      const size_t c = line.find(':');
+      if (c != std::string::npos) return line.substr(c + 2);
+    }
+  return "unknown";
+}
+
+CpuAnchors measure_cpu_anchors_full(int threads) {
+  CpuAnchors a;
+  a.threads = resolve(threads);
+  a.cpu_model = cpu_model_name();
+  a.isa = cpu::to_string(cpu::selected_isa());
+  a.read_gbs = cpu_read_bandwidth_gbs(size_t(1) << 30, a.threads);
+  a.fma_f32_gflops = cpu_peak_fma_gflops(a.threads);
+  a.bf16_dot_gflops = cpu_peak_bf16_dot_gflops(a.threads);
+  return a;
+}
+
+}  // namespace qmoe::bench
