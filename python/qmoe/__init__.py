@@ -13,6 +13,19 @@ with the same names, arguments and tensor layouts (DESIGN.md §2)::
     qweights, scales, zeros = qmoe.quantize(w_ENK, weight_bits=4, group_size=128)
     w = qmoe.dequantize(qweights, scales, zeros, weight_bits=4, group_size=128)
 
+Beyond ARK, a whole MoE layer in one call (routing, grouping, gate/up product,
+SiLU·mul, down product, weighted sum, shared experts)::
+
+    gate_up = qmoe.quantize_experts(w_gate_up, weight_bits=4)   # [E, 2I, H], gate rows first
+    down = qmoe.quantize_experts(w_down, weight_bits=4)         # [E, H, I]
+    out = qmoe.fused_moe(hidden_states, gate_up, down, router_logits=logits, top_k=2,
+                         renormalize=True)
+    ids, weights = qmoe.moe_route(logits, top_k=2)
+
+``import qmoe.ops`` registers every op with torch.library (torch.ops.qmoe.*) for
+torch.compile and CUDA graphs; ``qmoe.integrations.transformers.quantize_moe``
+converts the MoE blocks of a transformers model.
+
 Arguments may be PyTorch tensors (CPU or CUDA; CUDA work is queued on the
 current stream of the tensors' device, without host synchronisation) or NumPy
 arrays (CPU; bfloat16 and float8 through the ml_dtypes dtypes). Results come
@@ -21,6 +34,14 @@ back in the caller's framework, on the caller's device. PyTorch is optional.
 
 from . import _ext
 from ._ext import UnsupportedError
+from ._fused import (
+    QuantizedExperts,
+    clear_workspace_cache,
+    fused_moe,
+    fused_moe_workspace_size,
+    moe_route,
+    quantize_experts,
+)
 from ._gemm import moe, moe_gemm, moe_gemm_decode, moe_gemm_prefill
 from ._quant import dequantize, quantize
 
@@ -44,15 +65,21 @@ def built_with_cuda() -> bool:
 
 
 __all__ = [
+    "QuantizedExperts",
     "UnsupportedError",
     "__version__",
     "built_with_cuda",
+    "clear_workspace_cache",
     "dequantize",
+    "fused_moe",
+    "fused_moe_workspace_size",
     "moe",
     "moe_gemm",
     "moe_gemm_decode",
     "moe_gemm_prefill",
+    "moe_route",
     "num_threads",
     "quantize",
+    "quantize_experts",
     "set_num_threads",
 ]

@@ -16,7 +16,10 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
+#include <utility>
 
+#include "qmoe/fused_moe.h"
 #include "qmoe/qmoe.h"
 #include "qmoe/quantize.h"
 
@@ -55,12 +58,12 @@ void call(F&& f) {
 template <class T>
 const void* cptr(uintptr_t a) { return reinterpret_cast<const T*>(a); }
 
-template <class Cls, class T>
-void def_ptr(Cls& cls, const char* name, T qmoe::MoeGemmParams::*field, const char* doc) {
+// A pointer field of a parameter struct, seen from Python as an integer address.
+template <class Cls, class S, class T>
+void def_ptr(Cls& cls, const char* name, T S::*field, const char* doc) {
   cls.def_prop_rw(
-      name,
-      [field](const qmoe::MoeGemmParams& p) { return reinterpret_cast<uintptr_t>(p.*field); },
-      [field](qmoe::MoeGemmParams& p, uintptr_t a) { p.*field = reinterpret_cast<T>(a); }, doc);
+      name, [field](const S& p) { return reinterpret_cast<uintptr_t>(p.*field); },
+      [field](S& p, uintptr_t a) { p.*field = reinterpret_cast<T>(a); }, doc);
 }
 
 }  // namespace
@@ -194,6 +197,87 @@ NB_MODULE(_ext, m) {
       },
       "spec"_a, "E"_a, "N"_a, "K"_a, "qweights"_a, "scales"_a, "zeros"_a, "w"_a,
       "qweights/scales/zeros -> float32 [E, N, K] at `w` (CPU pointers).");
+
+  // ---- the fused MoE layer (include/qmoe/fused_moe.h) ----
+  nb::enum_<qmoe::Scoring>(m, "Scoring")
+      .value("softmax", qmoe::Scoring::softmax)
+      .value("sigmoid", qmoe::Scoring::sigmoid);
+  nb::enum_<qmoe::GroupScore>(m, "GroupScore")
+      .value("max", qmoe::GroupScore::max)
+      .value("top2_sum", qmoe::GroupScore::top2_sum);
+
+  auto ew = nb::class_<qmoe::ExpertWeights>(m, "ExpertWeights")
+                .def(nb::init<>())
+                .def_rw("weight_type", &qmoe::ExpertWeights::weight_type)
+                .def_rw("asym", &qmoe::ExpertWeights::asym)
+                .def_rw("group_size", &qmoe::ExpertWeights::group_size);
+  def_ptr(ew, "weights", &qmoe::ExpertWeights::weights, "[E, N, K_packed] data pointer");
+  def_ptr(ew, "scales", &qmoe::ExpertWeights::scales, "scales data pointer (0: none)");
+  def_ptr(ew, "zeros", &qmoe::ExpertWeights::zeros, "zeros data pointer (0: none)");
+
+  auto rp = nb::class_<qmoe::RoutingParams>(m, "RoutingParams")
+                .def(nb::init<>())
+                .def_rw("scoring", &qmoe::RoutingParams::scoring)
+                .def_rw("renormalize", &qmoe::RoutingParams::renormalize)
+                .def_rw("num_groups", &qmoe::RoutingParams::num_groups)
+                .def_rw("topk_groups", &qmoe::RoutingParams::topk_groups)
+                .def_rw("group_score", &qmoe::RoutingParams::group_score)
+                .def_rw("scaling_factor", &qmoe::RoutingParams::scaling_factor);
+  def_ptr(rp, "correction_bias", &qmoe::RoutingParams::correction_bias,
+          "float32 [E] data pointer (0: none)");
+
+  // Struct members (routing, gate_up, ...) are copied in and out as values:
+  // assign a whole RoutingParams / ExpertWeights to change them.
+  auto fp = nb::class_<qmoe::FusedMoeParams>(m, "FusedMoeParams")
+                .def(nb::init<>())
+                .def_rw("act_type", &qmoe::FusedMoeParams::act_type)
+                .def_rw("num_tokens", &qmoe::FusedMoeParams::num_tokens)
+                .def_rw("hidden", &qmoe::FusedMoeParams::hidden)
+                .def_rw("intermediate", &qmoe::FusedMoeParams::intermediate)
+                .def_rw("num_experts", &qmoe::FusedMoeParams::num_experts)
+                .def_rw("top_k", &qmoe::FusedMoeParams::top_k)
+                .def_rw("logits_f32", &qmoe::FusedMoeParams::logits_f32)
+                .def_rw("shared_intermediate", &qmoe::FusedMoeParams::shared_intermediate)
+                .def_rw("workspace_bytes", &qmoe::FusedMoeParams::workspace_bytes);
+  const auto def_value = [&fp](const char* name, auto field) {
+    using S = qmoe::FusedMoeParams;
+    using V = std::remove_reference_t<decltype(std::declval<S&>().*field)>;
+    fp.def_prop_rw(
+        name, [field](const S& p) { return V(p.*field); },
+        [field](S& p, const V& v) { p.*field = v; });
+  };
+  def_value("routing", &qmoe::FusedMoeParams::routing);
+  def_value("gate_up", &qmoe::FusedMoeParams::gate_up);
+  def_value("down", &qmoe::FusedMoeParams::down);
+  def_value("shared_gate_up", &qmoe::FusedMoeParams::shared_gate_up);
+  def_value("shared_down", &qmoe::FusedMoeParams::shared_down);
+  def_ptr(fp, "hidden_states", &qmoe::FusedMoeParams::hidden_states, "[T, H] data pointer");
+  def_ptr(fp, "router_logits", &qmoe::FusedMoeParams::router_logits, "[T, E] data pointer (0: none)");
+  def_ptr(fp, "topk_ids", &qmoe::FusedMoeParams::topk_ids, "int32 [T, k] data pointer (0: none)");
+  def_ptr(fp, "topk_weights", &qmoe::FusedMoeParams::topk_weights,
+          "float32 [T, k] data pointer (0: none)");
+  def_ptr(fp, "shared_gate", &qmoe::FusedMoeParams::shared_gate, "[H] data pointer (0: none)");
+  def_ptr(fp, "out", &qmoe::FusedMoeParams::out, "[T, H] output data pointer");
+  def_ptr(fp, "workspace", &qmoe::FusedMoeParams::workspace, "workspace data pointer (0: none)");
+
+  m.def(
+      "fused_moe",
+      [](const qmoe::FusedMoeParams& p, const qmoe::Device& d) {
+        call([&] { return qmoe::fused_moe(p, d); });
+      },
+      "params"_a, "device"_a);
+  m.def(
+      "moe_route",
+      [](const qmoe::FusedMoeParams& p, uintptr_t topk_ids, uintptr_t topk_weights,
+         const qmoe::Device& d) {
+        call([&] {
+          return qmoe::moe_route(p, reinterpret_cast<int32_t*>(topk_ids),
+                                 reinterpret_cast<float*>(topk_weights), d);
+        });
+      },
+      "params"_a, "topk_ids"_a, "topk_weights"_a, "device"_a);
+  m.def("fused_moe_workspace_size", &qmoe::fused_moe_workspace_size, "params"_a,
+        "Bytes of workspace fused_moe needs for these sizes (pointers are not read).");
 
   m.def("set_num_threads", &qmoe::set_num_threads, "n"_a);
   m.def("num_threads", &qmoe::num_threads);
