@@ -16,6 +16,7 @@ allocates nothing but its output and never synchronises with the host.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -285,12 +286,9 @@ def _routing_params(fw, E: int, top_k: int, scoring, renormalize, correction_bia
             f"top_k ({top_k}) exceeds the {kept * (E // groups)} experts of the topk_groups = "
             f"{kept} groups kept (num_groups = {groups}, {E // groups} experts each)"
         )
-    if isinstance(scaling_factor, bool):
+    if isinstance(scaling_factor, bool) or not isinstance(scaling_factor, numbers.Real):
         raise ValueError(f"scaling_factor must be a finite float, got {scaling_factor!r}")
-    try:
-        scale = float(scaling_factor)
-    except (TypeError, ValueError):
-        raise ValueError(f"scaling_factor must be a finite float, got {scaling_factor!r}") from None
+    scale = float(scaling_factor)
     if not math.isfinite(scale):
         raise ValueError(f"scaling_factor must be a finite float, got {scaling_factor!r}")
 
@@ -725,6 +723,7 @@ def moe_route(router_logits: Any, *, top_k: int, scoring: str = "softmax",
     weights = fw.empty((T, k), F32, router_logits)
     device = _ext.Device(_ext.DeviceType.cuda if dev_type == "cuda" else _ext.DeviceType.cpu,
                          dev_index, fw.stream(router_logits))
-    _ext.moe_route(p, fw.ptr(ids), fw.ptr(weights), device)
+    if T > 0:
+        _ext.moe_route(p, fw.ptr(ids), fw.ptr(weights), device)
     del logits, bias  # kept alive until here
     return ids, weights
