@@ -21,25 +21,29 @@ struct ForceIsa {
   ~ForceIsa() { unsetenv("QMOE_CPU_ISA"); }
 };
 
-// Weights per register-decode unit of each fast level (a group must be a
-// whole number of them for the level to take the call).
-int64_t unit(Isa isa, WeightType w) {
+// Whether a fast level takes a quantized call (mirrors the levels' rules):
+// avx512 decodes units of `unit` weights spread over `vecs` vectors and
+// needs K to be whole units and each unit in one group or each group on
+// whole fp32 lanes; avx2 needs whole units (16 weights, 32 for int2) per group.
+bool takes(Isa isa, const MoeGemmParams& p) {
+  if (p.weight_type == WeightType::native16) return true;
+  const int64_t gs = p.group_size;
   if (isa == Isa::avx512) {
-    if (w == WeightType::int4) return 64;
-    if (w == WeightType::int2) return 128;
-    return 32;
+    int64_t unit = 32, vecs = 1;
+    if (p.weight_type == WeightType::int4) unit = 128, vecs = 4;
+    if (p.weight_type == WeightType::int2) unit = 256, vecs = 8;
+    if (p.weight_type == WeightType::fp8_e4m3 || p.weight_type == WeightType::fp8_e5m2)
+      unit = 64, vecs = 2;
+    if (p.k % unit != 0) return false;
+    return gs % unit == 0 || (unit % gs == 0 && gs % (2 * vecs) == 0);
   }
-  if (w == WeightType::int2) return 32;
-  return 16;
+  return gs % (p.weight_type == WeightType::int2 ? 32 : 16) == 0;
 }
 
-// A level that cannot take a group size hands the call down: avx512 ->
-// avx2 -> portable.
+// A level that cannot take a call hands it down: avx512 -> avx2 -> portable.
 Isa expected_level(Isa forced, const MoeGemmParams& p) {
-  for (int level = int(forced); level > 0; --level) {
-    if (p.weight_type == WeightType::native16) return Isa(level);
-    if (p.group_size % unit(Isa(level), p.weight_type) == 0) return Isa(level);
-  }
+  for (int level = int(forced); level > 0; --level)
+    if (takes(Isa(level), p)) return Isa(level);
   return Isa::portable;
 }
 

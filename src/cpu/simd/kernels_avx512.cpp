@@ -23,6 +23,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 #include <type_traits>
+#include <utility>
 
 #include "cpu/simd/driver.h"
 #include "cpu/simd/tables.h"
@@ -46,19 +47,32 @@ inline VI bf16_table(const float* v) {
   return (VI)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(v + 16), _mm512_loadu_ps(v));
 }
 
+// f(integral_constant<int, 0>) ... f(integral_constant<int, N - 1>).
+template <class F, int... I>
+inline void static_for_impl(F&& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+template <int N, class F>
+inline void static_for(F&& f) {
+  static_for_impl(f, std::make_integer_sequence<int, N>{});
+}
+
 // ---------------------------------------------------------------- decoders
 // Dec<Enc>::codes(p, v): kUnit weights (kBytes packed bytes at p) -> kVecs
-// zmm of 32 bf16 code values each (value before scale and zero, exact).
-// Word j of vector v is the weight at k = kVecs * j + v of the unit; the
-// activations are prepared in the same order (permute_unit below).
+// zmm of 32 bf16 words each, exact: word i of vector f stands for
+// value(code of the weight at k = kVecs * i + f of the unit) + kOffset.
+// The activations are prepared in the same order (permute_unit below), and
+// kOffset comes back out through the per-group activation sums.
 template <class Enc, class = void>
 struct Dec;
 
+// int8: bytes -> int32 -> fp32 -> bf16 (0..255 or -128..127 are exact).
 template <bool Asym>
 struct Dec<IntEncoding<8, Asym>, void> {
   static constexpr int kUnit = 32, kBytes = 32, kVecs = 1;
+  static constexpr float kOffset = 0.0f;
   explicit Dec(const float*) {}
-  void codes(const uint8_t* p, VI* v) const {
+  VI raw(const uint8_t* p) const {
     const __m128i* q = reinterpret_cast<const __m128i*>(p);
     VI lo, hi;
     if constexpr (Asym) {  // the trait: asym codes are unsigned bytes
@@ -68,69 +82,77 @@ struct Dec<IntEncoding<8, Asym>, void> {
       lo = _mm512_cvtepi8_epi32(_mm_loadu_si128(q));
       hi = _mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1));
     }
-    v[0] = (VI)_mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(hi), _mm512_cvtepi32_ps(lo));
+    return (VI)_mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(hi), _mm512_cvtepi32_ps(lo));
   }
+  VI vec(VI raw, int) const { return raw; }
 };
 
-// int4 / int2: 32 bytes -> 32 words, field f of each byte through a 32-entry
-// vpermw table of bf16(value(code)) (vpermw reads the low 5 bits of the
-// index, so table[i] = value(i & mask) needs no masking).
+// int4 / int2, no shuffles: 64 bytes are 32 words; field f of word i (bits
+// f*Bits..) is the weight at k = kVecs * i + f. bf16 0x4300 is 128.0 with a
+// mantissa step of 1, so (field | 0x4300) is exactly 128 + u, u the field
+// read as unsigned; sym codes are two's complement, so u = code ^ half and
+// value = u - half (the trait's kQmin). kOffset = 128 - kQmin.
 template <int Bits, bool Asym>
 struct Dec<IntEncoding<Bits, Asym>, std::enable_if_t<(Bits < 8)>> {
   using Enc = IntEncoding<Bits, Asym>;
-  static constexpr int kVecs = Enc::kPerByte, kUnit = 32 * kVecs, kBytes = 32;
-  VI lut;
-  explicit Dec(const float* values) {
-    alignas(64) float t[32];
-    for (int i = 0; i < 32; ++i) t[i] = values[i & Enc::kMask];
-    lut = bf16_table(t);
+  static constexpr int kVecs = 16 / Bits, kUnit = 32 * kVecs, kBytes = 64;
+  static constexpr float kOffset = 128.0f - float(Enc::kQmin);
+  explicit Dec(const float*) {}
+  VI raw(const uint8_t* p) const {
+    VI x = loadu(p);
+    if constexpr (!Asym) {  // flip the sign bit of every field
+      constexpr int kHalf = 1 << (Bits - 1);
+      int pattern = 0;
+      for (int f = 0; f < 16 / Bits; ++f) pattern |= kHalf << (f * Bits);
+      x = _mm512_xor_si512(x, _mm512_set1_epi16(int16_t(pattern)));
+    }
+    return x;
   }
-  void codes(const uint8_t* p, VI* v) const {
-    const VI b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    v[0] = _mm512_permutexvar_epi16(b, lut);
-    for (int f = 1; f < kVecs; ++f)
-      v[f] = _mm512_permutexvar_epi16(_mm512_srli_epi16(b, unsigned(f * Bits)), lut);
+  VI vec(VI x, int f) const {  // ((x >> f*Bits) & mask) | 0x4300
+    const VI mask = _mm512_set1_epi16(int16_t(Enc::kMask)), one28 = _mm512_set1_epi16(0x4300);
+    if (f == 0) return _mm512_ternarylogic_epi32(x, mask, one28, 0xEA);
+    return _mm512_ternarylogic_epi32(_mm512_srli_epi16(x, unsigned(f * Bits)), mask, one28, 0xEA);
   }
 };
 
-// fp8: bit trick for normal codes (move exponent and mantissa into bf16's
-// fields and rebias), a vpermw table for the subnormals, inf/NaN codes to
-// bf16 inf/NaN, then the sign. Constants come from the format.
+// fp8: 64 bytes are 32 words (low byte: k = 2i, high byte: k = 2i + 1); the
+// bf16 of each 7-bit magnitude comes from a 128-entry table built from the
+// trait's values (two vpermt2w of 64 entries, picked by bit 6), then the
+// sign bit. Exact for every code, subnormals, zero and NaN/inf included.
 template <class Fmt, WeightType W>
 struct Dec<Fp8Encoding<Fmt, W>, void> {
-  static constexpr int kUnit = 32, kBytes = 32, kVecs = 1;
-  static constexpr int kMan = Fmt::kManBits, kShift = 7 - kMan;
-  static constexpr int kRebias = (127 - Fmt::kBias) << 7;
-  static constexpr int kSpecial = Fmt::kHasInf ? (((1 << Fmt::kExpBits) - 1) << kMan) : 0x7f;
-  VI sub;
+  static constexpr int kUnit = 64, kBytes = 64, kVecs = 2;
+  static constexpr float kOffset = 0.0f;
+  VI t0, t1, t2, t3;
   explicit Dec(const float* values) {
-    alignas(64) float t[32];
-    for (int i = 0; i < 32; ++i) t[i] = values[i & ((1 << kMan) - 1)];
-    sub = bf16_table(t);
+    t0 = bf16_table(values);
+    t1 = bf16_table(values + 32);
+    t2 = bf16_table(values + 64);
+    t3 = bf16_table(values + 96);
   }
-  void codes(const uint8_t* p, VI* v) const {
-    const VI w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    const VI mag = _mm512_and_si512(w, _mm512_set1_epi16(0x7f));
-    const VI sh = _mm512_slli_epi16(mag, kShift);
-    VI r = _mm512_add_epi16(sh, _mm512_set1_epi16(kRebias));
-    r = _mm512_mask_permutexvar_epi16(r, _mm512_cmplt_epu16_mask(mag, _mm512_set1_epi16(1 << kMan)),
-                                      mag, sub);
-    r = _mm512_mask_mov_epi16(r, _mm512_cmpge_epu16_mask(mag, _mm512_set1_epi16(kSpecial)),
-                              _mm512_or_si512(sh, _mm512_set1_epi16(0x7f80)));
-    // r | ((w << 8) & 0x8000)
-    v[0] = _mm512_ternarylogic_epi32(r, _mm512_slli_epi16(w, 8), _mm512_set1_epi16(int16_t(0x8000)),
-                                     0xF8);
+  VI mag(VI idx) const {  // bf16 of magnitude (idx & 127), idx bit 6 picks the half
+    const VI lo = _mm512_permutex2var_epi16(t0, idx, t1);
+    const VI hi = _mm512_permutex2var_epi16(t2, idx, t3);
+    return _mm512_mask_blend_epi16(_mm512_test_epi16_mask(idx, _mm512_set1_epi16(0x40)), lo, hi);
+  }
+  VI raw(const uint8_t* p) const { return loadu(p); }
+  VI vec(VI w, int f) const {  // r | (sign bit of the code)
+    const VI sign = _mm512_set1_epi16(int16_t(0x8000));
+    if (f == 0) return _mm512_ternarylogic_epi32(mag(w), _mm512_slli_epi16(w, 8), sign, 0xF8);
+    return _mm512_ternarylogic_epi32(mag(_mm512_srli_epi16(w, 8)), w, sign, 0xF8);
   }
 };
 
 template <>
 struct Dec<Native16Encoding<ActBF16>, void> {
   static constexpr int kUnit = 32, kBytes = 64, kVecs = 1;
+  static constexpr float kOffset = 0.0f;
   explicit Dec(const float*) {}
-  void codes(const uint8_t* p, VI* v) const { v[0] = loadu(p); }
-  void codes_tail(const uint8_t* p, int n, VI* v) const {
-    v[0] = _mm512_maskz_loadu_epi16(__mmask32((1ull << n) - 1), p);
+  VI raw(const uint8_t* p) const { return loadu(p); }
+  VI raw_tail(const uint8_t* p, int n) const {
+    return _mm512_maskz_loadu_epi16(__mmask32((1ull << n) - 1), p);
   }
+  VI vec(VI x, int) const { return x; }
 };
 
 // fp16 weights are not exact in bf16: this one has no codes(), only the f32
@@ -138,6 +160,7 @@ struct Dec<Native16Encoding<ActBF16>, void> {
 template <>
 struct Dec<Native16Encoding<ActF16>, void> {
   static constexpr int kUnit = 32, kBytes = 64, kVecs = 1;
+  static constexpr float kOffset = 0.0f;
   explicit Dec(const float*) {}
 };
 
@@ -178,15 +201,20 @@ void store_act(const float* src, uint16_t* dst, int64_t n) {
 }
 
 // Scales (and scale * zero) of one row, as floats.
-template <class Act, bool Asym>
-void row_scales(const uint16_t* s, const uint16_t* z, int64_t G, float* sbuf, float* szbuf) {
+// Scales of G groups of a row as floats, and s * (offset + z) for the
+// correction through the activation sums (when kCorr).
+template <class Act, bool kAsym, bool kCorr>
+void row_scales(const uint16_t* s, const uint16_t* z, int64_t G, float offset, float* sbuf,
+                float* szbuf) {
   for (int64_t g = 0; g < G; g += 16) {
     const __mmask16 m = mask16(G - g);
     const V sv = half_to_f32<Act>(_mm256_maskz_loadu_epi16(m, s + g));
     _mm512_mask_storeu_ps(sbuf + g, m, sv);
-    if constexpr (Asym)
-      _mm512_mask_storeu_ps(szbuf + g, m,
-                            _mm512_mul_ps(sv, half_to_f32<Act>(_mm256_maskz_loadu_epi16(m, z + g))));
+    if constexpr (kCorr) {
+      V zv = _mm512_set1_ps(offset);
+      if constexpr (kAsym) zv = _mm512_add_ps(zv, half_to_f32<Act>(_mm256_maskz_loadu_epi16(m, z + g)));
+      _mm512_mask_storeu_ps(szbuf + g, m, _mm512_mul_ps(sv, zv));
+    }
   }
 }
 
@@ -200,26 +228,25 @@ inline float dot_f32(const float* a, const float* b, int64_t n) {
 }
 
 // Permutes one unit of activations (kVecs x 32 words, already loaded) into
-// the order of Dec::codes: out_j[i] = x[kVecs * i + j].
+// the order of Dec::codes: out_f[i] = x[kVecs * i + f].
 template <int kVecs>
 inline void permute_unit(const VI* x, VI* out) {
   if constexpr (kVecs == 1) {
     out[0] = x[0];
-  } else if constexpr (kVecs == 2) {
-    alignas(64) uint16_t idx[32];
-    for (int j = 0; j < 2; ++j) {
-      for (int i = 0; i < 32; ++i) idx[i] = uint16_t(2 * i + j);
-      out[j] = _mm512_permutex2var_epi16(x[0], loadu(idx), x[1]);
-    }
   } else {
-    static_assert(kVecs == 4);
+    // Output word i comes from input pair (2 * kVecs * i) / 64 = i / (32 / kVecs)
+    // of vectors; within the pair, from word (kVecs * i + f) % 64.
+    constexpr int kPairs = kVecs / 2, kSpan = 32 / kPairs;  // output words per pair
     alignas(64) uint16_t idx[32];
-    for (int j = 0; j < 4; ++j) {
-      for (int i = 0; i < 32; ++i) idx[i] = uint16_t(4 * (i % 16) + j);
+    for (int f = 0; f < kVecs; ++f) {
+      for (int i = 0; i < 32; ++i) idx[i] = uint16_t((kVecs * i + f) % 64);
       const VI ix = loadu(idx);
-      const VI lo = _mm512_permutex2var_epi16(x[0], ix, x[1]);
-      const VI hi = _mm512_permutex2var_epi16(x[2], ix, x[3]);
-      out[j] = _mm512_mask_blend_epi16(__mmask32(0xffff0000u), lo, hi);
+      VI r = _mm512_permutex2var_epi16(x[0], ix, x[1]);
+      for (int q = 1; q < kPairs; ++q) {
+        const __mmask32 m = __mmask32(((1ull << kSpan) - 1) << (q * kSpan));
+        r = _mm512_mask_blend_epi16(m, r, _mm512_permutex2var_epi16(x[2 * q], ix, x[2 * q + 1]));
+      }
+      out[f] = r;
     }
   }
 }
@@ -232,21 +259,35 @@ struct Runner {
   using D = Dec<Enc>;
   static constexpr bool kF16 = std::is_same_v<Act, ActF16>;
   static constexpr bool kNativeF16 = is_native_f16<Enc>();
+  // Whether the dot needs sum_g s_g (kOffset + z_g) sum_{k in g} a_k taken off.
+  static constexpr bool kCorr = Enc::kAsym || D::kOffset != 0.0f;
   static constexpr int MR = 4, NR = 4;
+  static constexpr int64_t kRowChunk = 32;  // decode rows between two output stores
+
+  // Whether this level takes the call: a unit of packed weights must lie in
+  // one group, or a group must cover whole fp32 lanes of the dot product.
+  static bool takes(const MoeGemmParams& p) {
+    if (!can_run(p, 1)) return false;
+    if (!Enc::kScaled) return true;
+    const int64_t gs = p.group_size;
+    if (p.k % D::kUnit != 0) return false;
+    return gs % D::kUnit == 0 || (D::kUnit % gs == 0 && gs % (2 * D::kVecs) == 0);
+  }
 
   const MoeGemmParams& p;
   const D dec;
-  int64_t N, K, Kp, G, upg, units, row_bytes;
+  int64_t N, K, Kp, G, gs, units, row_bytes;
+  int64_t upb = 1, gpb = 1;  // units and groups per decode block
+  VI idx_dot, idx_p0, idx_p1;  // lane -> group offset within a block / unit
   const uint8_t* w;
   const uint16_t* scales;
   const uint16_t* zeros;
   const uint16_t* act;
   uint16_t* out;
-  // Prepared activations: one row of `stride` bytes per token.
   Buf act_buf, asum_buf;
-  int64_t stride = 0;
-  bool direct = false;  // bf16 activations used in place
-  float* asum = nullptr;  // [T, G] (asym decode tokens)
+  int64_t stride = 0;     // bytes per prepared activation row
+  bool direct = false;    // bf16 activations used in place
+  float* asum = nullptr;  // [T, G] sums of each group's activations (kCorr)
 
   Runner(const MoeGemmParams& params, const float* values)
       : p(params),
@@ -255,14 +296,30 @@ struct Runner {
         K(p.k),
         Kp(round_up(p.k, D::kUnit)),
         G(Enc::kScaled ? p.k / p.group_size : 1),
-        upg(Enc::kScaled ? p.group_size / D::kUnit : round_up(p.k, D::kUnit) / D::kUnit),
+        gs(Enc::kScaled ? p.group_size : round_up(p.k, D::kUnit)),
         units(round_up(p.k, D::kUnit) / D::kUnit),
         row_bytes(qmoe::row_bytes<Enc>(p.k)),
         w(static_cast<const uint8_t*>(p.weights)),
         scales(static_cast<const uint16_t*>(p.scales)),
         zeros(static_cast<const uint16_t*>(p.zeros)),
         act(static_cast<const uint16_t*>(p.activations)),
-        out(static_cast<uint16_t*>(p.out)) {}
+        out(static_cast<uint16_t*>(p.out)) {
+    if (gs >= D::kUnit) {
+      upb = gs / D::kUnit;
+    } else {
+      gpb = D::kUnit / gs;
+    }
+    alignas(64) int32_t d[16], p0[16], p1[16];
+    for (int l = 0; l < 16; ++l) {
+      // fp32 lane l of a dot accumulates words 2l, 2l+1 (k = kVecs*2l + f ..).
+      d[l] = gs >= D::kUnit ? 0 : int32_t(2 * D::kVecs * l / gs);
+      p0[l] = gs >= D::kUnit ? 0 : int32_t(D::kVecs * l / gs);
+      p1[l] = gs >= D::kUnit ? 0 : int32_t(D::kVecs * (l + 16) / gs);
+    }
+    idx_dot = _mm512_load_si512(d);
+    idx_p0 = _mm512_load_si512(p0);
+    idx_p1 = _mm512_load_si512(p1);
+  }
 
   ActMode mode(bool decode_token) const {
     if (!kF16) return ActMode::bf16;
@@ -274,11 +331,9 @@ struct Runner {
   }
 
   // ------------------------------------------------------------ activations
-  void prep_token(int64_t t, ActMode m, bool want_asum) {
+  void prep_token(int64_t t, ActMode m) {
     const uint16_t* src = act + t * K;
     uint8_t* dst = act_buf.as<uint8_t>() + t * stride;
-    float* as = want_asum ? asum + t * G : nullptr;
-    V gsum = _mm512_setzero_ps();
     for (int64_t u = 0; u < units; ++u) {
       VI x[D::kVecs], y[D::kVecs];
       for (int j = 0; j < D::kVecs; ++j) {
@@ -288,12 +343,13 @@ struct Runner {
       permute_unit<D::kVecs>(x, y);
       for (int j = 0; j < D::kVecs; ++j) {
         const int64_t o = u * D::kUnit + j * 32;
-        const V f0 = half_to_f32<Act>(_mm512_castsi512_si256(y[j]));
-        const V f1 = half_to_f32<Act>(_mm512_extracti64x4_epi64(y[j], 1));
-        if (as) gsum = _mm512_add_ps(gsum, _mm512_add_ps(f0, f1));
         if (m == ActMode::bf16) {
           _mm512_storeu_si512(reinterpret_cast<uint16_t*>(dst) + o, y[j]);
-        } else if (m == ActMode::f32) {
+          continue;
+        }
+        const V f0 = half_to_f32<Act>(_mm512_castsi512_si256(y[j]));
+        const V f1 = half_to_f32<Act>(_mm512_extracti64x4_epi64(y[j], 1));
+        if (m == ActMode::f32) {
           _mm512_storeu_ps(reinterpret_cast<float*>(dst) + o, f0);
           _mm512_storeu_ps(reinterpret_cast<float*>(dst) + o + 16, f1);
         } else {  // a = hi + lo, both bf16, exact for fp16 a
@@ -305,98 +361,144 @@ struct Runner {
                               (VI)_mm512_cvtne2ps_pbh(r1, r0));
         }
       }
-      if (as && (u + 1) % upg == 0) {
-        as[u / upg] = _mm512_reduce_add_ps(gsum);
-        gsum = _mm512_setzero_ps();
-      }
     }
   }
 
+  // Sum of each group's activations (fp32) of token t.
+  void prep_asum(int64_t t) {
+    const uint16_t* src = act + t * K;
+    float* as = asum + t * G;
+    for (int64_t g = 0; g < G; ++g) {
+      V acc = _mm512_setzero_ps();
+      for (int64_t k = g * gs; k < (g + 1) * gs; k += 16)
+        acc = _mm512_add_ps(acc, half_to_f32<Act>(_mm256_maskz_loadu_epi16(mask16((g + 1) * gs - k), src + k)));
+      as[g] = _mm512_reduce_add_ps(acc);
+    }
+  }
+
+  void load_scales(int64_t e, int64_t r, int64_t g0, int64_t g1, float* sbuf, float* szbuf) const {
+    if constexpr (Enc::kScaled)
+      row_scales<Act, Enc::kAsym, kCorr>(scales + (e * N + r) * G + g0,
+                                         Enc::kAsym ? zeros + (e * N + r) * G + g0 : nullptr, g1 - g0,
+                                         D::kOffset, sbuf, szbuf);
+  }
+
   // ------------------------------------------------------------ decode rows
+  // Rows [r0, r1) of expert e for NT tokens (a[t]: prepared activations;
+  // as[t]: per-group activation sums). K is walked in chunks whose
+  // activations fit in L1 (16 KB), each chunk over all the rows, so the
+  // activations are read from L1 while every weight byte is read once.
+  // Per-row running sums live in totbuf between chunks; res gets [NT, nr].
   template <int NT>
   void decode_rows(int64_t e, int64_t r0, int64_t r1, const uint8_t* const* a,
-                   const float* const* as, float* sbuf, float* szbuf, float* res) const {
+                   const float* const* as, float* sbuf, float* szbuf, float* res, V* totbuf) const {
     const int64_t nr = r1 - r0;
-    for (int64_t r = r0; r < r1; ++r) {
-      const uint8_t* wr = w + (e * N + r) * row_bytes;
-      V tot[NT];
-      for (int t = 0; t < NT; ++t) tot[t] = _mm512_setzero_ps();
-      if constexpr (kNativeF16) {
-        const int64_t full = K / 32;
-        auto step = [&](V w0, V w1, int64_t k0) {
-          for (int t = 0; t < NT; ++t) {
-            const float* at = reinterpret_cast<const float*>(a[t]) + k0;
-            tot[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(at), tot[t]);
-            tot[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(at + 16), tot[t]);
-          }
-        };
-        const __m256i* wp = reinterpret_cast<const __m256i*>(wr);
-        for (int64_t u = 0; u < full; ++u)
-          step(_mm512_cvtph_ps(_mm256_loadu_si256(wp + 2 * u)),
-               _mm512_cvtph_ps(_mm256_loadu_si256(wp + 2 * u + 1)), u * 32);
-        if (K % 32) {
-          const int64_t n = K % 32;
-          const uint16_t* tp = reinterpret_cast<const uint16_t*>(wr) + full * 32;
-          step(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask16(n), tp)),
-               _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask16(n - 16), tp + 16)),
-               full * 32);
-        }
-      } else {
-        if constexpr (Enc::kScaled)
-          row_scales<Act, Enc::kAsym>(scales + (e * N + r) * G, Enc::kAsym ? zeros + (e * N + r) * G : nullptr,
-                                      G, sbuf, szbuf);
-        // Two accumulator chains per token (vdpbf16ps has a 6-cycle latency):
-        // chain (q + j + part) & 1 for unit q of a pair, vector j, and
-        // hi/lo part of fp16 activations.
-        V acc[2][NT];
-        auto step = [&](const VI* v, int64_t u, int q) {
-          for (int j = 0; j < D::kVecs; ++j) {
-            const int64_t o = (u * D::kUnit + j * 32) * 2;  // bytes
-            const int c0 = (q + j) & 1;
-            for (int t = 0; t < NT; ++t) {
-              acc[c0][t] = _mm512_dpbf16_ps(acc[c0][t], bh(v[j]), bh(loadu(a[t] + o)));
-              if constexpr (kF16)
-                acc[c0 ^ 1][t] = _mm512_dpbf16_ps(acc[c0 ^ 1][t], bh(v[j]), bh(loadu(a[t] + 2 * Kp + o)));
+    const int64_t act_elem = (kF16 ? 4 : 2);
+    const int64_t chunk_elems = max64(D::kUnit, (16 << 10) / (NT * act_elem));
+    // Blocks of units summed before one scale (a group, or a unit holding
+    // several groups); for 16-bit weights (no groups) a run of about a chunk.
+    const int64_t full_units = Enc::kScaled ? units : K / D::kUnit;
+    const int64_t bu = Enc::kScaled ? upb : max64(1, chunk_elems / D::kUnit);
+    const int64_t nblocks = Enc::kScaled ? ceil_div(units, bu) : max64(1, ceil_div(units, bu));
+    const int64_t bpc = max64(1, chunk_elems / (bu * D::kUnit));
+    const bool tail = !Enc::kScaled && K % D::kUnit != 0;
+
+    for (int64_t i = 0; i < nr * NT; ++i) totbuf[i] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < nr * NT; ++i) res[i] = 0.0f;
+
+    for (int64_t b0 = 0; b0 < nblocks; b0 += bpc) {
+      const int64_t b1 = min64(nblocks, b0 + bpc);
+      const int64_t g0 = b0 * gpb, g1 = min64(G, b1 * gpb);  // groups of this chunk
+      for (int64_t r = r0; r < r1; ++r) {
+        const uint8_t* wr = w + (e * N + r) * row_bytes;
+        load_scales(e, r, g0, g1, sbuf, szbuf);
+        V tot[NT];
+        V* tb = totbuf + (r - r0) * NT;
+        for (int t = 0; t < NT; ++t) tot[t] = tb[t];
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t u0 = b * bu, u1 = min64(full_units, u0 + bu);
+          if constexpr (kNativeF16) {
+            // fp16 weights: vcvtph2ps + FMA with fp32 activations.
+            auto step = [&](V w0, V w1, int64_t k0) {
+              for (int t = 0; t < NT; ++t) {
+                const float* at = reinterpret_cast<const float*>(a[t]) + k0;
+                tot[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(at), tot[t]);
+                tot[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(at + 16), tot[t]);
+              }
+            };
+            const __m256i* wp = reinterpret_cast<const __m256i*>(wr);
+            for (int64_t u = u0; u < u1; ++u)
+              step(_mm512_cvtph_ps(_mm256_loadu_si256(wp + 2 * u)),
+                   _mm512_cvtph_ps(_mm256_loadu_si256(wp + 2 * u + 1)), u * 32);
+            if (tail && b == nblocks - 1) {
+              const int64_t n = K % 32;
+              const uint16_t* tp = reinterpret_cast<const uint16_t*>(wr) + full_units * 32;
+              step(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask16(n), tp)),
+                   _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask16(n - 16), tp + 16)), full_units * 32);
             }
-          }
-        };
-        const int64_t full = Enc::kScaled ? upg : K / D::kUnit;
-        for (int64_t g = 0; g < G; ++g) {
-          for (int t = 0; t < NT; ++t) acc[0][t] = acc[1][t] = _mm512_setzero_ps();
-          const int64_t u0 = g * upg, u1 = u0 + full;
-          int64_t u = u0;
-          for (; u + 1 < u1; u += 2) {
-            VI v[D::kVecs], v2[D::kVecs];
-            dec.codes(wr + u * D::kBytes, v);
-            dec.codes(wr + (u + 1) * D::kBytes, v2);
-            step(v, u, 0);
-            step(v2, u + 1, 1);
-          }
-          if (u < u1) {
-            VI v[D::kVecs];
-            dec.codes(wr + u * D::kBytes, v);
-            step(v, u, 0);
-          }
-          if constexpr (!Enc::kScaled) {
-            if (K % D::kUnit) {
-              VI v[1];
-              dec.codes_tail(wr + full * D::kBytes, int(K % D::kUnit), v);
-              step(v, full, 1);
-            }
-            for (int t = 0; t < NT; ++t) tot[t] = _mm512_add_ps(acc[0][t], acc[1][t]);
           } else {
-            const V s = _mm512_set1_ps(sbuf[g]);
-            for (int t = 0; t < NT; ++t)
-              tot[t] = _mm512_fmadd_ps(_mm512_add_ps(acc[0][t], acc[1][t]), s, tot[t]);
+            // Two accumulator chains per token (vdpbf16ps has a 6-cycle
+            // latency): units alternate between them (the lo half of fp16
+            // activations goes to the other chain). Vectors are decoded one
+            // at a time from the raw unit, so few registers are live.
+            V acc0[NT], acc1[NT];
+            for (int t = 0; t < NT; ++t) acc0[t] = acc1[t] = _mm512_setzero_ps();
+            int64_t u = u0;
+            for (; u + 1 < u1; u += 2) {
+              const VI x0 = dec.raw(wr + u * D::kBytes), x1 = dec.raw(wr + (u + 1) * D::kBytes);
+#pragma GCC unroll 8
+              for (int j = 0; j < D::kVecs; ++j) {
+                const VI v0 = dec.vec(x0, j), v1 = dec.vec(x1, j);
+                const int64_t o0 = (u * D::kUnit + j * 32) * 2, o1 = o0 + D::kUnit * 2;  // bytes
+                for (int t = 0; t < NT; ++t) {
+                  acc0[t] = _mm512_dpbf16_ps(acc0[t], bh(v0), bh(loadu(a[t] + o0)));
+                  acc1[t] = _mm512_dpbf16_ps(acc1[t], bh(v1), bh(loadu(a[t] + o1)));
+                  if constexpr (kF16) {
+                    acc1[t] = _mm512_dpbf16_ps(acc1[t], bh(v0), bh(loadu(a[t] + 2 * Kp + o0)));
+                    acc0[t] = _mm512_dpbf16_ps(acc0[t], bh(v1), bh(loadu(a[t] + 2 * Kp + o1)));
+                  }
+                }
+              }
+            }
+            // One unit: vectors alternate between the chains (bf16), or the
+            // hi and lo halves take one chain each (fp16).
+            auto single = [&](VI x, int64_t uu) {
+#pragma GCC unroll 8
+              for (int j = 0; j < D::kVecs; ++j) {
+                const VI v = dec.vec(x, j);
+                const int64_t o = (uu * D::kUnit + j * 32) * 2;
+                for (int t = 0; t < NT; ++t) {
+                  if constexpr (kF16) {
+                    acc0[t] = _mm512_dpbf16_ps(acc0[t], bh(v), bh(loadu(a[t] + o)));
+                    acc1[t] = _mm512_dpbf16_ps(acc1[t], bh(v), bh(loadu(a[t] + 2 * Kp + o)));
+                  } else if (j % 2 == 0) {
+                    acc0[t] = _mm512_dpbf16_ps(acc0[t], bh(v), bh(loadu(a[t] + o)));
+                  } else {
+                    acc1[t] = _mm512_dpbf16_ps(acc1[t], bh(v), bh(loadu(a[t] + o)));
+                  }
+                }
+              }
+            };
+            if (u < u1) single(dec.raw(wr + u * D::kBytes), u);
+            if constexpr (!Enc::kScaled) {
+              if (tail && b == nblocks - 1)
+                single(dec.raw_tail(wr + full_units * D::kBytes, int(K % D::kUnit)), full_units);
+              for (int t = 0; t < NT; ++t) tot[t] = _mm512_add_ps(tot[t], _mm512_add_ps(acc0[t], acc1[t]));
+            } else {
+              // The block's scale per fp32 lane (one group, or lane groups).
+              const V sv = _mm512_permutexvar_ps(idx_dot, _mm512_loadu_ps(sbuf + (b * gpb - g0)));
+              for (int t = 0; t < NT; ++t)
+                tot[t] = _mm512_fmadd_ps(_mm512_add_ps(acc0[t], acc1[t]), sv, tot[t]);
+            }
           }
         }
-      }
-      for (int t = 0; t < NT; ++t) {
-        float x = _mm512_reduce_add_ps(tot[t]);
-        if constexpr (Enc::kAsym) x -= dot_f32(szbuf, as[t], G);
-        res[t * nr + (r - r0)] = x;
+        for (int t = 0; t < NT; ++t) tb[t] = tot[t];
+        if constexpr (kCorr)  // - sum_g s_g (kOffset + z_g) sum_{k in g} a_k
+          for (int t = 0; t < NT; ++t) res[t * nr + (r - r0)] -= dot_f32(szbuf, as[t] + g0, g1 - g0);
       }
     }
+    for (int64_t r = 0; r < nr; ++r)
+      for (int t = 0; t < NT; ++t) res[t * nr + r] += _mm512_reduce_add_ps(totbuf[r * NT + t]);
   }
 
   // ------------------------------------------------------------ prefill
@@ -415,18 +517,24 @@ struct Runner {
       for (int64_t k = 0; k < Kp; k += 32)
         _mm512_storeu_si512(d + k, _mm512_maskz_loadu_epi16(mask32(K - k), s + k));
     } else {
-      row_scales<Act, Enc::kAsym>(scales + (e * N + r) * G, Enc::kAsym ? zeros + (e * N + r) * G : nullptr,
-                                  G, sbuf, szbuf);
+      load_scales(e, r, 0, G, sbuf, szbuf);
       for (int64_t u = 0; u < units; ++u) {
-        const int64_t g = u / upg;
-        const V s = _mm512_set1_ps(sbuf[g]);
-        const V zs = Enc::kAsym ? _mm512_set1_ps(szbuf[g]) : _mm512_setzero_ps();
+        const int64_t g = gs >= D::kUnit ? u / (gs / D::kUnit) : u * (D::kUnit / gs);  // first group
+        const V s0 = _mm512_permutexvar_ps(idx_p0, _mm512_loadu_ps(sbuf + g));
+        const V s1 = _mm512_permutexvar_ps(idx_p1, _mm512_loadu_ps(sbuf + g));
+        V z0 = _mm512_setzero_ps(), z1 = z0;
+        if constexpr (kCorr) {
+          z0 = _mm512_permutexvar_ps(idx_p0, _mm512_loadu_ps(szbuf + g));
+          z1 = _mm512_permutexvar_ps(idx_p1, _mm512_loadu_ps(szbuf + g));
+        }
+        const VI x = dec.raw(wr + u * D::kBytes);
         VI v[D::kVecs];
-        dec.codes(wr + u * D::kBytes, v);
+        for (int j = 0; j < D::kVecs; ++j) v[j] = dec.vec(x, j);
         for (int j = 0; j < D::kVecs; ++j) {
           const int64_t o = u * D::kUnit + j * 32;
-          const V f0 = _mm512_fmsub_ps(bf16_lo_f32(v[j]), s, zs);  // (q - z) * s
-          const V f1 = _mm512_fmsub_ps(bf16_hi_f32(v[j]), s, zs);
+          // (value + kOffset) * s - s * (kOffset + z) = (value - z) * s
+          const V f0 = _mm512_fmsub_ps(bf16_lo_f32(v[j]), s0, z0);
+          const V f1 = _mm512_fmsub_ps(bf16_hi_f32(v[j]), s1, z1);
           if constexpr (kF16) {
             _mm512_storeu_ps(static_cast<float*>(dst) + o, f0);
             _mm512_storeu_ps(static_cast<float*>(dst) + o + 16, f1);
@@ -496,7 +604,7 @@ struct Runner {
 
   // ------------------------------------------------------------ driver
   bool run() {
-    if (!can_run(p, D::kUnit)) return false;
+    if (!takes(p)) return false;
     const int64_t T = p.total_tokens;
     if (T == 0) return true;
     const int threads = pool_size();
@@ -511,42 +619,44 @@ struct Runner {
       stride = Kp * (kF16 ? 4 : 2);
       act_buf.alloc(size_t(T * stride));
     }
-    const bool need_asum = Enc::kAsym && plan.decode_tokens > 0;
+    const bool need_asum = kCorr && plan.decode_tokens > 0;
     if (need_asum) {
       asum_buf.alloc(size_t(T * G * 4));
       asum = asum_buf.as<float>();
     }
     if (!direct || need_asum) {
-      const int64_t blocks = ceil_div(T, 16);
       auto prep = [&](int64_t b, int) {
         int64_t e = 0;
         for (int64_t t = b * 16; t < min64(T, (b + 1) * 16); ++t) {
           while (plan.offsets[e + 1] <= t) ++e;
           const bool dec_tok = plan.is_decode_expert(e);
-          if (direct) {
-            if (dec_tok) prep_asum_only(t);
-          } else {
-            prep_token(t, mode(dec_tok), Enc::kAsym && dec_tok);
-          }
+          if (!direct) prep_token(t, mode(dec_tok));
+          if (need_asum && dec_tok) prep_asum(t);
         }
       };
-      parallel(blocks, prep);
+      parallel(ceil_div(T, 16), prep);
     }
 
-    // Per-worker scratch.
-    const int64_t chunk = 512;  // decode rows between two output stores
-    const int64_t res_elems = min64(chunk, N) * kDecodeMaxTokens;
-    const int64_t panel_bytes = plan.prefill_tokens > 0 && !panel_is_weights() ? plan.prefill_nb * Kp * pelem : 0;
-    const int64_t per = round_up(2 * G * 4 + res_elems * 4 + panel_bytes, 64);
+    // Per-worker scratch: running sums, scales (+16 floats of slack for
+    // the full-vector loads), outputs, panel.
+    const int64_t chunk = kRowChunk;
+    const int64_t res_elems = chunk * kDecodeMaxTokens;
+    const int64_t tot_bytes = chunk * kDecodeMaxTokens * 64;
+    const int64_t sc_elems = round_up(G + 16, 16);
+    const int64_t small = round_up((2 * sc_elems + res_elems) * 4, 64);
+    const int64_t panel_bytes =
+        plan.prefill_tokens > 0 && !panel_is_weights() ? plan.prefill_nb * Kp * pelem : 0;
+    const int64_t per = tot_bytes + small + round_up(panel_bytes, 64);
     Buf scratch(size_t(per * threads));
 
     auto body = [&](int64_t i, int wk) {
       const Item& it = plan.items[i];
       uint8_t* s = scratch.as<uint8_t>() + wk * per;
-      float* sbuf = reinterpret_cast<float*>(s);
-      float* szbuf = sbuf + G;
-      float* res = szbuf + G;
-      uint8_t* panel = reinterpret_cast<uint8_t*>(res + res_elems);
+      V* totbuf = reinterpret_cast<V*>(s);
+      float* sbuf = reinterpret_cast<float*>(s + tot_bytes);
+      float* szbuf = sbuf + sc_elems;
+      float* res = szbuf + sc_elems;
+      uint8_t* panel = s + tot_bytes + small;
       const int64_t e = it.expert, t0 = plan.offsets[e], nt = plan.tokens(e);
       if (!it.decode) {
         prefill_item(plan, e, it.r0, it.r1, panel, sbuf, szbuf);
@@ -561,33 +671,18 @@ struct Runner {
       }
       const int64_t nr = it.r1 - it.r0;
       for (int64_t c0 = 0; c0 < nr; c0 += chunk) {
-        const int64_t c1 = min64(nr, c0 + chunk);
-        const int64_t r0 = it.r0 + c0, r1 = it.r0 + c1;
+        const int64_t r0 = it.r0 + c0, r1 = it.r0 + min64(nr, c0 + chunk);
         switch (padded_tokens(nt)) {
-          case 1: decode_rows<1>(e, r0, r1, a, as, sbuf, szbuf, res); break;
-          case 2: decode_rows<2>(e, r0, r1, a, as, sbuf, szbuf, res); break;
-          case 4: decode_rows<4>(e, r0, r1, a, as, sbuf, szbuf, res); break;
-          default: decode_rows<8>(e, r0, r1, a, as, sbuf, szbuf, res); break;
+          case 1: decode_rows<1>(e, r0, r1, a, as, sbuf, szbuf, res, totbuf); break;
+          case 2: decode_rows<2>(e, r0, r1, a, as, sbuf, szbuf, res, totbuf); break;
+          case 4: decode_rows<4>(e, r0, r1, a, as, sbuf, szbuf, res, totbuf); break;
+          default: decode_rows<8>(e, r0, r1, a, as, sbuf, szbuf, res, totbuf); break;
         }
         for (int64_t t = 0; t < nt; ++t) store_act<Act>(res + t * (r1 - r0), out + (t0 + t) * N + r0, r1 - r0);
       }
     };
     parallel(plan.n_items, body);
     return true;
-  }
-
-  // asum only (bf16 activations used in place).
-  void prep_asum_only(int64_t t) {
-    if constexpr (Enc::kAsym) {
-      const uint16_t* src = act + t * K;
-      float* as = asum + t * G;
-      for (int64_t g = 0; g < G; ++g) {
-        V s = _mm512_setzero_ps();
-        for (int64_t k = g * p.group_size; k < (g + 1) * p.group_size; k += 16)
-          s = _mm512_add_ps(s, half_to_f32<Act>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k))));
-        as[g] = _mm512_reduce_add_ps(s);
-      }
-    }
   }
 };
 
