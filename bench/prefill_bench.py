@@ -1,0 +1,283 @@
+#!/usr/bin/env python3
+"""Times qmoe's CUDA prefill grouped GEMM against its anchors, in one process.
+
+    python3 bench/prefill_bench.py --lib build/gpu/libqmoe.a [--quick] [--check]
+
+qmoe is called through a tiny C shim (compiled here with g++ against the
+static library and the public header), so this runs without the Python
+package. Anchors, measured in the same run on the same card:
+  * dense cuBLAS bf16 (torch.matmul) at the same total size [T, K] x [K, N],
+    and 8192^3 for the card's dense rate;
+  * torch._grouped_mm on bf16 weights (where present);
+  * a per-expert torch loop on bf16 weights (counts known on the host);
+  * the device copy bandwidth (bytes read + written).
+Every time is the median of >= 25 CUDA-graph replays after warm-up, timed
+with device events; a graph holds R calls on R different input sets so the
+L2 (50-60 MB) cannot hold them. Floor of a row = max(bytes / copy bandwidth,
+2 T N K / dense rate), bytes = active experts' weights + scales + zeros +
+activations in + output out (DESIGN.md).
+"""
+import argparse
+import ctypes
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+SHIM = r"""
+#include <cstdint>
+#include <cstdio>
+#include "qmoe/qmoe.h"
+extern "C" int qmoe_prefill_c(int act, int wtype, int asym, long long E, long long N, long long K,
+                              long long T, long long gs, const void* a, const void* w, const void* s,
+                              const void* z, const void* counts, void* out, void* stream, int phase) {
+  qmoe::MoeGemmParams p;
+  p.act_type = qmoe::ActType(act);
+  p.weight_type = qmoe::WeightType(wtype);
+  p.asym = asym != 0;
+  p.num_experts = E; p.n = N; p.k = K; p.total_tokens = T; p.group_size = gs;
+  p.activations = a; p.weights = w; p.scales = s; p.zeros = z;
+  p.tokens_per_expert = static_cast<const int32_t*>(counts); p.out = out;
+  qmoe::Device d{qmoe::DeviceType::cuda, 0, stream};
+  qmoe::Status st = qmoe::moe(p, d, qmoe::Phase(phase));
+  if (!st.ok()) { std::fprintf(stderr, "qmoe: %s\n", st.message.c_str()); return int(st.code); }
+  return 0;
+}
+"""
+
+WTYPES = {"native16": 0, "int8": 1, "int4": 2, "int2": 3, "fp8_e4m3": 4, "fp8_e5m2": 5}
+BITS = {"native16": 16, "int8": 8, "int4": 4, "int2": 2, "fp8_e4m3": 8, "fp8_e5m2": 8}
+
+
+def build_shim(lib):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tmp = tempfile.mkdtemp(prefix="qmoe_shim_")
+    src, so = os.path.join(tmp, "shim.cpp"), os.path.join(tmp, "shim.so")
+    with open(src, "w") as f:
+        f.write(SHIM)
+    cuda = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    cmd = ["g++", "-O2", "-shared", "-fPIC", "-std=c++17", src, "-I", os.path.join(root, "include"),
+           "-Wl,--whole-archive", os.path.abspath(lib), "-Wl,--no-whole-archive",
+           "-L", os.path.join(cuda, "lib64"), "-lcudart", "-lpthread", "-o", so]
+    subprocess.check_call(cmd)
+    dll = ctypes.CDLL(so)
+    dll.qmoe_prefill_c.restype = ctypes.c_int
+    dll.qmoe_prefill_c.argtypes = [ctypes.c_int] * 3 + [ctypes.c_longlong] * 5 + [ctypes.c_void_p] * 7 + [ctypes.c_int]
+    return dll
+
+
+def timed_graph(fn, reps=25, warm=3):
+    """Median ms of one replay of a graph that runs fn() once."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warm):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    for _ in range(warm):
+        g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def split_tokens(T, E, kind, gen):
+    if kind == "even":
+        c = [T // E + (1 if i < T % E else 0) for i in range(E)]
+    else:  # uneven: skewed random split, some experts empty for small T
+        w = torch.rand(E, generator=gen) ** 3
+        c = (w / w.sum() * T).floor().long().tolist()
+        c[0] += T - sum(c)
+    return c
+
+
+class Problem:
+    def __init__(self, E, N, K, T, enc, asym, gs, counts, dtype, gen):
+        self.E, self.N, self.K, self.T, self.enc, self.asym, self.gs = E, N, K, T, enc, asym, gs
+        self.dtype = dtype
+        dev = "cuda"
+        self.act = (torch.rand(T, K, generator=gen, device=dev) * 2 - 1).to(dtype)
+        self.counts = torch.tensor(counts, dtype=torch.int32, device=dev)
+        self.out = torch.empty(T, N, dtype=dtype, device=dev)
+        if enc == "native16":
+            self.w = ((torch.rand(E, N, K, generator=gen, device=dev) * 2 - 1) * 0.05).to(dtype)
+            self.s = self.z = None
+        else:
+            kp = K * BITS[enc] // 8
+            w = torch.randint(0, 256, (E, N, kp), dtype=torch.uint8, generator=gen, device=dev)
+            if enc == "fp8_e4m3":
+                w = torch.where((w & 0x7F) == 0x7F, w ^ 1, w)
+            if enc == "fp8_e5m2":
+                w = torch.where((w & 0x7C) == 0x7C, w & 0xBB, w)
+            self.w = w
+            base = {"fp8_e4m3": 1e-3, "fp8_e5m2": 1e-5}.get(enc, 1e-2)
+            self.s = (base * (0.5 + torch.rand(E, N, K // gs, generator=gen, device=dev))).to(dtype)
+            self.z = (torch.randint(0, (1 << BITS[enc]), (E, N, K // gs), generator=gen, device=dev).to(dtype)
+                      if asym else None)
+
+    def nbytes_weights(self, active):
+        per = self.w[0].numel() * self.w.element_size()
+        if self.s is not None:
+            per += self.s[0].numel() * 2 * (2 if self.z is not None else 1)
+        return per * active
+
+    def call(self, dll, phase=2):
+        ptr = lambda t: t.data_ptr() if t is not None else None
+        rc = dll.qmoe_prefill_c(0 if self.dtype == torch.float16 else 1, WTYPES[self.enc], int(self.asym),
+                                self.E, self.N, self.K, self.T, self.gs, ptr(self.act), ptr(self.w),
+                                ptr(self.s), ptr(self.z), ptr(self.counts), ptr(self.out),
+                                torch.cuda.current_stream().cuda_stream, phase)
+        if rc != 0:
+            raise RuntimeError(f"qmoe call failed ({rc})")
+
+    def dequant_bf16(self):
+        """[E, N, K] float32 dequantized weights (int4 sym / native16 only), for the spot check."""
+        if self.enc == "native16":
+            return self.w.float()
+        assert self.enc == "int4" and not self.asym
+        lo = (self.w & 0xF).to(torch.int16)
+        hi = (self.w >> 4).to(torch.int16)
+        q = torch.stack([lo, hi], dim=-1).reshape(self.E, self.N, self.K)
+        q = torch.where(q >= 8, q - 16, q).float()
+        s = self.s.float().repeat_interleave(self.gs, dim=-1)
+        return q * s
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lib", default="build/gpu/libqmoe.a")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--check", action="store_true", help="end-to-end check against torch first")
+    ap.add_argument("--encodings", default="native16,int4,int4a,int8,fp8_e4m3,int2a")
+    args = ap.parse_args()
+    dll = build_shim(args.lib)
+    torch.manual_seed(0)
+    gen = torch.Generator(device="cuda").manual_seed(1234)
+    cpu_gen = torch.Generator().manual_seed(99)
+    name = torch.cuda.get_device_name()
+    props = torch.cuda.get_device_properties(0)
+    print(f"card: {name}, {props.multi_processor_count} SMs, torch {torch.__version__}")
+
+    # Ceilings: copy bandwidth and dense bf16 rate.
+    x = torch.empty(1 << 29, dtype=torch.uint8, device="cuda")  # 512 MiB
+    y = torch.empty_like(x)
+    ms = timed_graph(lambda: y.copy_(x))
+    copy_bw = 2 * x.numel() / (ms * 1e-3)
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    ms = timed_graph(lambda: torch.matmul(a, b))
+    dense_rate = 2 * 8192 ** 3 / (ms * 1e-3)
+    print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s, dense bf16 8192^3 {dense_rate / 1e12:.0f} TFLOP/s")
+    del x, y, a, b
+
+    if args.check:
+        for enc in ("int4", "native16"):
+            E, N, K = 4, 384, 512
+            counts = [100, 0, 37, 300]
+            pr = Problem(E, N, K, sum(counts), enc, False, 128, counts, torch.bfloat16, gen)
+            pr.out.fill_(float("nan"))
+            pr.call(dll)
+            torch.cuda.synchronize()
+            W = pr.dequant_bf16()
+            ref = torch.empty(pr.T, N, dtype=torch.float64, device="cuda")
+            off = 0
+            for e, c in enumerate(counts):
+                ref[off:off + c] = pr.act[off:off + c].double() @ W[e].double().T
+                off += c
+            err = ((pr.out.double() - ref).norm() / ref.norm()).item()
+            print(f"check {enc}: rel err {err:.2e}, nan {torch.isnan(pr.out).sum().item()}")
+
+    shapes = [  # (label, E, N, K, T, split)
+        ("ark 8x4096x4096 t252", 8, 4096, 4096, 252, "even"),
+        ("ark 8x4096x14336 t528", 8, 4096, 14336, 528, "even"),
+        ("ark 8x14336x4096 t528", 8, 14336, 4096, 528, "even"),
+        ("ark 16x2048x2048 t256", 16, 2048, 2048, 256, "even"),
+        ("ark 32x2048x2048 t256", 32, 2048, 2048, 256, "even"),
+        ("ark 64x2048x2048 t256", 64, 2048, 2048, 256, "even"),
+        ("ark 8x4096x4096 t610u", 8, 4096, 4096, 610, "uneven"),
+        ("mixtral w13 t4096x2", 8, 14336, 4096, 8192, "uneven"),
+        ("mixtral w2 t4096x2", 8, 4096, 14336, 8192, "uneven"),
+    ]
+    if args.quick:
+        shapes = [shapes[0], shapes[3], shapes[7]]
+    encs = args.encodings.split(",")
+    rows = []
+    print(f"{'shape':24s} {'enc':9s} {'qmoe us':>9s} {'TFLOP/s':>8s} {'%dense':>7s} {'%floor':>7s} "
+          f"{'gmm us':>8s} {'x gmm':>6s} {'loop us':>8s} {'dense us':>9s}", flush=True)
+    for label, E, N, K, T, split in shapes:
+        counts = split_tokens(T, E, split, cpu_gen)
+        active = sum(1 for c in counts if c > 0)
+        flops = 2 * T * N * K
+        # Anchors on bf16 weights (one set; weights exceed L2 for the large shapes).
+        act = (torch.rand(T, K, generator=gen, device="cuda") * 2 - 1).to(torch.bfloat16)
+        wb = ((torch.rand(E, N, K, generator=gen, device="cuda") - 0.5) * 0.1).to(torch.bfloat16)
+        dense_b = wb[0].T.contiguous() if N * K * 2 < 1 << 31 else None
+        ms_dense = timed_graph(lambda: torch.matmul(act, dense_b)) if dense_b is not None else float("nan")
+        offs = torch.tensor(counts, dtype=torch.int32, device="cuda").cumsum(0).to(torch.int32)
+        ms_gmm = float("nan")
+        if hasattr(torch, "_grouped_mm"):
+            try:
+                ms_gmm = timed_graph(lambda: torch._grouped_mm(act, wb.transpose(-2, -1), offs=offs))
+            except Exception as ex:  # noqa: BLE001
+                print(f"  torch._grouped_mm unavailable: {ex}".splitlines()[0])
+        bounds = [0]
+        for c in counts:
+            bounds.append(bounds[-1] + c)
+        outl = torch.empty(T, N, dtype=torch.bfloat16, device="cuda")
+
+        def loop():
+            for e in range(E):
+                if counts[e]:
+                    torch.matmul(act[bounds[e]:bounds[e + 1]], wb[e].T, out=outl[bounds[e]:bounds[e + 1]])
+
+        ms_loop = timed_graph(loop)
+        del wb, dense_b
+        dense_here = flops / (ms_dense * 1e-3)
+        for encname in encs:
+            asym = encname.endswith("a") and encname != "native16"
+            enc = encname[:-1] if asym else encname
+            gs = 128
+            one = Problem(E, N, K, T, enc, asym, gs, counts, torch.bfloat16, gen)
+            set_bytes = one.nbytes_weights(E) + one.act.numel() * 2
+            R = max(1, min(6, -(-150_000_000 // set_bytes)))
+            probs = [one] + [Problem(E, N, K, T, enc, asym, gs, counts, torch.bfloat16, gen) for _ in range(R - 1)]
+
+            def run_all():
+                for pr in probs:
+                    pr.call(dll)
+
+            ms = timed_graph(run_all) / R
+            moved = one.nbytes_weights(active) + T * K * 2 + T * N * 2
+            floor_s = max(moved / copy_bw, flops / dense_rate)
+            r = dict(shape=label, enc=encname, us=ms * 1e3, tflops=flops / (ms * 1e-3) / 1e12,
+                     pct_dense=100 * (flops / (ms * 1e-3)) / dense_here, pct_floor=100 * floor_s / (ms * 1e-3),
+                     gmm_us=ms_gmm * 1e3, x_gmm=ms_gmm / ms, loop_us=ms_loop * 1e3, dense_us=ms_dense * 1e3)
+            rows.append(r)
+            print(f"{label:24s} {encname:9s} {r['us']:9.1f} {r['tflops']:8.1f} {r['pct_dense']:6.1f}% "
+                  f"{r['pct_floor']:6.1f}% {r['gmm_us']:8.1f} {r['x_gmm']:6.2f} {r['loop_us']:8.1f} "
+                  f"{r['dense_us']:9.1f}", flush=True)
+            del probs, one
+            torch.cuda.empty_cache()
+    out = os.environ.get("OUT")
+    if out:
+        import json
+        with open(os.path.join(out, "prefill_bench.json"), "w") as f:
+            json.dump(dict(card=name, copy_bw=copy_bw, dense_rate=dense_rate, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
