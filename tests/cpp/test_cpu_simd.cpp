@@ -75,6 +75,8 @@ std::vector<Shape> shapes(WeightType w, bool prefill) {
     s.push_back({"min_group", 13, 8 * g, g, c});
     s.push_back({"odd_group", 11, 24 * g, 3 * g, c});
   }
+  if (prefill && w != WeightType::native16)  // K over two panel chunks (fp16 activations)
+    s.push_back({"long_k", 40, 4608, 256, c});
   s.push_back({"n1", 1, w == WeightType::native16 ? 64 : 128, w == WeightType::native16 ? 0 : 128,
                prefill ? std::vector<int32_t>{12} : std::vector<int32_t>{1}});
   s.push_back({"t0", 24, 128, w == WeightType::native16 ? 0 : 64, {0, 0}});

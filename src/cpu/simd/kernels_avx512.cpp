@@ -261,7 +261,6 @@ struct Runner {
   static constexpr bool kNativeF16 = is_native_f16<Enc>();
   // Whether the dot needs sum_g s_g (kOffset + z_g) sum_{k in g} a_k taken off.
   static constexpr bool kCorr = Enc::kAsym || D::kOffset != 0.0f;
-  static constexpr int MR = 4, NR = 4;
   static constexpr int64_t kRowChunk = 32;  // decode rows between two output stores
 
   // Whether this level takes the call: a unit of packed weights must lie in
@@ -331,9 +330,9 @@ struct Runner {
   }
 
   // ------------------------------------------------------------ activations
-  void prep_token(int64_t t, ActMode m) {
+  void prep_token(int64_t t, ActMode m) { prep_token_into(t, m, act_buf.as<uint8_t>() + t * stride); }
+  void prep_token_into(int64_t t, ActMode m, uint8_t* dst) const {
     const uint16_t* src = act + t * K;
-    uint8_t* dst = act_buf.as<uint8_t>() + t * stride;
     for (int64_t u = 0; u < units; ++u) {
       VI x[D::kVecs], y[D::kVecs];
       for (int j = 0; j < D::kVecs; ++j) {
@@ -502,104 +501,171 @@ struct Runner {
   }
 
   // ------------------------------------------------------------ prefill
-  // Dequantized row r of expert e into a panel row (Kp elements, permuted
-  // like the activations, zero tail): bf16 or fp32.
-  void panel_row(int64_t e, int64_t r, void* dst, float* sbuf, float* szbuf) const {
-    const uint8_t* wr = w + (e * N + r) * row_bytes;
+  // Layouts (dwords: a bf16 pair for bf16 activations, an fp32 for fp16):
+  //   packed activations of a prefill expert: blocks of MR tokens,
+  //     [Kd][MR] dwords each (Kd = Kp / 2 or Kp), zero rows past the tokens;
+  //   panel of an item: [kd][NR] dwords for NR = 32 rows over a K chunk,
+  //     built by decoding 16 rows x one unit into a small buffer and
+  //     transposing it 16 x 16 dwords at a time.
+  // The micro-kernel keeps an MR x 32 tile in 24 registers and walks K with
+  // one broadcast of activations (vpbroadcastd) per token and two panel
+  // vectors per step: lanes run along N, so no horizontal sums.
+  static constexpr int PMR = 12, PNR = 32;
+  static constexpr int64_t kElemPerDword = kF16 ? 1 : 2;
+  int64_t Kd = 0;         // dwords along K
+  int64_t kc_dw = 0;      // dwords of K per panel chunk
+  Buf pack_buf;
+  Buf pack_off_buf;       // [E] byte offsets of each prefill expert's packed block
+
+  static inline void transpose16(VI r[16]) {
+    VI t[16];
+    for (int i = 0; i < 8; ++i) {
+      t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) {
+      r[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i + 0], t[4 * i + 2]);
+      r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i + 0], t[4 * i + 2]);
+      r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+      r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int i = 0; i < 4; ++i) {
+      t[i] = _mm512_shuffle_i32x4(r[i], r[4 + i], 0x88);
+      t[4 + i] = _mm512_shuffle_i32x4(r[i], r[4 + i], 0xdd);
+      t[8 + i] = _mm512_shuffle_i32x4(r[8 + i], r[12 + i], 0x88);
+      t[12 + i] = _mm512_shuffle_i32x4(r[8 + i], r[12 + i], 0xdd);
+    }
+    for (int i = 0; i < 4; ++i) {
+      r[i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0x88);
+      r[8 + i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0xdd);
+      r[4 + i] = _mm512_shuffle_i32x4(t[4 + i], t[12 + i], 0x88);
+      r[12 + i] = _mm512_shuffle_i32x4(t[4 + i], t[12 + i], 0xdd);
+    }
+  }
+
+  // Unit u of a row, dequantized, as kUnit / kElemPerDword dwords (in the
+  // unit's permuted order, like the activations).
+  void unit_dwords(const uint8_t* wr, int64_t u, const float* sbuf, const float* szbuf,
+                   uint32_t* dst) const {
     if constexpr (kNativeF16) {
-      float* d = static_cast<float*>(dst);
-      const uint16_t* s = reinterpret_cast<const uint16_t*>(wr);
-      for (int64_t k = 0; k < Kp; k += 16)
-        _mm512_storeu_ps(d + k, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask16(K - k), s + k)));
-    } else if constexpr (!Enc::kScaled) {  // bf16 weights, bf16 panel
-      uint16_t* d = static_cast<uint16_t*>(dst);
-      const uint16_t* s = reinterpret_cast<const uint16_t*>(wr);
-      for (int64_t k = 0; k < Kp; k += 32)
-        _mm512_storeu_si512(d + k, _mm512_maskz_loadu_epi16(mask32(K - k), s + k));
+      const uint16_t* s = reinterpret_cast<const uint16_t*>(wr) + u * 32;
+      float* d = reinterpret_cast<float*>(dst);
+      _mm512_storeu_ps(d, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask16(K - u * 32), s)));
+      _mm512_storeu_ps(d + 16, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask16(K - u * 32 - 16), s + 16)));
+    } else if constexpr (!Enc::kScaled) {  // bf16 weights
+      const uint16_t* s = reinterpret_cast<const uint16_t*>(wr) + u * 32;
+      _mm512_storeu_si512(dst, _mm512_maskz_loadu_epi16(mask32(K - u * 32), s));
     } else {
-      load_scales(e, r, 0, G, sbuf, szbuf);
-      for (int64_t u = 0; u < units; ++u) {
-        const int64_t g = gs >= D::kUnit ? u / (gs / D::kUnit) : u * (D::kUnit / gs);  // first group
-        const V s0 = _mm512_permutexvar_ps(idx_p0, _mm512_loadu_ps(sbuf + g));
-        const V s1 = _mm512_permutexvar_ps(idx_p1, _mm512_loadu_ps(sbuf + g));
-        V z0 = _mm512_setzero_ps(), z1 = z0;
-        if constexpr (kCorr) {
-          z0 = _mm512_permutexvar_ps(idx_p0, _mm512_loadu_ps(szbuf + g));
-          z1 = _mm512_permutexvar_ps(idx_p1, _mm512_loadu_ps(szbuf + g));
+      const int64_t g = gs >= D::kUnit ? u / (gs / D::kUnit) : u * (D::kUnit / gs);  // first group
+      const V s0 = _mm512_permutexvar_ps(idx_p0, _mm512_loadu_ps(sbuf + g));
+      const V s1 = _mm512_permutexvar_ps(idx_p1, _mm512_loadu_ps(sbuf + g));
+      V z0 = _mm512_setzero_ps(), z1 = z0;
+      if constexpr (kCorr) {
+        z0 = _mm512_permutexvar_ps(idx_p0, _mm512_loadu_ps(szbuf + g));
+        z1 = _mm512_permutexvar_ps(idx_p1, _mm512_loadu_ps(szbuf + g));
+      }
+      const VI x = dec.raw(wr + u * D::kBytes);
+      for (int j = 0; j < D::kVecs; ++j) {
+        const VI v = dec.vec(x, j);
+        // (value + kOffset) * s - s * (kOffset + z) = (value - z) * s
+        const V f0 = _mm512_fmsub_ps(bf16_lo_f32(v), s0, z0);
+        const V f1 = _mm512_fmsub_ps(bf16_hi_f32(v), s1, z1);
+        if constexpr (kF16) {
+          _mm512_storeu_ps(reinterpret_cast<float*>(dst) + j * 32, f0);
+          _mm512_storeu_ps(reinterpret_cast<float*>(dst) + j * 32 + 16, f1);
+        } else {
+          _mm512_storeu_si512(dst + j * 16, (VI)_mm512_cvtne2ps_pbh(f1, f0));
         }
-        const VI x = dec.raw(wr + u * D::kBytes);
-        VI v[D::kVecs];
-        for (int j = 0; j < D::kVecs; ++j) v[j] = dec.vec(x, j);
-        for (int j = 0; j < D::kVecs; ++j) {
-          const int64_t o = u * D::kUnit + j * 32;
-          // (value + kOffset) * s - s * (kOffset + z) = (value - z) * s
-          const V f0 = _mm512_fmsub_ps(bf16_lo_f32(v[j]), s0, z0);
-          const V f1 = _mm512_fmsub_ps(bf16_hi_f32(v[j]), s1, z1);
-          if constexpr (kF16) {
-            _mm512_storeu_ps(static_cast<float*>(dst) + o, f0);
-            _mm512_storeu_ps(static_cast<float*>(dst) + o + 16, f1);
+      }
+    }
+  }
+
+  // Panel [kd][32] of rows r0.. (zero past r1) over K dwords [d0, d0 + kd).
+  void fill_panel(int64_t e, int64_t r0, int64_t r1, int64_t d0, int64_t kd, uint32_t* panel,
+                  uint32_t* tmp, float* srow, int64_t sstride) const {
+    constexpr int64_t ud = D::kUnit / kElemPerDword;  // dwords per unit
+    const int64_t u0 = d0 / ud, u1 = (d0 + kd) / ud;
+    for (int h = 0; h < 2; ++h) {
+      const int64_t rb = r0 + 16 * h;
+      for (int i = 0; i < 16; ++i)
+        if (rb + i < r1) load_scales(e, rb + i, 0, G, srow + i * 2 * sstride, srow + (i * 2 + 1) * sstride);
+      for (int64_t u = u0; u < u1; ++u) {
+        for (int i = 0; i < 16; ++i) {
+          uint32_t* t = tmp + i * ud;
+          if (rb + i < r1) {
+            unit_dwords(w + (e * N + rb + i) * row_bytes, u, srow + i * 2 * sstride,
+                        srow + (i * 2 + 1) * sstride, t);
           } else {
-            _mm512_storeu_si512(static_cast<uint16_t*>(dst) + o, (VI)_mm512_cvtne2ps_pbh(f1, f0));
+            for (int64_t c = 0; c < ud; c += 16) _mm512_storeu_si512(t + c, _mm512_setzero_si512());
           }
         }
-      }
-    }
-  }
-
-  // C[i][j] = sum_k A_i[k] B_j[k] over Kp elements (bf16 pairs or fp32).
-  static void micro(const uint8_t* const* A, const uint8_t* const* B, int64_t Kp, float* C) {
-    V acc[MR][NR];
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
-    const int64_t bytes = Kp * (kF16 ? 4 : 2);
-    for (int64_t o = 0; o < bytes; o += 64) {
-      VI b[NR];
-      for (int j = 0; j < NR; ++j) b[j] = loadu(B[j] + o);
-      for (int i = 0; i < MR; ++i) {
-        const VI a = loadu(A[i] + o);
-        for (int j = 0; j < NR; ++j) {
-          if constexpr (kF16)
-            acc[i][j] = _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b[j]), acc[i][j]);
-          else
-            acc[i][j] = _mm512_dpbf16_ps(acc[i][j], bh(a), bh(b[j]));
+        for (int64_t c = 0; c < ud; c += 16) {
+          VI r[16];
+          for (int i = 0; i < 16; ++i) r[i] = loadu(tmp + i * ud + c);
+          transpose16(r);
+          uint32_t* dst = panel + ((u - u0) * ud + c) * PNR + 16 * h;
+          for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst + i * PNR, r[i]);
         }
       }
     }
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j) C[i * NR + j] = _mm512_reduce_add_ps(acc[i][j]);
   }
 
-  bool panel_is_weights() const {  // bf16 weights used in place
-    return std::is_same_v<Enc, Native16Encoding<ActBF16>> && K % 32 == 0;
-  }
-
-  void prefill_item(const Plan& plan, int64_t e, int64_t r0, int64_t r1, uint8_t* panel,
-                    float* sbuf, float* szbuf) const {
-    const int64_t pstride = Kp * (kF16 ? 4 : 2);
-    const bool in_place = panel_is_weights();
-    const uint8_t* prow[64 + NR];
-    const int64_t nr = r1 - r0;
-    for (int64_t r = 0; r < nr; ++r) {
-      if (in_place) {
-        prow[r] = w + (e * N + r0 + r) * row_bytes;
-      } else {
-        panel_row(e, r0 + r, panel + r * pstride, sbuf, szbuf);
-        prow[r] = panel + r * pstride;
+  // acc (PMR x 2 vectors) += packed activations [kd][PMR] x panel [kd][32].
+  static void micro(const uint32_t* pa, const uint32_t* pb, int64_t kd, V* c, bool first) {
+    V acc[PMR][2];
+    for (int i = 0; i < PMR; ++i) {
+      acc[i][0] = first ? _mm512_setzero_ps() : c[2 * i];
+      acc[i][1] = first ? _mm512_setzero_ps() : c[2 * i + 1];
+    }
+    for (int64_t k = 0; k < kd; ++k) {
+      const VI b0 = loadu(pb + k * PNR), b1 = loadu(pb + k * PNR + 16);
+      for (int i = 0; i < PMR; ++i) {
+        const VI a = _mm512_set1_epi32(int32_t(pa[k * PMR + i]));
+        if constexpr (kF16) {
+          acc[i][0] = _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b0), acc[i][0]);
+          acc[i][1] = _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b1), acc[i][1]);
+        } else {
+          acc[i][0] = _mm512_dpbf16_ps(acc[i][0], bh(b0), bh(a));
+          acc[i][1] = _mm512_dpbf16_ps(acc[i][1], bh(b1), bh(a));
+        }
       }
     }
-    for (int64_t r = nr; r < nr + NR; ++r) prow[r] = prow[nr - 1];
+    for (int i = 0; i < PMR; ++i) {
+      c[2 * i] = acc[i][0];
+      c[2 * i + 1] = acc[i][1];
+    }
+  }
+
+  void prefill_item(const Plan& plan, int64_t e, int64_t r0, int64_t r1, uint32_t* panel,
+                    uint32_t* tmp, float* srow, int64_t sstride, V* cbuf) const {
     const int64_t t0 = plan.offsets[e], nt = plan.tokens(e);
-    float C[MR * NR];
-    for (int64_t m = 0; m < nt; m += MR) {
-      const uint8_t* A[MR];
-      for (int i = 0; i < MR; ++i) A[i] = act_row(t0 + min64(m + i, nt - 1));
-      const int64_t mr = min64(MR, nt - m);
-      for (int64_t j = 0; j < nr; j += NR) {
-        micro(A, prow + j, Kp, C);
-        const int64_t nc = min64(NR, nr - j);
-        for (int64_t i = 0; i < mr; ++i) store_act<Act>(C + i * NR, out + (t0 + m + i) * N + r0 + j, nc);
+    const int64_t nblk = ceil_div(nt, PMR);
+    const uint32_t* pack =
+        reinterpret_cast<const uint32_t*>(pack_buf.as<uint8_t>() + pack_off_buf.as<int64_t>()[e]);
+    alignas(64) float outv[PNR];
+    for (int64_t d0 = 0; d0 < Kd; d0 += kc_dw) {
+      const int64_t kd = min64(kc_dw, Kd - d0);
+      fill_panel(e, r0, r1, d0, kd, panel, tmp, srow, sstride);
+      const bool first = d0 == 0, last = d0 + kd >= Kd;
+      for (int64_t b = 0; b < nblk; ++b) {
+        V* c = cbuf + (Kd > kc_dw ? b * PMR * 2 : 0);  // one tile unless K takes chunks
+        micro(pack + b * PMR * Kd + d0 * PMR, panel, kd, c, first);
+        if (!last) continue;
+        const int64_t mr = min64(PMR, nt - b * PMR);
+        for (int64_t i = 0; i < mr; ++i) {
+          _mm512_store_ps(outv, c[2 * i]);
+          _mm512_store_ps(outv + 16, c[2 * i + 1]);
+          store_act<Act>(outv, out + (t0 + b * PMR + i) * N + r0, r1 - r0);
+        }
       }
     }
+  }
+
+  // Token t (of a prefill expert, slot i of block b) into the packed layout.
+  void pack_token(int64_t t, uint32_t* blk, int i, uint8_t* row) {
+    prep_token_into(t, kF16 ? ActMode::f32 : ActMode::bf16, row);
+    const uint32_t* src = reinterpret_cast<const uint32_t*>(row);
+    for (int64_t k = 0; k < Kd; ++k) blk[k * PMR + i] = src[k];
   }
 
   // ------------------------------------------------------------ driver
@@ -608,14 +674,14 @@ struct Runner {
     const int64_t T = p.total_tokens;
     if (T == 0) return true;
     const int threads = pool_size();
-    const int64_t pelem = kF16 ? 4 : 2;
-    const int64_t nb = max64(NR, min64(64, (256 << 10) / (Kp * pelem) / NR * NR));
-    Plan plan(p, row_bytes, nb, threads);
+    Plan plan(p, row_bytes, PNR, threads);
+    Kd = Kp / kElemPerDword;
+    kc_dw = min64(Kd, 2048);
 
-    // Activations: bf16 ones are used in place when no permutation or
-    // padding is needed.
+    // Decode tokens: prepared rows (bf16 activations in place when no
+    // permutation or padding is needed) and per-group sums.
     direct = !kF16 && D::kVecs == 1 && K % 32 == 0;
-    if (!direct) {
+    if (!direct && plan.decode_tokens > 0) {
       stride = Kp * (kF16 ? 4 : 2);
       act_buf.alloc(size_t(T * stride));
     }
@@ -624,29 +690,63 @@ struct Runner {
       asum_buf.alloc(size_t(T * G * 4));
       asum = asum_buf.as<float>();
     }
-    if (!direct || need_asum) {
+    // Prefill tokens: packed blocks of PMR tokens per expert.
+    int64_t max_blocks = 0;
+    if (plan.prefill_tokens > 0) {
+      pack_off_buf.alloc(size_t(8 * plan.E));
+      int64_t* off = pack_off_buf.as<int64_t>();
+      int64_t bytes = 0;
+      for (int64_t e = 0; e < plan.E; ++e) {
+        off[e] = bytes;
+        const int64_t nt = plan.tokens(e);
+        if (nt > kDecodeMaxTokens) {
+          bytes += ceil_div(nt, PMR) * PMR * Kd * 4;
+          max_blocks = max64(max_blocks, ceil_div(nt, PMR));
+        }
+      }
+      pack_buf.alloc(size_t(bytes));
+      for (int64_t e = 0; e < plan.E; ++e) {  // zero the padding slots of the last block
+        const int64_t nt = plan.tokens(e);
+        if (nt > kDecodeMaxTokens && nt % PMR)
+          std::memset(pack_buf.as<uint8_t>() + off[e] + (nt / PMR) * PMR * Kd * 4, 0, size_t(PMR * Kd * 4));
+      }
+    }
+    {
       auto prep = [&](int64_t b, int) {
+        Buf row(size_t(Kp * 4));
         int64_t e = 0;
         for (int64_t t = b * 16; t < min64(T, (b + 1) * 16); ++t) {
           while (plan.offsets[e + 1] <= t) ++e;
-          const bool dec_tok = plan.is_decode_expert(e);
-          if (!direct) prep_token(t, mode(dec_tok));
-          if (need_asum && dec_tok) prep_asum(t);
+          if (plan.is_decode_expert(e)) {
+            if (!direct) prep_token(t, mode(true));
+            if (need_asum) prep_asum(t);
+          } else {
+            const int64_t i = t - plan.offsets[e];
+            uint32_t* blk = reinterpret_cast<uint32_t*>(pack_buf.as<uint8_t>() + pack_off_buf.as<int64_t>()[e]) +
+                            (i / PMR) * PMR * Kd;
+            pack_token(t, blk, int(i % PMR), row.as<uint8_t>());
+          }
         }
       };
       parallel(ceil_div(T, 16), prep);
     }
 
-    // Per-worker scratch: running sums, scales (+16 floats of slack for
-    // the full-vector loads), outputs, panel.
+    // Per-worker scratch. Decode: running sums, scales (+16 floats of slack
+    // for full-vector loads), outputs. Prefill: panel, unit buffer, scales
+    // of 16 rows, running tiles when K takes several chunks.
     const int64_t chunk = kRowChunk;
     const int64_t res_elems = chunk * kDecodeMaxTokens;
     const int64_t tot_bytes = chunk * kDecodeMaxTokens * 64;
     const int64_t sc_elems = round_up(G + 16, 16);
     const int64_t small = round_up((2 * sc_elems + res_elems) * 4, 64);
-    const int64_t panel_bytes =
-        plan.prefill_tokens > 0 && !panel_is_weights() ? plan.prefill_nb * Kp * pelem : 0;
-    const int64_t per = tot_bytes + small + round_up(panel_bytes, 64);
+    int64_t pre_bytes = 0, panel_bytes = 0, tmp_bytes = 0, srow_bytes = 0;
+    if (plan.prefill_tokens > 0) {
+      panel_bytes = kc_dw * PNR * 4;
+      tmp_bytes = 16 * (D::kUnit / kElemPerDword) * 4;
+      srow_bytes = 32 * sc_elems * 4;
+      pre_bytes = panel_bytes + tmp_bytes + srow_bytes + (Kd > kc_dw ? max_blocks * PMR * 2 * 64 : PMR * 2 * 64);
+    }
+    const int64_t per = tot_bytes + small + round_up(pre_bytes, 64);
     Buf scratch(size_t(per * threads));
 
     auto body = [&](int64_t i, int wk) {
@@ -656,10 +756,14 @@ struct Runner {
       float* sbuf = reinterpret_cast<float*>(s + tot_bytes);
       float* szbuf = sbuf + sc_elems;
       float* res = szbuf + sc_elems;
-      uint8_t* panel = s + tot_bytes + small;
       const int64_t e = it.expert, t0 = plan.offsets[e], nt = plan.tokens(e);
       if (!it.decode) {
-        prefill_item(plan, e, it.r0, it.r1, panel, sbuf, szbuf);
+        uint8_t* q = s + tot_bytes + small;
+        uint32_t* panel = reinterpret_cast<uint32_t*>(q);
+        uint32_t* tmp = reinterpret_cast<uint32_t*>(q + panel_bytes);
+        float* srow = reinterpret_cast<float*>(q + panel_bytes + tmp_bytes);
+        V* cbuf = reinterpret_cast<V*>(q + panel_bytes + tmp_bytes + srow_bytes);
+        prefill_item(plan, e, it.r0, it.r1, panel, tmp, srow, sc_elems, cbuf);
         return;
       }
       const uint8_t* a[kDecodeMaxTokens];
