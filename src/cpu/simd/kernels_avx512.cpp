@@ -414,6 +414,40 @@ struct Runner {
         V tot[NT];
         V* tb = totbuf + (r - r0) * NT;
         for (int t = 0; t < NT; ++t) tot[t] = tb[t];
+        bool done = false;
+        if constexpr (Enc::kScaled) if (bu == 1) {
+          done = true;
+          // One unit per scale fold (a group is one unit, or a unit holds
+          // several groups on fp32 lanes): a tight loop over the units.
+          const uint8_t* wp = wr + b0 * D::kBytes;
+          const float* sp = sbuf;
+          for (int64_t u = b0; u < b1; ++u, wp += D::kBytes, sp += gpb) {
+            const VI x = dec.raw(wp);
+            V c0[NT], c1[NT];
+#pragma GCC unroll 8
+            for (int j = 0; j < D::kVecs; ++j) {
+              const VI v = dec.vec(x, j);
+              const int64_t o = (u * D::kUnit + j * 32) * 2;
+              for (int t = 0; t < NT; ++t) {
+                if constexpr (kF16) {
+                  c0[t] = _mm512_dpbf16_ps(j == 0 ? _mm512_setzero_ps() : c0[t], bh(v), bh(loadu(a[t] + o)));
+                  c1[t] = _mm512_dpbf16_ps(j == 0 ? _mm512_setzero_ps() : c1[t], bh(v),
+                                           bh(loadu(a[t] + 2 * Kp + o)));
+                } else if (j % 2 == 0) {
+                  c0[t] = _mm512_dpbf16_ps(j == 0 ? _mm512_setzero_ps() : c0[t], bh(v), bh(loadu(a[t] + o)));
+                } else {
+                  c1[t] = _mm512_dpbf16_ps(j == 1 ? _mm512_setzero_ps() : c1[t], bh(v), bh(loadu(a[t] + o)));
+                }
+              }
+            }
+            const V sv = _mm512_permutexvar_ps(idx_dot, _mm512_loadu_ps(sp));
+            for (int t = 0; t < NT; ++t) {
+              const V d = (kF16 || D::kVecs > 1) ? _mm512_add_ps(c0[t], c1[t]) : c0[t];
+              tot[t] = _mm512_fmadd_ps(d, sv, tot[t]);
+            }
+          }
+        }
+        if (!done)
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t u0 = b * bu, u1 = min64(full_units, u0 + bu);
           if constexpr (kNativeF16) {
