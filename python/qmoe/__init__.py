@@ -32,6 +32,8 @@ arrays (CPU; bfloat16 and float8 through the ml_dtypes dtypes). Results come
 back in the caller's framework, on the caller's device. PyTorch is optional.
 """
 
+import sys
+
 from . import _ext
 from ._ext import UnsupportedError
 from ._fused import (
@@ -46,6 +48,9 @@ from ._gemm import moe, moe_gemm, moe_gemm_decode, moe_gemm_prefill
 from ._quant import dequantize, quantize
 
 __version__: str = _ext.version()
+
+if "torch" in sys.modules:  # register the torch.library ops (torch.ops.qmoe.*)
+    from . import ops  # noqa: F401
 
 
 def set_num_threads(n: int) -> None:

@@ -29,6 +29,24 @@ def _torch():
     return sys.modules.get("torch")
 
 
+def compiling() -> bool:
+    """True while torch.compile (dynamo) traces the caller: the package functions
+    then call the torch.library ops of qmoe.ops instead of running."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.compiler.is_compiling()
+
+
+def torch_ops():
+    """The qmoe.ops module (registered ops), for calls traced by torch.compile."""
+    ops = sys.modules.get("qmoe.ops")
+    if ops is None:
+        raise RuntimeError(
+            "torch.compile is tracing a qmoe function before qmoe's torch ops were "
+            "registered: `import qmoe.ops` first"
+        )
+    return ops
+
+
 def _ml_dtypes(purpose: str):
     try:
         import ml_dtypes
@@ -100,6 +118,10 @@ class TorchFramework:
     def zeros(self, shape, dtype_name: str, like):
         return self.torch.zeros(tuple(shape), dtype=self.dtype(dtype_name), device=like.device)
 
+    def capturing(self, x) -> bool:
+        """True while the current CUDA stream of x's device captures a CUDA graph."""
+        return x.device.type == "cuda" and self.torch.cuda.is_current_stream_capturing()
+
     def stream(self, x) -> int:
         """The current CUDA stream of x's device, as an integer (0 on CPU)."""
         if x.device.type != "cuda":
@@ -165,6 +187,9 @@ class NumpyFramework:
     def zeros(self, shape, dtype_name: str, like):
         return np.zeros(tuple(shape), dtype=self.dtype(dtype_name))
 
+    def capturing(self, x) -> bool:
+        return False
+
     def stream(self, x) -> int:
         return 0
 
@@ -188,6 +213,10 @@ def framework_of(x: Any, name: str):
     if torch is not None and isinstance(x, torch.Tensor):
         if _TORCH is None or _TORCH.torch is not torch:
             _TORCH = TorchFramework(torch)
+            # The first torch tensor registers the torch.library ops (qmoe.ops).
+            import importlib
+
+            importlib.import_module("qmoe.ops")
         return _TORCH
     raise TypeError(
         f"{name} must be a torch.Tensor or a numpy.ndarray, got {type_name(x)}"

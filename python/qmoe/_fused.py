@@ -34,7 +34,7 @@ from ._checks import (
     positive_group_size,
     weight_bits_value,
 )
-from ._frameworks import F32, U8, expect_same_framework, framework_of, type_name
+from ._frameworks import F32, U8, compiling, expect_same_framework, framework_of, torch_ops, type_name
 
 _SCORING = {"softmax": _ext.Scoring.softmax, "sigmoid": _ext.Scoring.sigmoid}
 _GROUP_SCORE = {"max": _ext.GroupScore.max, "top2_sum": _ext.GroupScore.top2_sum}
@@ -42,7 +42,8 @@ _FLOATS = ("float16", "bfloat16", "float32", "float64")
 MAX_EXPERTS = 512  # src/core/routing.h
 MAX_TOP_K = 32
 MAX_GROUPS = 64
-WORKSPACE_ALIGN = 256
+WORKSPACE_ALIGN = 256  # CUDA (any torch CUDA allocation is)
+CPU_WORKSPACE_ALIGN = 16  # the CPU layer reads its buffers unaligned; NumPy gives 16
 
 
 def _shape(x) -> tuple:
@@ -419,8 +420,9 @@ def _check_workspace(fw, workspace, nbytes: int, dev_ok):
         )
     if not _is_contiguous(workspace):
         raise ValueError("workspace must be contiguous")
-    if fw.ptr(workspace) % WORKSPACE_ALIGN != 0:
-        raise ValueError(f"workspace must be {WORKSPACE_ALIGN}-byte aligned")
+    align = WORKSPACE_ALIGN if fw.device(workspace)[0] == "cuda" else CPU_WORKSPACE_ALIGN
+    if fw.ptr(workspace) % align != 0:
+        raise ValueError(f"workspace must be {align}-byte aligned on {fw.device(workspace)[0]}")
 
 
 def _is_contiguous(x) -> bool:
@@ -492,7 +494,7 @@ def fused_moe(hidden_states: Any, gate_up_weights: Any, down_weights: Any, *,
         shared_gate: optional [H] (or [1, H]) vector in the hidden_states dtype; the
             shared output of token t is scaled by sigmoid(x_t · shared_gate) (Qwen2-MoE).
         workspace: optional 1-D uint8 buffer of >= qmoe.fused_moe_workspace_size(...)
-            bytes, 256-byte aligned, on the hidden_states' device. Without it, CUDA
+            bytes on the hidden_states' device, 256-byte aligned on CUDA (16 on the CPU). Without it, CUDA
             calls use a buffer cached per (device, stream) and CPU calls let the
             library allocate.
 
@@ -500,6 +502,14 @@ def fused_moe(hidden_states: Any, gate_up_weights: Any, down_weights: Any, *,
         The layer output, same shape, dtype, framework and device as hidden_states.
         CUDA work is queued on the current stream; nothing synchronises with the host.
     """
+    if compiling():
+        return torch_ops().fused_moe(
+            hidden_states, gate_up_weights, down_weights, router_logits=router_logits,
+            topk_ids=topk_ids, topk_weights=topk_weights, top_k=top_k, scoring=scoring,
+            renormalize=renormalize, correction_bias=correction_bias, num_groups=num_groups,
+            topk_groups=topk_groups, group_score=group_score, scaling_factor=scaling_factor,
+            shared_gate_up_weights=shared_gate_up_weights, shared_down_weights=shared_down_weights,
+            shared_gate=shared_gate, workspace=workspace)
     c = _prepare_fused(hidden_states, gate_up_weights, down_weights, router_logits, topk_ids,
                        topk_weights, top_k, scoring, renormalize, correction_bias, num_groups,
                        topk_groups, group_score, scaling_factor, shared_gate_up_weights,
@@ -663,7 +673,12 @@ def _prepare_fused(hidden_states, gate_up_weights, down_weights, router_logits, 
         _check_workspace(fw, workspace, nbytes, dev_ok)
         ws = workspace
     elif dev_type == "cuda" and T > 0:
-        ws = _cached_workspace(fw, hidden_states, dev_index, stream, nbytes)
+        if fw.capturing(hidden_states):
+            # A CUDA graph owns its workspace: allocated from the graph's pool now,
+            # at a fixed address for every replay (nothing is allocated then).
+            ws = fw.empty((max(nbytes, 1),), U8, hidden_states)
+        else:
+            ws = _cached_workspace(fw, hidden_states, dev_index, stream, nbytes)
     else:
         ws = None
     if ws is not None:
@@ -699,6 +714,11 @@ def moe_route(router_logits: Any, *, top_k: int, scoring: str = "softmax",
         (topk_ids, topk_weights): int32 [T, top_k] expert ids, best first (ties go to
         the lower expert index), and their float32 weights [T, top_k].
     """
+    if compiling():
+        return torch_ops().moe_route(
+            router_logits, top_k=top_k, scoring=scoring, renormalize=renormalize,
+            correction_bias=correction_bias, num_groups=num_groups, topk_groups=topk_groups,
+            group_score=group_score, scaling_factor=scaling_factor)
     fw = framework_of(router_logits, "router_logits")
     dev_type, dev_index, dev_ok = _device_checker(fw, router_logits, "router_logits")
     if router_logits.ndim != 2:

@@ -24,7 +24,7 @@ from ._checks import (
     positive_group_size,
     weight_bits_value,
 )
-from ._frameworks import U8, expect_same_framework, framework_of
+from ._frameworks import U8, compiling, expect_same_framework, framework_of, torch_ops
 
 _PHASES = {
     "auto": _ext.Phase.automatic,
@@ -291,6 +291,10 @@ def moe_gemm_decode(activations: Any, weights: Any, num_tokens_per_expert: Any, 
     out[t, :] = activations[t, :] @ W_e^T for every row t of expert e, where W_e
     is expert e's dequantized [N, K] weight; float32 accumulation.
     """
+    if compiling():
+        return torch_ops().moe_gemm_decode(activations, weights, num_tokens_per_expert, scales=scales,
+                                           zeros=zeros, weight_bits=weight_bits,
+                                           group_size=group_size, asym=asym)
     c = _prepare_enk(activations, weights, num_tokens_per_expert, scales, zeros, weight_bits,
                      group_size, asym)
     _ext.moe_gemm_decode(c.params, c.device)
@@ -304,6 +308,10 @@ def moe_gemm_prefill(activations: Any, weights: Any, num_tokens_per_expert: Any,
 
     Same arguments and result as moe_gemm_decode.
     """
+    if compiling():
+        return torch_ops().moe_gemm_prefill(activations, weights, num_tokens_per_expert,
+                                            scales=scales, zeros=zeros, weight_bits=weight_bits,
+                                            group_size=group_size, asym=asym)
     c = _prepare_enk(activations, weights, num_tokens_per_expert, scales, zeros, weight_bits,
                      group_size, asym)
     _ext.moe_gemm_prefill(c.params, c.device)
@@ -319,6 +327,10 @@ def moe(activations: Any, weights: Any, num_tokens_per_expert: Any, *, scales: A
     decided from the shapes alone (never a host-device synchronisation).
     decode_threshold: int >= 0. Other arguments as moe_gemm_decode.
     """
+    if compiling():
+        return torch_ops().moe(activations, weights, num_tokens_per_expert, scales=scales,
+                               zeros=zeros, weight_bits=weight_bits, group_size=group_size,
+                               asym=asym, phase=phase, decode_threshold=decode_threshold)
     if not isinstance(phase, str) or phase not in _PHASES:
         raise ValueError(f"phase must be 'auto', 'decode' or 'prefill', got {phase!r}")
     threshold = as_int(decode_threshold, "decode_threshold")
@@ -343,6 +355,8 @@ def moe_gemm(activations: Any, weights: Any, num_tokens_per_expert: Any, *, scal
     Returns:
         [T, N] output in the activations dtype, of the caller's framework.
     """
+    if compiling():
+        return torch_ops().moe_gemm(activations, weights, num_tokens_per_expert, scales=scales)
     fw = framework_of(activations, "activations")
     expect_same_framework(fw, weights, "weights")
     expect_same_framework(fw, num_tokens_per_expert, "num_tokens_per_expert")
