@@ -49,7 +49,7 @@ from ._quant import dequantize, quantize
 
 __version__: str = _ext.version()
 
-if "torch" in sys.modules:  # register the torch.library ops (torch.ops.qmoe.*)
+if sys.modules.get("torch") is not None:  # register the torch.library ops (torch.ops.qmoe.*)
     from . import ops  # noqa: F401
 
 
