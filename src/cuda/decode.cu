@@ -1,7 +1,515 @@
-// Placeholder until the tensor-core decode kernel lands: no shape is handled
-// here, so every decode call takes the generic kernel.
+// The tensor-core decode kernel: few tokens per expert, every weight
+// encoding, bound by the bytes of weight read.
+//
+// Work split. A block of 8 warps takes one active expert (blockIdx.y is the
+// index among the experts that have tokens, found on the device from the
+// counts, so experts with no tokens cost neither weight traffic nor blocks)
+// and 16 * wn consecutive output rows; its warps form a wn x wk grid: wn
+// 16-row tiles, each tile's K range split among wk warps, which reduce
+// through shared memory at the end (no workspace, no atomics).
+//
+// A warp computes a 16-row x 8-token tile with mma.sync.m16n8k16 (f16 or bf16
+// operands, fp32 accumulation): weights are the A operand (m = 16 rows), the
+// expert's tokens the B operand (n = 8; more tokens are processed in passes
+// of 8 or 16). Lane (g = lane/4, c = lane%4) owns rows g and g+8 and, in each
+// "macro step" of 4*CB bytes of a row, the CB-byte chunk c: one 16-byte (or
+// 8-byte) load per row straight from the [E, N, K_packed] layout, no repack.
+// The dot product does not care about the order of k, so mma step s of a
+// chunk gives the lane's A slots {2c, 2c+1, 2c+8, 2c+9} the chunk's own k
+// values [4s, 4s+4): the B fragment of (token g, c) is then the same four k of
+// token g's activation row, contiguous words of one 16-byte load.
+//
+// Scales. When a group spans whole macro steps ("post"), the tensor cores
+// take the integer (or fp8) values minus the zero point, exact in 16 bits,
+// and the fp32 partial sum of each macro step is multiplied by the row's
+// scale: exact operands, one fp32 multiply per macro step. Otherwise ("pre")
+// each chunk's pairs are multiplied by their scale in 16-bit (one rounding,
+// as the dequantized weight would have) before the mma.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdlib>
+#include <type_traits>
+
+#include "cuda/common.cuh"
+#include "cuda/decode.h"
+#include "cuda/dequant.cuh"
 #include "cuda/kernels.h"
 
 namespace qmoe::cuda {
-bool launch_decode(const MoeGemmParams&, cudaStream_t, Status*) { return false; }
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kMaxSlotsY = 65535;
+
+enum class ScaleMode { none, post, pre };
+
+struct DecodeArgs {
+  const uint8_t* w;
+  const uint16_t* act;
+  const uint16_t* scales;
+  const uint16_t* zeros;
+  const int32_t* counts;
+  uint16_t* out;
+  int64_t T;
+  int E, N, K;
+  int64_t rb;     // bytes of one packed weight row
+  int groups;     // K / group_size
+  int pg_shift;   // log2 of the macro steps (post) or chunks (pre) per group
+  int nmacro;     // macro steps per row: ceil(rb / (4 * CB))
+  int nfull;      // whole macro steps per row: rb / (4 * CB)
+  int wk, wn;     // warps of a block along K and along N (wk * wn == kWarps)
+};
+
+// ------------------------------------------------------------------ loads
+template <int CB>
+struct Raw;
+template <>
+struct Raw<16> {
+  uint32_t v[4];
+};
+template <>
+struct Raw<8> {
+  uint32_t v[2];
+};
+
+// Weights are read once: skip L1, and let L2 fetch whole 256-byte lines.
+__device__ __forceinline__ void load_stream(Raw<16>& r, const uint8_t* p) {
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+      : "=r"(r.v[0]), "=r"(r.v[1]), "=r"(r.v[2]), "=r"(r.v[3])
+      : "l"(p));
+}
+__device__ __forceinline__ void load_stream(Raw<8>& r, const uint8_t* p) {
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v2.u32 {%0,%1}, [%2];"
+      : "=r"(r.v[0]), "=r"(r.v[1])
+      : "l"(p));
+}
+
+// Activations are re-read by every row tile: keep them in L1.
+__device__ __forceinline__ void load_act(uint32_t* w, const uint16_t* p) {
+  const uint4 x = __ldg(reinterpret_cast<const uint4*>(p));
+  w[0] = x.x;
+  w[1] = x.y;
+  w[2] = x.z;
+  w[3] = x.w;
+}
+
+// ------------------------------------------------------------------ mma
+template <class Act>
+__device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                    uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<Act, ActF16>) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+
+// ------------------------------------------------------------------ schedule
+// The j-th expert (in expert order) whose token range, clamped as in
+// expert_range, is not empty. Called by whole warps; the result is uniform.
+struct Slot {
+  int e;
+  int64_t t0, t1;
+};
+
+__device__ __forceinline__ bool find_active_expert(const int32_t* __restrict__ counts, int E, int64_t T,
+                                                   int j, Slot& s) {
+  const int lane = threadIdx.x & 31;
+  int64_t base = 0;  // clamped token offset of expert i0
+  for (int i0 = 0; i0 < E && base < T; i0 += 32) {
+    const int i = i0 + lane;
+    const int64_t cnt = i < E ? max(__ldg(counts + i), 0) : 0;
+    int64_t incl = cnt;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int64_t v = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += v;
+    }
+    const int64_t b = min(base + incl - cnt, T), en = min(base + incl, T);
+    const bool active = en > b;
+    const unsigned mask = __ballot_sync(0xffffffffu, active);
+    const int n = __popc(mask);
+    if (j < n) {
+      const bool me = active && __popc(mask & ((1u << lane) - 1u)) == j;
+      const int src = __ffs(__ballot_sync(0xffffffffu, me)) - 1;
+      s.e = i0 + src;
+      s.t0 = __shfl_sync(0xffffffffu, b, src);
+      s.t1 = __shfl_sync(0xffffffffu, en, src);
+      return true;
+    }
+    j -= n;
+    base = min(base + __shfl_sync(0xffffffffu, incl, 31), T);
+  }
+  return false;
+}
+
+// Rows [0, covered) belong to some expert; the rest are written as zeros.
+__device__ __forceinline__ int64_t covered_by_counts(const int32_t* __restrict__ counts, int E, int64_t T) {
+  const int lane = threadIdx.x & 31;
+  int64_t base = 0;
+  for (int i0 = 0; i0 < E && base < T; i0 += 32) {
+    int64_t cnt = i0 + lane < E ? max(__ldg(counts + i0 + lane), 0) : 0;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) cnt += __shfl_xor_sync(0xffffffffu, cnt, o);
+    base = min(base + cnt, T);
+  }
+  return base;
+}
+
+// ------------------------------------------------------------------ kernel
+template <class Act, class Enc, int CB, ScaleMode SM, int NC>
+__device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, float (*red)[8][32]) {
+  using D = Dequant<Act, Enc>;
+  using H = Half<Act>;
+  constexpr int kBits = Enc::kBits;
+  constexpr int kMacro = 4 * CB;             // bytes of a row per macro step
+  constexpr int kWords = CB / 4;             // 32-bit words per chunk
+  constexpr int kK = CB * 8 / kBits;         // k values per chunk
+  constexpr int kSteps = kK / 4;             // mma steps per chunk
+  constexpr int kActVec = kK * 2 / 16;       // 16-byte activation loads per chunk
+  // Macro steps loaded together: 128 bytes of weights per lane in flight,
+  // less where the activation fragments (kK per chunk and token pass) grow.
+  constexpr int kU = std::max(1, (NC == 1 ? 64 : 32) / CB / (kK >= 32 && kBits < 4 ? 2 : 1) / (kK > 32 ? 2 : 1) /
+                                     (Enc::kAsym && (SM == ScaleMode::pre || CB == 8) ? 2 : 1));
+  constexpr int kMacroK = kMacro * 8 / kBits;  // k values per macro step
+  static_assert(kWords * D::kWordPairs == 2 * kSteps, "a chunk feeds whole mma steps");
+  static_assert(kActVec >= 1, "activation chunk of at least 16 bytes");
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, c = lane & 3;
+  const int wn = warp % a.wn, kw = warp / a.wn;
+  const int n0 = (int(blockIdx.x) * a.wn + wn) * 16;
+  const bool tile_ok = n0 < a.N;
+  const int64_t row0 = int64_t(s.e) * a.N + min(n0 + g, a.N - 1);
+  const int64_t row1 = int64_t(s.e) * a.N + min(n0 + g + 8, a.N - 1);
+  const uint8_t* w0 = a.w + row0 * a.rb + c * CB;
+  const uint8_t* w1 = a.w + row1 * a.rb + c * CB;
+  const int m_begin = int(int64_t(kw) * a.nmacro / a.wk);
+  const int m_end = int(int64_t(kw + 1) * a.nmacro / a.wk);
+
+  for (int64_t tb = s.t0; tb < s.t1; tb += 8 * NC) {
+    float acc[NC][4];
+#pragma unroll
+    for (int ch = 0; ch < NC; ++ch)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[ch][i] = 0.0f;
+
+    // Row start of this lane's B token (tokens past the expert's end read the
+    // expert's last row: their columns of the product are never stored).
+    const uint16_t* arow[NC];  // the row
+    const uint16_t* ap[NC];    // this lane's chunk of macro step m_begin
+#pragma unroll
+    for (int ch = 0; ch < NC; ++ch) {
+      arow[ch] = a.act + min(tb + 8 * ch + g, s.t1 - 1) * a.K;
+      ap[ch] = arow[ch] + c * kK + int64_t(m_begin) * kMacroK;
+    }
+    const uint16_t* sc0 = a.scales + row0 * a.groups;
+    const uint16_t* sc1 = a.scales + row1 * a.groups;
+    const uint16_t* zr0 = a.zeros + row0 * a.groups;
+    const uint16_t* zr1 = a.zeros + row1 * a.groups;
+
+    // kU macro steps from m. kFull: all of them in [m_begin, m_end) and whole
+    // (no chunk past the row's end), so no checks are needed.
+    auto macro_steps = [&](const int m, auto full_tag) {
+      constexpr bool kFull = decltype(full_tag)::value;
+      const auto chunk_ok = [&](int mm) {
+        return kFull || SM == ScaleMode::post || int64_t(mm) * kMacro + c * CB < a.rb;
+      };
+      Raw<CB> raw[kU][2];
+      const uint8_t* wp0 = w0 + int64_t(m) * kMacro;
+      const uint8_t* wp1 = w1 + int64_t(m) * kMacro;
+      const uint16_t* am[NC];
+#pragma unroll
+      for (int ch = 0; ch < NC; ++ch) am[ch] = ap[ch] + (m - m_begin) * kMacroK;
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int mm = m + u;
+        if (!kFull && mm >= m_end) break;
+        if (chunk_ok(mm)) {
+          load_stream(raw[u][0], wp0 + u * kMacro);
+          load_stream(raw[u][1], wp1 + u * kMacro);
+        } else {  // decodes to finite values; the zero scale (pre) or value (none) nulls them
+#pragma unroll
+          for (int i = 0; i < kWords; ++i) raw[u][0].v[i] = raw[u][1].v[i] = 0u;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int mm = m + u;
+        if (!kFull && mm >= m_end) break;
+        const bool cok = chunk_ok(mm);
+
+        // Scale and zero of rows g and g+8 for this macro step (post) or chunk (pre).
+        typename D::Zero z0{}, z1{};
+        [[maybe_unused]] float s0 = 1.0f, s1 = 1.0f;
+        [[maybe_unused]] uint32_t sp0 = 0, sp1 = 0;
+        if constexpr (SM != ScaleMode::none) {
+          const int idx = SM == ScaleMode::post ? mm : 4 * mm + c;
+          int grp = idx >> a.pg_shift;
+          if (!kFull) grp = min(grp, a.groups - 1);  // chunks past the row's end
+          const uint16_t sb0 = __ldg(sc0 + grp), sb1 = __ldg(sc1 + grp);
+          if constexpr (Enc::kAsym) {
+            z0 = D::zero(H::to_float(__ldg(zr0 + grp)));
+            z1 = D::zero(H::to_float(__ldg(zr1 + grp)));
+          } else {
+            z0 = z1 = D::zero(0.0f);
+          }
+          if constexpr (SM == ScaleMode::post) {
+            s0 = H::to_float(sb0) * D::kPostScale;
+            s1 = H::to_float(sb1) * D::kPostScale;
+          } else {
+            sp0 = cok ? uint32_t(sb0) * 0x10001u : 0u;
+            sp1 = cok ? uint32_t(sb1) * 0x10001u : 0u;
+          }
+        }
+
+        // Per 16-byte activation vector v (8 k = 2 mma steps): B fragments of
+        // token 8ch + g, the weight words whose pairs start there decoded to
+        // A fragments (rows g and g+8), then the mma steps. Written in this
+        // order to keep few fragments alive at once.
+        float part[NC][4];
+#pragma unroll
+        for (int ch = 0; ch < NC; ++ch)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) part[ch][i] = 0.0f;
+        float(&dst)[NC][4] = SM == ScaleMode::post ? part : acc;
+        uint32_t pa[2 * kSteps], pb[2 * kSteps];
+#pragma unroll
+        for (int v = 0; v < kActVec; ++v) {
+          uint32_t bw[NC][4];
+#pragma unroll
+          for (int ch = 0; ch < NC; ++ch) load_act(bw[ch], cok ? am[ch] + u * kMacroK + 8 * v : arow[ch]);
+#pragma unroll
+          for (int i = 0; i < kWords; ++i) {
+            if ((i * D::kWordPairs) / 4 != v) continue;
+            D::word(raw[u][0].v[i], z0, pa + i * D::kWordPairs);
+            D::word(raw[u][1].v[i], z1, pb + i * D::kWordPairs);
+            if constexpr (SM == ScaleMode::pre) {
+#pragma unroll
+              for (int q = i * D::kWordPairs; q < (i + 1) * D::kWordPairs; ++q) {
+                pa[q] = H::mul(D::exact(pa[q]), sp0);
+                pb[q] = H::mul(D::exact(pb[q]), sp1);
+              }
+            }
+          }
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int st = 2 * v + h;
+#pragma unroll
+            for (int ch = 0; ch < NC; ++ch)
+              mma<Act>(dst[ch], pa[2 * st], pb[2 * st], pa[2 * st + 1], pb[2 * st + 1], bw[ch][2 * h],
+                       bw[ch][2 * h + 1]);
+          }
+        }
+        if constexpr (SM == ScaleMode::post) {
+#pragma unroll
+          for (int ch = 0; ch < NC; ++ch) {
+            acc[ch][0] = fmaf(s0, part[ch][0], acc[ch][0]);
+            acc[ch][1] = fmaf(s0, part[ch][1], acc[ch][1]);
+            acc[ch][2] = fmaf(s1, part[ch][2], acc[ch][2]);
+            acc[ch][3] = fmaf(s1, part[ch][3], acc[ch][3]);
+          }
+        }
+      }
+    };
+
+    if (tile_ok) {
+      int m = m_begin;
+      const int m_full = min(m_end, a.nfull);
+      for (; m + kU <= m_full; m += kU) macro_steps(m, std::true_type{});
+      for (; m < m_end; m += kU) macro_steps(m, std::false_type{});
+    }
+
+    // Sum the wk partial tiles of each row tile; warp kw == 0 writes.
+    if (a.wk > 1) {
+      if (kw > 0) {
+#pragma unroll
+        for (int ch = 0; ch < NC; ++ch)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) red[(kw - 1) * a.wn + wn][ch * 4 + i][lane] = acc[ch][i];
+      }
+      __syncthreads();
+      if (kw == 0) {
+        for (int j = 1; j < a.wk; ++j)
+#pragma unroll
+          for (int ch = 0; ch < NC; ++ch)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[ch][i] += red[(j - 1) * a.wn + wn][ch * 4 + i][lane];
+      }
+    }
+    if (kw == 0 && tile_ok) {
+      // acc[ch][2h + j]: row n0 + g + 8h, token tb + 8ch + 2c + j.
+#pragma unroll
+      for (int ch = 0; ch < NC; ++ch)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int64_t t = tb + 8 * ch + 2 * c + j;
+          if (t >= s.t1) continue;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int n = n0 + g + 8 * h;
+            if (n < a.N) a.out[t * a.N + n] = H::from_float(acc[ch][2 * h + j]);
+          }
+        }
+    }
+    if (a.wk > 1) __syncthreads();  // `red` is reused by the next pass
+  }
+}
+
+template <class Act, class Enc, int CB, ScaleMode SM>
+__global__ void __launch_bounds__(kThreads, 2) decode_kernel(const DecodeArgs a) {
+  __shared__ float red[kWarps - 1][8][32];
+
+  // Rows that no expert covers (counts summing to less than T) are zeros.
+  if (blockIdx.y == 0) {
+    const int64_t covered = covered_by_counts(a.counts, a.E, a.T);
+    const int64_t total = a.T * a.N;
+    for (int64_t i = covered * a.N + int64_t(blockIdx.x) * kThreads + threadIdx.x; i < total;
+         i += int64_t(gridDim.x) * kThreads)
+      a.out[i] = 0;
+  }
+
+  Slot s;
+  if (!find_active_expert(a.counts, a.E, a.T, int(blockIdx.y), s)) return;
+  if (s.t1 - s.t0 <= 8)
+    decode_tile<Act, Enc, CB, SM, 1>(a, s, red);
+  else
+    decode_tile<Act, Enc, CB, SM, 2>(a, s, red);
+}
+
+// ------------------------------------------------------------------ host
+DecodeTuning tuning_from_env() {
+  DecodeTuning t;
+  if (const char* v = std::getenv("QMOE_DECODE_CB")) t.chunk_bytes = std::atoi(v);
+  if (const char* v = std::getenv("QMOE_DECODE_WK")) t.k_warps = std::atoi(v);
+  return t;
+}
+
+DecodeTuning& tuning() {
+  static DecodeTuning t = tuning_from_env();
+  return t;
+}
+
+int sm_count() {
+  static int cached[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    cudaGetLastError();
+    return 132;
+  }
+  if (dev >= 0 && dev < 64 && cached[dev] > 0) return cached[dev];
+  int sms = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0) {
+    cudaGetLastError();
+    sms = 132;
+  }
+  if (dev >= 0 && dev < 64) cached[dev] = sms;
+  return sms;
+}
+
+template <class Act, class Enc, int CB, ScaleMode SM>
+Status launch_one(const MoeGemmParams& p, cudaStream_t stream, int64_t rb, int per_group) {
+  constexpr int kMacro = 4 * CB;
+  constexpr int kU = 64 / CB;
+  DecodeArgs a;
+  a.w = static_cast<const uint8_t*>(p.weights);
+  a.act = static_cast<const uint16_t*>(p.activations);
+  a.scales = static_cast<const uint16_t*>(p.scales);
+  a.zeros = static_cast<const uint16_t*>(p.zeros);
+  a.counts = p.tokens_per_expert;
+  a.out = static_cast<uint16_t*>(p.out);
+  a.T = p.total_tokens;
+  a.E = int(p.num_experts);
+  a.N = int(p.n);
+  a.K = int(p.k);
+  a.rb = rb;
+  a.groups = Enc::kScaled ? int(p.k / p.group_size) : 1;
+  a.pg_shift = __builtin_ctz(unsigned(per_group));  // a power of two (launch_typed)
+  a.nmacro = int((rb + kMacro - 1) / kMacro);
+  a.nfull = int(rb / kMacro);
+
+  // Enough warps to keep every SM's loads in flight even with 1-2 active
+  // experts: split K among the warps of a block while the grid is small and
+  // each warp keeps at least two rounds of kU macro steps.
+  const int64_t tiles = (p.n + 15) / 16;
+  const int64_t slots = std::min(p.num_experts, p.total_tokens);
+  const int64_t target = int64_t(sm_count()) * 32;
+  int wk = 1;
+  if (tuning().k_warps > 0) {
+    while (wk * 2 <= tuning().k_warps && wk < kWarps && a.nmacro >= 2 * wk) wk *= 2;
+  } else {
+    while (wk < kWarps && tiles * slots * wk < target && a.nmacro >= 2 * kU * 2 * wk) wk *= 2;
+  }
+  a.wk = wk;
+  a.wn = kWarps / wk;
+  const dim3 grid(unsigned((tiles + a.wn - 1) / a.wn), unsigned(slots));
+  decode_kernel<Act, Enc, CB, SM><<<grid, kThreads, 0, stream>>>(a);
+  return launch_status("decode MoE kernel launch");
+}
+
+template <class Act, class Enc>
+bool launch_typed(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
+  const int64_t rb = row_bytes<Enc>(p.k);
+  const auto aligned = [](const void* ptr, int n) { return reinterpret_cast<uintptr_t>(ptr) % n == 0; };
+  const int want = tuning().chunk_bytes;
+  const auto allow = [&](int cb) { return (want != 8 && want != 16) || want == cb; };
+
+  if constexpr (!Enc::kScaled) {
+    if (rb % 16 != 0 || !aligned(p.weights, 16)) return false;
+    *status = launch_one<Act, Enc, 16, ScaleMode::none>(p, stream, rb, 1);
+    return true;
+  } else {
+    constexpr int kBits = Enc::kBits;
+    const int64_t gs = p.group_size;
+    if ((gs * kBits) % 8 != 0) return false;
+    const int64_t gb = gs * kBits / 8;  // bytes of a group along a row
+    const auto fits = [&](int cb) { return allow(cb) && rb % cb == 0 && aligned(p.weights, cb); };
+    const auto pow2 = [](int64_t x) { return x > 0 && (x & (x - 1)) == 0 && x <= (int64_t(1) << 30); };
+    if (fits(16) && gb % 64 == 0 && pow2(gb / 64)) {
+      *status = launch_one<Act, Enc, 16, ScaleMode::post>(p, stream, rb, int(gb / 64));
+    } else if (fits(8) && gb % 32 == 0 && pow2(gb / 32)) {
+      *status = launch_one<Act, Enc, 8, ScaleMode::post>(p, stream, rb, int(gb / 32));
+    } else if (fits(16) && gs % (16 * 8 / kBits) == 0 && pow2(gs / (16 * 8 / kBits))) {
+      *status = launch_one<Act, Enc, 16, ScaleMode::pre>(p, stream, rb, int(gs / (16 * 8 / kBits)));
+    } else if (fits(8) && gs % (8 * 8 / kBits) == 0 && pow2(gs / (8 * 8 / kBits))) {
+      *status = launch_one<Act, Enc, 8, ScaleMode::pre>(p, stream, rb, int(gs / (8 * 8 / kBits)));
+    } else {
+      return false;
+    }
+    return true;
+  }
+}
+
+}  // namespace
+
+void set_decode_tuning(const DecodeTuning& t) { tuning() = t; }
+DecodeTuning decode_tuning() { return tuning(); }
+
+// Shapes handled: [E, N, K_packed] weights; K % 8 == 0 and activations
+// 16-byte aligned (16-byte activation loads); rows of a multiple of 8 or 16
+// bytes, weights aligned to that; a group size that covers whole 4-lane macro
+// steps (scale applied in fp32) or whole per-lane chunks (scale applied in
+// 16-bit). Any N, any token counts, any E up to 65535 active slots.
+bool launch_decode(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
+  if (p.layout != WeightLayout::ENK || p.total_tokens <= 0) return false;
+  if (p.k % 8 != 0 || p.k > INT_MAX || p.n > INT_MAX || p.num_experts > INT_MAX) return false;
+  if (std::min(p.num_experts, p.total_tokens) > kMaxSlotsY) return false;
+  if ((p.n + 15) / 16 > int64_t(UINT_MAX)) return false;
+  if (reinterpret_cast<uintptr_t>(p.activations) % 16 != 0) return false;
+  bool launched = false;
+  visit_encoding(p.act_type, p.weight_type, p.asym, [&](auto act, auto enc) {
+    launched = launch_typed<decltype(act), decltype(enc)>(p, stream, status);
+  });
+  return launched;
+}
+
 }  // namespace qmoe::cuda

@@ -1,0 +1,19 @@
+// Tuning knobs of the tensor-core decode kernel (src/cuda/decode.cu), for
+// tests and benchmarks. Zero means "the launcher decides". The initial values
+// come from the environment: QMOE_DECODE_CB (8 or 16: bytes of a weight row
+// each lane loads at once) and QMOE_DECODE_WK (1, 2, 4 or 8: warps of a block
+// that split K). A choice the shape does not allow is ignored (CB) or clamped
+// (WK). Not thread-safe against concurrent launches; not part of the API.
+#pragma once
+
+namespace qmoe::cuda {
+
+struct DecodeTuning {
+  int chunk_bytes = 0;  // 0, 8 or 16
+  int k_warps = 0;      // 0, 1, 2, 4 or 8
+};
+
+void set_decode_tuning(const DecodeTuning& t);
+DecodeTuning decode_tuning();
+
+}  // namespace qmoe::cuda
