@@ -251,6 +251,35 @@ inline void permute_unit(const VI* x, VI* out) {
   }
 }
 
+// acc (MR x 2 vectors) += packed activations [kd][MR] x panel [kd][32]:
+// MR broadcasts and two panel vectors per step of K (a bf16 pair or one
+// fp32), MR x 32 outputs in 2 * MR registers.
+template <bool kF32, int MR>
+void prefill_micro(const uint32_t* pa, const uint32_t* pb, int64_t kd, V* c, bool first) {
+  V acc[MR][2];
+  for (int i = 0; i < MR; ++i) {
+    acc[i][0] = first ? _mm512_setzero_ps() : c[2 * i];
+    acc[i][1] = first ? _mm512_setzero_ps() : c[2 * i + 1];
+  }
+  for (int64_t k = 0; k < kd; ++k) {
+    const VI b0 = loadu(pb + k * 32), b1 = loadu(pb + k * 32 + 16);
+    for (int i = 0; i < MR; ++i) {
+      const VI a = _mm512_set1_epi32(int32_t(pa[k * MR + i]));
+      if constexpr (kF32) {
+        acc[i][0] = _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b0), acc[i][0]);
+        acc[i][1] = _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b1), acc[i][1]);
+      } else {
+        acc[i][0] = _mm512_dpbf16_ps(acc[i][0], bh(b0), bh(a));
+        acc[i][1] = _mm512_dpbf16_ps(acc[i][1], bh(b1), bh(a));
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    c[2 * i] = acc[i][0];
+    c[2 * i + 1] = acc[i][1];
+  }
+}
+
 // ---------------------------------------------------------------- one call
 enum class ActMode { bf16, hilo, f32 };  // prepared activation format
 
@@ -644,30 +673,11 @@ struct Runner {
     }
   }
 
-  // acc (PMR x 2 vectors) += packed activations [kd][PMR] x panel [kd][32].
-  static void micro(const uint32_t* pa, const uint32_t* pb, int64_t kd, V* c, bool first) {
-    V acc[PMR][2];
-    for (int i = 0; i < PMR; ++i) {
-      acc[i][0] = first ? _mm512_setzero_ps() : c[2 * i];
-      acc[i][1] = first ? _mm512_setzero_ps() : c[2 * i + 1];
-    }
-    for (int64_t k = 0; k < kd; ++k) {
-      const VI b0 = loadu(pb + k * PNR), b1 = loadu(pb + k * PNR + 16);
-      for (int i = 0; i < PMR; ++i) {
-        const VI a = _mm512_set1_epi32(int32_t(pa[k * PMR + i]));
-        if constexpr (kF16) {
-          acc[i][0] = _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b0), acc[i][0]);
-          acc[i][1] = _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b1), acc[i][1]);
-        } else {
-          acc[i][0] = _mm512_dpbf16_ps(acc[i][0], bh(b0), bh(a));
-          acc[i][1] = _mm512_dpbf16_ps(acc[i][1], bh(b1), bh(a));
-        }
-      }
-    }
-    for (int i = 0; i < PMR; ++i) {
-      c[2 * i] = acc[i][0];
-      c[2 * i + 1] = acc[i][1];
-    }
+  // Tokens of a prefill expert come in blocks of PMR, the last block of
+  // round_up(rest, 4) tokens (4, 8 or 12), each block [Kd][rows] dwords.
+  static int64_t block_rows(int64_t nt, int64_t b) {
+    const int64_t rest = nt - b * PMR;
+    return rest >= PMR ? PMR : round_up(rest, 4);
   }
 
   void prefill_item(const Plan& plan, int64_t e, int64_t r0, int64_t r1, uint32_t* panel,
@@ -683,7 +693,11 @@ struct Runner {
       const bool first = d0 == 0, last = d0 + kd >= Kd;
       for (int64_t b = 0; b < nblk; ++b) {
         V* c = cbuf + (Kd > kc_dw ? b * PMR * 2 : 0);  // one tile unless K takes chunks
-        micro(pack + b * PMR * Kd + d0 * PMR, panel, kd, c, first);
+        const int64_t rows = block_rows(nt, b);
+        const uint32_t* pa = pack + b * PMR * Kd + d0 * rows;
+        if (rows == PMR) prefill_micro<kF16, PMR>(pa, panel, kd, c, first);
+        else if (rows == 8) prefill_micro<kF16, 8>(pa, panel, kd, c, first);
+        else prefill_micro<kF16, 4>(pa, panel, kd, c, first);
         if (!last) continue;
         const int64_t mr = min64(PMR, nt - b * PMR);
         for (int64_t i = 0; i < mr; ++i) {
@@ -695,11 +709,16 @@ struct Runner {
     }
   }
 
-  // Token t (of a prefill expert, slot i of block b) into the packed layout.
-  void pack_token(int64_t t, uint32_t* blk, int i, uint8_t* row) {
-    prep_token_into(t, kF16 ? ActMode::f32 : ActMode::bf16, row);
-    const uint32_t* src = reinterpret_cast<const uint32_t*>(row);
-    for (int64_t k = 0; k < Kd; ++k) blk[k * PMR + i] = src[k];
+  // Token t (slot i of a block of `rows` tokens) into the packed layout.
+  void pack_token(int64_t t, uint32_t* blk, int64_t rows, int64_t i, uint8_t* row) const {
+    const uint32_t* src;
+    if (!kF16 && D::kVecs == 1 && K % 32 == 0) {
+      src = reinterpret_cast<const uint32_t*>(act + t * K);  // already in order
+    } else {
+      prep_token_into(t, kF16 ? ActMode::f32 : ActMode::bf16, row);
+      src = reinterpret_cast<const uint32_t*>(row);
+    }
+    for (int64_t k = 0; k < Kd; ++k) blk[k * rows + i] = src[k];
   }
 
   // ------------------------------------------------------------ driver
@@ -741,8 +760,9 @@ struct Runner {
       pack_buf.alloc(size_t(bytes));
       for (int64_t e = 0; e < plan.E; ++e) {  // zero the padding slots of the last block
         const int64_t nt = plan.tokens(e);
-        if (nt > kDecodeMaxTokens && nt % PMR)
-          std::memset(pack_buf.as<uint8_t>() + off[e] + (nt / PMR) * PMR * Kd * 4, 0, size_t(PMR * Kd * 4));
+        if (nt > kDecodeMaxTokens && nt % 4)  // padding slots of the last block
+          std::memset(pack_buf.as<uint8_t>() + off[e] + (nt / PMR) * PMR * Kd * 4, 0,
+                      size_t(block_rows(nt, nt / PMR) * Kd * 4));
       }
     }
     {
@@ -758,7 +778,7 @@ struct Runner {
             const int64_t i = t - plan.offsets[e];
             uint32_t* blk = reinterpret_cast<uint32_t*>(pack_buf.as<uint8_t>() + pack_off_buf.as<int64_t>()[e]) +
                             (i / PMR) * PMR * Kd;
-            pack_token(t, blk, int(i % PMR), row.as<uint8_t>());
+            pack_token(t, blk, block_rows(plan.tokens(e), i / PMR), i % PMR, row.as<uint8_t>());
           }
         }
       };
