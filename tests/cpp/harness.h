@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include <gtest/gtest.h>
+
 #include "core/encoding.h"
 #include "qmoe/qmoe.h"
 
@@ -200,6 +202,34 @@ inline Comparison compare(const Problem& pr, const std::vector<uint16_t>& out,
   }
   c.rel_error = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
   return c;
+}
+
+// Every output written, and within the dtype's tolerance of float64.
+inline void expect_matches_reference(const Problem& pr, const std::vector<uint16_t>& out) {
+  const Comparison c = compare(pr, out, pr.reference());
+  EXPECT_EQ(c.unwritten, 0);
+  EXPECT_LT(c.rel_error, tolerance(pr.params.act_type));
+}
+
+// A problem shape for table-driven tests.
+struct Shape {
+  const char* label;
+  int64_t n, k, group_size;
+  std::vector<int32_t> counts;
+};
+
+// For each shape: a fresh random problem, `run(problem)` returns its output,
+// checked against the float64 reference (the seed is printed on failure).
+template <class Run>
+void check_shapes(ActType at, Encoding enc, const std::vector<Shape>& shapes, Run run) {
+  for (const Shape& s : shapes) {
+    const uint64_t seed = fresh_seed();
+    SCOPED_TRACE(std::string(s.label) + " seed=" + std::to_string(seed));
+    Problem pr = Problem::random(at, enc, s.n, s.k, s.group_size, s.counts, seed);
+    const std::vector<uint16_t> out = run(pr);
+    if (::testing::Test::HasFatalFailure()) return;
+    expect_matches_reference(pr, out);
+  }
 }
 
 }  // namespace qmoe::test

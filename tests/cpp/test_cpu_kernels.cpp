@@ -28,12 +28,6 @@ Status call(Entry entry, const MoeGemmParams& p) {
   return Status::invalid("entry");
 }
 
-struct Shape {
-  const char* label;
-  int64_t n, k, group_size;
-  std::vector<int32_t> counts;
-};
-
 std::vector<Shape> shapes() {
   return {
       {"basic", 48, 256, 64, {3, 1, 4}},
@@ -50,16 +44,11 @@ class CpuKernels : public ::testing::TestWithParam<std::tuple<ActType, Encoding,
 
 TEST_P(CpuKernels, MatchesFloat64Reference) {
   const auto [at, enc, entry] = GetParam();
-  for (const Shape& s : shapes()) {
-    const uint64_t seed = fresh_seed();
-    SCOPED_TRACE(std::string(s.label) + " seed=" + std::to_string(seed));
-    Problem pr = Problem::random(at, enc, s.n, s.k, s.group_size, s.counts, seed);
+  check_shapes(at, enc, shapes(), [entry = entry](Problem& pr) {
     const Status st = call(entry, pr.params);
-    ASSERT_TRUE(st.ok()) << st.message;
-    const Comparison c = compare(pr, pr.out, pr.reference());
-    EXPECT_EQ(c.unwritten, 0);
-    EXPECT_LT(c.rel_error, tolerance(at));
-  }
+    EXPECT_TRUE(st.ok()) << st.message;
+    return pr.out;
+  });
 }
 
 INSTANTIATE_TEST_SUITE_P(
