@@ -88,50 +88,70 @@ double sum_scalar(const float* p, size_t n) {
 }
 
 // Register-only loops: 12 independent accumulator chains hide the latency;
-// the empty asm keeps the compiler from folding the loop.
-#define QMOE_KEEP12(r)                                                                          \
-  __asm__ volatile("" : "+v"(r[0]), "+v"(r[1]), "+v"(r[2]), "+v"(r[3]), "+v"(r[4]), "+v"(r[5]), \
-                   "+v"(r[6]), "+v"(r[7]), "+v"(r[8]), "+v"(r[9]), "+v"(r[10]), "+v"(r[11]))
+// the accumulators are 12 named variables (an array would be kept in
+// memory) and the empty asm keeps the compiler from folding the loop.
+#define QMOE_ACC12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+#define QMOE_KEEP12                                                                             \
+  __asm__ volatile("" : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(a4), "+v"(a5), "+v"(a6), \
+                   "+v"(a7), "+v"(a8), "+v"(a9), "+v"(a10), "+v"(a11))
 
 __attribute__((target("avx512f,fma"))) double fma512(int64_t iters) {
-  __m512 acc[12];
-  for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_ps(float(i) * 1e-3f);
+#define DECL(i) __m512 a##i = _mm512_set1_ps(float(i) * 1e-3f);
+  QMOE_ACC12(DECL)
+#undef DECL
   const __m512 x = _mm512_set1_ps(0.999999f), y = _mm512_set1_ps(1e-7f);
   for (int64_t it = 0; it < iters; ++it) {
-    for (int i = 0; i < 12; ++i) acc[i] = _mm512_fmadd_ps(acc[i], x, y);
-    QMOE_KEEP12(acc);
+#define STEP(i) a##i = _mm512_fmadd_ps(a##i, x, y);
+    QMOE_ACC12(STEP)
+#undef STEP
+    QMOE_KEEP12;
   }
-  for (int i = 1; i < 12; ++i) acc[0] = _mm512_add_ps(acc[0], acc[i]);
+  __m512 s = _mm512_setzero_ps();
+#define SUM(i) s = _mm512_add_ps(s, a##i);
+  QMOE_ACC12(SUM)
+#undef SUM
   alignas(64) float t[16];
-  _mm512_store_ps(t, acc[0]);
+  _mm512_store_ps(t, s);
   return hsum<16>(t);
 }
 
 __attribute__((target("avx2,fma"))) double fma256(int64_t iters) {
-  __m256 acc[12];
-  for (int i = 0; i < 12; ++i) acc[i] = _mm256_set1_ps(float(i) * 1e-3f);
+#define DECL(i) __m256 a##i = _mm256_set1_ps(float(i) * 1e-3f);
+  QMOE_ACC12(DECL)
+#undef DECL
   const __m256 x = _mm256_set1_ps(0.999999f), y = _mm256_set1_ps(1e-7f);
   for (int64_t it = 0; it < iters; ++it) {
-    for (int i = 0; i < 12; ++i) acc[i] = _mm256_fmadd_ps(acc[i], x, y);
-    QMOE_KEEP12(acc);
+#define STEP(i) a##i = _mm256_fmadd_ps(a##i, x, y);
+    QMOE_ACC12(STEP)
+#undef STEP
+    QMOE_KEEP12;
   }
-  for (int i = 1; i < 12; ++i) acc[0] = _mm256_add_ps(acc[0], acc[i]);
+  __m256 s = _mm256_setzero_ps();
+#define SUM(i) s = _mm256_add_ps(s, a##i);
+  QMOE_ACC12(SUM)
+#undef SUM
   alignas(32) float t[8];
-  _mm256_store_ps(t, acc[0]);
+  _mm256_store_ps(t, s);
   return hsum<8>(t);
 }
 
 __attribute__((target("avx512f,avx512bf16"))) double dot512(int64_t iters) {
-  __m512 acc[12];
-  for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_ps(float(i) * 1e-3f);
-  const __m512bh a = (__m512bh)_mm512_set1_epi16(0x3f80), b = (__m512bh)_mm512_set1_epi16(0x3380);
+#define DECL(i) __m512 a##i = _mm512_set1_ps(float(i) * 1e-3f);
+  QMOE_ACC12(DECL)
+#undef DECL
+  const __m512bh x = (__m512bh)_mm512_set1_epi16(0x3f80), y = (__m512bh)_mm512_set1_epi16(0x3380);
   for (int64_t it = 0; it < iters; ++it) {
-    for (int i = 0; i < 12; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], a, b);
-    QMOE_KEEP12(acc);
+#define STEP(i) a##i = _mm512_dpbf16_ps(a##i, x, y);
+    QMOE_ACC12(STEP)
+#undef STEP
+    QMOE_KEEP12;
   }
-  for (int i = 1; i < 12; ++i) acc[0] = _mm512_add_ps(acc[0], acc[i]);
+  __m512 s = _mm512_setzero_ps();
+#define SUM(i) s = _mm512_add_ps(s, a##i);
+  QMOE_ACC12(SUM)
+#undef SUM
   alignas(64) float t[16];
-  _mm512_store_ps(t, acc[0]);
+  _mm512_store_ps(t, s);
   return hsum<16>(t);
 }
 
