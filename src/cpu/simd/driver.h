@@ -98,10 +98,12 @@ struct Plan {
         prefill_tokens += c;
       }
     }
-    // Decode: about 64 KB of weights per item, but at least 4 items a thread.
+    // Decode: long contiguous runs of rows (each thread streams its run
+    // with the hardware prefetchers up to speed), about 4 items a thread
+    // for balance, at least 64 KB each.
     const int64_t dec_rows_total = dec_experts * N;
-    int64_t rb = max64(1, (64 << 10) / max64(1, row_bytes));
-    if (dec_rows_total > 0) rb = max64(1, min64(rb, dec_rows_total / (4 * threads)));
+    int64_t rb = max64(1, ceil_div(dec_rows_total, 4 * threads));
+    rb = max64(rb, ceil_div(64 << 10, max64(1, row_bytes)));
     // Prefill: shrink the panel while there are fewer than 2 items a thread.
     while (nb > 8 && pre_experts * ceil_div(N, nb) < 2 * threads) nb /= 2;
     const int64_t max_items = dec_experts * ceil_div(N, rb) + pre_experts * ceil_div(N, nb);

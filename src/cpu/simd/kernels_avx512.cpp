@@ -291,6 +291,7 @@ struct Runner {
   // Whether the dot needs sum_g s_g (kOffset + z_g) sum_{k in g} a_k taken off.
   static constexpr bool kCorr = Enc::kAsym || D::kOffset != 0.0f;
   static constexpr int64_t kRowChunk = 32;  // decode rows between two output stores
+  static constexpr int64_t kPrefetch = 2048;  // bytes ahead in the weight stream
 
   // Whether this level takes the call: a unit of packed weights must lie in
   // one group, or a group must cover whole fp32 lanes of the dot product.
@@ -314,6 +315,7 @@ struct Runner {
   uint16_t* out;
   Buf act_buf, asum_buf;
   int64_t stride = 0;     // bytes per prepared activation row
+  int64_t sstride_ = 0;   // floats per scale buffer (G + slack)
   bool direct = false;    // bf16 activations used in place
   float* asum = nullptr;  // [T, G] sums of each group's activations (kCorr)
 
@@ -417,6 +419,49 @@ struct Runner {
   // activations fit in L1 (16 KB), each chunk over all the rows, so the
   // activations are read from L1 while every weight byte is read once.
   // Per-row running sums live in totbuf between chunks; res gets [NT, nr].
+  // Rows A and B over units [u0, u1) of a chunk, one scale fold per unit
+  // (see decode_rows), running sums in totA / totB.
+  template <int NT>
+  void pair_tight(const uint8_t* wA, const uint8_t* wB, int64_t u0, int64_t u1, const uint8_t* const* a,
+                  const float* sA, const float* sB, V* totA, V* totB) const {
+    constexpr int kCh = NT <= 2 ? 4 : 2;
+    constexpr int kQ = D::kVecs * (kF16 ? 2 : 1);
+    constexpr int kUsed = kQ < kCh ? kQ : kCh;
+    V tA[NT], tB[NT];
+    for (int t = 0; t < NT; ++t) tA[t] = totA[t], tB[t] = totB[t];
+    for (int64_t u = u0; u < u1; ++u, sA += gpb, sB += gpb) {
+      _mm_prefetch(reinterpret_cast<const char*>(wA + u * D::kBytes) + kPrefetch, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(wB + u * D::kBytes) + kPrefetch, _MM_HINT_T0);
+      const VI xA = dec.raw(wA + u * D::kBytes), xB = dec.raw(wB + u * D::kBytes);
+      V cA[kCh][NT], cB[kCh][NT];
+#pragma GCC unroll 16
+      for (int q = 0; q < kQ; ++q) {
+        const int j = kF16 ? q / 2 : q;
+        const VI vA = dec.vec(xA, j), vB = dec.vec(xB, j);
+        const int64_t o = (u * D::kUnit + j * 32) * 2 + ((kF16 && q % 2) ? 2 * Kp : 0);
+        const int ch = q % kCh;
+        for (int t = 0; t < NT; ++t) {
+          const VI av = loadu(a[t] + o);
+          cA[ch][t] = _mm512_dpbf16_ps(q < kCh ? _mm512_setzero_ps() : cA[ch][t], bh(vA), bh(av));
+          cB[ch][t] = _mm512_dpbf16_ps(q < kCh ? _mm512_setzero_ps() : cB[ch][t], bh(vB), bh(av));
+        }
+      }
+      const V svA = _mm512_permutexvar_ps(idx_dot, _mm512_loadu_ps(sA));
+      const V svB = _mm512_permutexvar_ps(idx_dot, _mm512_loadu_ps(sB));
+      for (int t = 0; t < NT; ++t) {
+        V dA = cA[0][t], dB = cB[0][t];
+        if constexpr (kUsed > 1) dA = _mm512_add_ps(dA, cA[1][t]), dB = _mm512_add_ps(dB, cB[1][t]);
+        if constexpr (kUsed > 2) {
+          dA = _mm512_add_ps(dA, _mm512_add_ps(cA[2][t], cA[3][t]));
+          dB = _mm512_add_ps(dB, _mm512_add_ps(cB[2][t], cB[3][t]));
+        }
+        tA[t] = _mm512_fmadd_ps(dA, svA, tA[t]);
+        tB[t] = _mm512_fmadd_ps(dB, svB, tB[t]);
+      }
+    }
+    for (int t = 0; t < NT; ++t) totA[t] = tA[t], totB[t] = tB[t];
+  }
+
   template <int NT>
   void decode_rows(int64_t e, int64_t r0, int64_t r1, const uint8_t* const* a,
                    const float* const* as, float* sbuf, float* szbuf, float* res, V* totbuf) const {
@@ -438,6 +483,25 @@ struct Runner {
       const int64_t b1 = min64(nblocks, b0 + bpc);
       const int64_t g0 = b0 * gpb, g1 = min64(G, b1 * gpb);  // groups of this chunk
       for (int64_t r = r0; r < r1; ++r) {
+        if constexpr (Enc::kScaled && NT <= 4) {
+          // Two rows at once: every activation vector loaded feeds both
+          // rows (L1 loads, not the arithmetic, bound this loop).
+          if (bu == 1 && r + 1 < r1) {
+            float* sB = szbuf + sstride_;
+            float* szB = sB + sstride_;
+            load_scales(e, r, g0, g1, sbuf, szbuf);
+            load_scales(e, r + 1, g0, g1, sB, szB);
+            pair_tight<NT>(w + (e * N + r) * row_bytes, w + (e * N + r + 1) * row_bytes, b0, b1, a, sbuf,
+                           sB, totbuf + (r - r0) * NT, totbuf + (r + 1 - r0) * NT);
+            if constexpr (kCorr)
+              for (int t = 0; t < NT; ++t) {
+                res[t * nr + (r - r0)] -= dot_f32(szbuf, as[t] + g0, g1 - g0);
+                res[t * nr + (r + 1 - r0)] -= dot_f32(szB, as[t] + g0, g1 - g0);
+              }
+            ++r;
+            continue;
+          }
+        }
         const uint8_t* wr = w + (e * N + r) * row_bytes;
         load_scales(e, r, g0, g1, sbuf, szbuf);
         V tot[NT];
@@ -451,27 +515,28 @@ struct Runner {
           const uint8_t* wp = wr + b0 * D::kBytes;
           const float* sp = sbuf;
           for (int64_t u = b0; u < b1; ++u, wp += D::kBytes, sp += gpb) {
+            _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetch, _MM_HINT_T0);
             const VI x = dec.raw(wp);
-            V c0[NT], c1[NT];
-#pragma GCC unroll 8
-            for (int j = 0; j < D::kVecs; ++j) {
+            // Independent chains: 4 for few tokens (short dependency chains
+            // keep the scheduler from filling up), else 2.
+            constexpr int kCh = NT <= 2 ? 4 : 2;
+            V c[kCh][NT];
+#pragma GCC unroll 16
+            for (int q = 0; q < D::kVecs * (kF16 ? 2 : 1); ++q) {
+              const int j = kF16 ? q / 2 : q;
               const VI v = dec.vec(x, j);
-              const int64_t o = (u * D::kUnit + j * 32) * 2;
-              for (int t = 0; t < NT; ++t) {
-                if constexpr (kF16) {
-                  c0[t] = _mm512_dpbf16_ps(j == 0 ? _mm512_setzero_ps() : c0[t], bh(v), bh(loadu(a[t] + o)));
-                  c1[t] = _mm512_dpbf16_ps(j == 0 ? _mm512_setzero_ps() : c1[t], bh(v),
-                                           bh(loadu(a[t] + 2 * Kp + o)));
-                } else if (j % 2 == 0) {
-                  c0[t] = _mm512_dpbf16_ps(j == 0 ? _mm512_setzero_ps() : c0[t], bh(v), bh(loadu(a[t] + o)));
-                } else {
-                  c1[t] = _mm512_dpbf16_ps(j == 1 ? _mm512_setzero_ps() : c1[t], bh(v), bh(loadu(a[t] + o)));
-                }
-              }
+              const int64_t o = (u * D::kUnit + j * 32) * 2 + ((kF16 && q % 2) ? 2 * Kp : 0);
+              const int ch = q % kCh;
+              for (int t = 0; t < NT; ++t)
+                c[ch][t] = _mm512_dpbf16_ps(q < kCh ? _mm512_setzero_ps() : c[ch][t], bh(v),
+                                            bh(loadu(a[t] + o)));
             }
+            constexpr int kUsed = D::kVecs * (kF16 ? 2 : 1) < kCh ? D::kVecs * (kF16 ? 2 : 1) : kCh;
             const V sv = _mm512_permutexvar_ps(idx_dot, _mm512_loadu_ps(sp));
             for (int t = 0; t < NT; ++t) {
-              const V d = (kF16 || D::kVecs > 1) ? _mm512_add_ps(c0[t], c1[t]) : c0[t];
+              V d = c[0][t];
+              if constexpr (kUsed > 1) d = _mm512_add_ps(d, c[1][t]);
+              if constexpr (kUsed > 2) d = _mm512_add_ps(d, _mm512_add_ps(c[2][t], c[3][t]));
               tot[t] = _mm512_fmadd_ps(d, sv, tot[t]);
             }
           }
@@ -489,7 +554,7 @@ struct Runner {
               }
             };
             const __m256i* wp = reinterpret_cast<const __m256i*>(wr);
-            for (int64_t u = u0; u < u1; ++u)
+            for (int64_t u = u0; u < u1; ++u, _mm_prefetch(reinterpret_cast<const char*>(wp + 2 * u) + kPrefetch, _MM_HINT_T0))
               step(_mm512_cvtph_ps(_mm256_loadu_si256(wp + 2 * u)),
                    _mm512_cvtph_ps(_mm256_loadu_si256(wp + 2 * u + 1)), u * 32);
             if (tail && b == nblocks - 1) {
@@ -507,6 +572,11 @@ struct Runner {
             for (int t = 0; t < NT; ++t) acc0[t] = acc1[t] = _mm512_setzero_ps();
             int64_t u = u0;
             for (; u + 1 < u1; u += 2) {
+              _mm_prefetch(reinterpret_cast<const char*>(wr + u * D::kBytes) + kPrefetch, _MM_HINT_T0);
+              if constexpr (D::kBytes == 32)
+                _mm_prefetch(reinterpret_cast<const char*>(wr + u * D::kBytes) + kPrefetch + 32, _MM_HINT_T0);
+              else
+                _mm_prefetch(reinterpret_cast<const char*>(wr + u * D::kBytes) + kPrefetch + 64, _MM_HINT_T0);
               const VI x0 = dec.raw(wr + u * D::kBytes), x1 = dec.raw(wr + (u + 1) * D::kBytes);
 #pragma GCC unroll 8
               for (int j = 0; j < D::kVecs; ++j) {
@@ -792,7 +862,9 @@ struct Runner {
     const int64_t res_elems = chunk * kDecodeMaxTokens;
     const int64_t tot_bytes = chunk * kDecodeMaxTokens * 64;
     const int64_t sc_elems = round_up(G + 16, 16);
-    const int64_t small = round_up((2 * sc_elems + res_elems) * 4, 64);
+    sstride_ = sc_elems;
+    // scales and s*(offset+z) of two rows: sbuf, szbuf, then [s, sz] of row B
+    const int64_t small = round_up((4 * sc_elems + res_elems) * 4, 64);
     int64_t pre_bytes = 0, panel_bytes = 0, tmp_bytes = 0, srow_bytes = 0;
     if (plan.prefill_tokens > 0) {
       panel_bytes = kc_dw * PNR * 4;
@@ -809,7 +881,7 @@ struct Runner {
       V* totbuf = reinterpret_cast<V*>(s);
       float* sbuf = reinterpret_cast<float*>(s + tot_bytes);
       float* szbuf = sbuf + sc_elems;
-      float* res = szbuf + sc_elems;
+      float* res = szbuf + 3 * sc_elems;
       const int64_t e = it.expert, t0 = plan.offsets[e], nt = plan.tokens(e);
       if (!it.decode) {
         uint8_t* q = s + tot_bytes + small;
