@@ -163,8 +163,22 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--check", action="store_true", help="end-to-end check against torch first")
     ap.add_argument("--encodings", default="native16,int4,int4a,int8,fp8_e4m3,int2a")
+    ap.add_argument("--shapes", default="", help="comma-separated substrings of shape labels to run")
+    ap.add_argument("--profile", default="", help="E,N,K,T,enc: three plain calls (for ncu), no timing")
     args = ap.parse_args()
     dll = build_shim(args.lib)
+    if args.profile:
+        E, N, K, T, encname = args.profile.split(",")
+        E, N, K, T = int(E), int(N), int(K), int(T)
+        asym = encname.endswith("a") and encname != "native16"
+        counts = split_tokens(T, E, "uneven", torch.Generator().manual_seed(99))
+        pr = Problem(E, N, K, T, encname[:-1] if asym else encname, asym, 128, counts, torch.bfloat16,
+                     torch.Generator(device="cuda").manual_seed(5))
+        for _ in range(3):
+            pr.call(dll)
+        torch.cuda.synchronize()
+        print("profiled", args.profile, counts)
+        return 0
     torch.manual_seed(0)
     gen = torch.Generator(device="cuda").manual_seed(1234)
     cpu_gen = torch.Generator().manual_seed(99)
@@ -214,6 +228,9 @@ def main():
     ]
     if args.quick:
         shapes = [shapes[0], shapes[3], shapes[7]]
+    if args.shapes:
+        keys = args.shapes.split(",")
+        shapes = [sh for sh in shapes if any(k in sh[0] for k in keys)]
     encs = args.encodings.split(",")
     rows = []
     print(f"{'shape':24s} {'enc':9s} {'qmoe us':>9s} {'TFLOP/s':>8s} {'%dense':>7s} {'%floor':>7s} "

@@ -7,39 +7,42 @@
 // activations [T, K] and weights [E, N, K_packed] (ARK layout), read as they
 // are: no dequantized copy of the weights exists anywhere.
 //
-// Tiles. A work item is (expert, 64-token tile, 256-row n tile). A CTA of 4
-// warps computes it; warp w owns weight rows [64w, 64w+64) of the n tile for
-// all 64 tokens (4 m16 fragments x 8 n8 fragments, 128 fp32 accumulators per
-// lane). The k loop runs over k tiles of BK = 64 (32 for 16-bit weights), each
-// brought into shared memory by a multi-stage cp.async pipeline (activations,
-// packed weights; scales and zero-point biases through registers).
+// Operands. Weights are the A operand of the mma (16 weight rows per m16
+// fragment, decoded into registers, which can be built in the register order
+// the instruction wants), tokens the B operand (8 tokens per n8 fragment).
 //
-// k order. The order of k inside a 32-wide k chunk is free for a dot product,
-// as long as activations and weights agree. Lane (g = lane/4, c = lane%4)
-// takes the 8 contiguous k values 8c..8c+7 of the chunk: m16n8k16 step s of
-// the chunk maps fragment slots {2c, 2c+1, 2c+8, 2c+9} to k = 8c + 4s + {0, 1,
-// 2, 3}. So a lane's activation fragment of a token row is one 16-byte load,
-// and its weight codes of a row are Enc::kBits contiguous bytes (one load).
+// Tiles. A work item is (expert, 128-token tile, 256-row n tile); a CTA of 8
+// warps computes it. Tiles of more than 64 tokens: warp (h, r) owns weight
+// rows [64r, 64r+64) and tokens [64h, 64h+64) (4 m16 x 8 n8 fragments, 128
+// fp32 accumulators per lane). Tiles of at most 64 tokens: warp w owns rows
+// [32w, 32w+32) and every token, with 1, 2, 4 or 8 n8 fragments as the tile
+// needs, so small experts keep all warps busy and pay no padding to 64.
+// The k loop runs over k tiles of BK = 64 (32 for 16-bit weights) brought into
+// shared memory by a multi-stage cp.async pipeline (tokens, packed weights;
+// scales and zero-point biases through registers).
 //
-// Shared memory layout of one stage (all loads conflict-free):
-//   A  [kc][64 tokens][32 k] 16-bit (64-byte rows)
-//   B  [kc / KCG][256 rows][SRB bytes] packed codes; SRB = 4 * bits (16 for
-//      int2, which keeps both chunks of the k tile in one 16-byte segment)
-//   S  [kc][256] (scale, scale) words; Z [kc][256] bias words (asym only)
-// Weight rows are permuted twice: (1) the n8 fragment j of warp w, row g,
-// holds weight row 64w + 8(g/2) + 32(j/4) + 2(j%4) + g%2, so that a lane's
-// accumulators cover 8 contiguous outputs twice (16-byte stores); (2) in
-// shared memory row n sits at sigma(n) = n ^ (((n >> 3) & 3) << 1), which
-// spreads the 8 rows of a fragment over distinct banks.
+// k order (quantized weights). The order of k inside a 32-wide k chunk is
+// free for a dot product as long as both operands agree. Lane (g = lane/4,
+// c = lane%4) takes k = 8c..8c+7 of the chunk: step s maps fragment slots
+// {2c, 2c+1, 2c+8, 2c+9} to k = 8c + 4s + {0, 1, 2, 3}. A lane's codes of a
+// weight row are then Enc::kBits contiguous bytes (one load) and its token
+// fragment one 16-byte load. 16-bit weights keep the natural k order and use
+// ldmatrix for both operands (swizzled 16-byte chunks).
+//
+// Weight rows. Lane g of an m16 fragment holds weight rows rowbase + 8g + t
+// (4 fragments) or rowbase + 4g + t (2 fragments), t = 2*mi + (fragment row
+// >= 8): a lane's accumulators are 8 (4) contiguous outputs of a token, one
+// 16-byte (8-byte) store. In shared memory weight row n sits at sigma(n) =
+// n ^ ((n >> 3) & 7), which puts the rows a warp reads together in distinct
+// banks.
 //
 // Schedule. Persistent grid (SMs x resident CTAs). Each CTA computes, from the
 // device-side counts, the clamped token range of every expert (like
 // common.cuh's expert_range) and the prefix sum of work items in shared
-// memory, then strides over the items. Experts with no tokens have no items;
-// a partial token tile computes only ceil(rows/16) m16 fragments (the k loop
-// is instantiated for 1..4). The pipeline runs across item boundaries. No
-// host sync, no allocation: the launch is graph-capturable. Rows that no
-// expert covers (counts summing to less than T) are written as zeros.
+// memory, then strides over the items. Experts with no tokens have no items.
+// The pipeline runs across item boundaries. No host sync, no allocation: the
+// launch is graph-capturable. Rows that no expert covers (counts summing to
+// less than T) are written as zeros.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -63,9 +66,10 @@ struct Cfg {
   static constexpr int kBits = Enc::kBits;  // 2, 4, 8, 16
   static constexpr bool kScaled = Enc::kScaled;
   static constexpr bool kBias = Enc::kAsym;
-  static constexpr int KC = kBits == 16 ? 1 : 2;  // 32-wide k chunks per k tile
+  static constexpr bool kNative = kBits == 16;      // ldmatrix path, natural k order
+  static constexpr int KC = kNative ? 1 : 2;        // 32-wide k chunks per k tile
   static constexpr int BK = 32 * KC;
-  static constexpr int BM = 64, BN = 256, kWarps = 4, kThreads = 128;
+  static constexpr int BM = 128, BN = 256, kWarps = 8, kThreads = 256;
   static constexpr int SRB = kBits * 4 < 16 ? 16 : kBits * 4;  // bytes of a B row segment
   static constexpr int KCG = SRB / (kBits * 4);                 // k chunks per segment
   static constexpr int NSUB = KC / KCG;                         // B segments per stage
@@ -76,12 +80,12 @@ struct Cfg {
   static constexpr int S_BYTES = kScaled ? KC * BN * 4 : 0;
   static constexpr int Z_BYTES = kBias ? KC * BN * 4 : 0;
   static constexpr int STAGE = A_BYTES + B_BYTES + S_BYTES + Z_BYTES;
-  // Two CTAs per SM on Hopper (228 KB) with room for the schedule arrays.
-  static constexpr int STAGES_RAW = (108 * 1024) / STAGE;
-  static constexpr int STAGES = STAGES_RAW > 6 ? 6 : (STAGES_RAW < 2 ? 2 : STAGES_RAW);
-  static constexpr int A_ITERS = BM * 4 * KC / kThreads;  // 16-byte A chunks per thread per stage
-  static constexpr int B_ITERS = BN * CPR / kThreads;
-  static_assert(CPR >= 1 && (BN * CPR) % kThreads == 0, "B chunks");
+  // One CTA per SM; leave room for the schedule arrays (8 bytes per expert).
+  static constexpr int STAGES_RAW = (200 * 1024) / STAGE;
+  static constexpr int STAGES = STAGES_RAW > 8 ? 8 : (STAGES_RAW < 2 ? 2 : STAGES_RAW);
+  static constexpr int A_ITERS = BM * 4 * KC / kThreads;  // 16-byte token chunks per thread per stage
+  static constexpr int B_ITERS = BN * CPR / kThreads;     // 16-byte weight chunks per thread per stage
+  static_assert(CPR >= 1 && (BN * CPR) % kThreads == 0 && A_ITERS >= 1, "chunks");
   static_assert(KC % KCG == 0, "segments");
   using Dec = PrefillDecode<Act, Enc>;
   using raw_t = typename Dec::raw_t;
@@ -100,7 +104,7 @@ struct Args {
   int groups;        // K / group_size
   uint32_t gdiv;     // ceil(2^32 / (group_size / 32)), 0 for group_size 32: chunk -> group
   int n_tiles, k_tiles;
-  int vec_out;       // 16-byte output stores allowed (N % 8 == 0, aligned out)
+  int vec_out;       // vector output stores allowed (N % 8 == 0, aligned out)
 };
 
 // ---------------------------------------------------------------------------
@@ -117,6 +121,19 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(addr)
+               : "memory");
+  r[2] = r[3] = 0;
 }
 
 template <class Act>
@@ -144,20 +161,26 @@ __device__ __forceinline__ int fresh_tid() {
   return t;
 }
 
-// Shared-memory row of weight row n (0..255) of the n tile.
-__device__ __forceinline__ int sigma(int n) { return n ^ (((n >> 3) & 3) << 1); }
-// Index of the scale word of weight row n: lane g of warp w reads the 8 words
-// of its fragments j = 0..7 contiguously.
-__device__ __forceinline__ int tau(int n) {
-  const int w = n >> 6, m = n & 63;
-  const int a = (m >> 3) & 3, J = m >> 5, jj = (m >> 1) & 3, b = m & 1;
-  return 64 * w + 8 * (2 * a + b) + 4 * J + jj;
+// Shared-memory row of weight row n (0..255) of the n tile: the low three
+// bits are xor-ed with the next three, so the rows 8g + t or 4g + t (g =
+// 0..7) that the lanes of a warp read together fall in distinct banks.
+__device__ __forceinline__ int sigma(int n) { return n ^ ((n >> 3) & 7); }
+// 16-byte chunk q (0..3) of a 64-byte row r of the ldmatrix (16-bit) layouts.
+__device__ __forceinline__ int swz(int r, int q) { return q ^ ((r >> 1) & 3); }
+
+// Token fragments (n8) computed for a tile of at most 64 tokens: 1, 2, 4, 8.
+__device__ __forceinline__ int token_frags(int rows) { return rows <= 8 ? 1 : rows <= 16 ? 2 : rows <= 32 ? 4 : 8; }
+// Token rows of a tile that the warps read (the rest of the tile is not
+// loaded): up to the last n8 fragment computed.
+__device__ __forceinline__ int padded_rows(int rows) {
+  if (rows <= 64) return 8 * token_frags(rows);
+  return rows - 64 > 32 ? 128 : 96;
 }
 
-// Exclusive scan over the 128 threads of the block (4 warps).
+// Exclusive scan over the threads of the block (warp shuffles + shared memory).
 template <class V>
 __device__ __forceinline__ V block_exclusive_scan(V v, V* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   V x = v;
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
@@ -167,7 +190,7 @@ __device__ __forceinline__ V block_exclusive_scan(V v, V* scratch) {
   if (lane == 31) scratch[warp] = x;
   __syncthreads();
   V base = 0;
-  for (int w = 0; w < warp; ++w) base += scratch[w];
+  for (int w = 0; w < warp && w < nwarps; ++w) base += scratch[w];
   __syncthreads();
   return base + x - v;
 }
@@ -177,8 +200,7 @@ struct Item {
 };
 
 template <class C>
-__device__ __forceinline__ Item decode_item(int item, const int* s_tok, const int* s_items, int E,
-                                            int n_tiles) {
+__device__ __forceinline__ Item decode_item(int item, const int* s_tok, const int* s_items, int E) {
   int lo = 0, hi = E;  // s_items[lo] <= item < s_items[hi]
   while (hi - lo > 1) {
     const int mid = (lo + hi) >> 1;
@@ -197,7 +219,6 @@ __device__ __forceinline__ Item decode_item(int item, const int* s_tok, const in
   it.tok0 = tb + mtile * C::BM;
   it.rows = min(C::BM, te - it.tok0);
   it.n0 = nt * C::BN;
-  (void)n_tiles;
   return it;
 }
 
@@ -215,7 +236,7 @@ struct Kernel {
   struct Loader {
     int item, kt;
     Item it;
-    uint32_t sreg[2], zreg[2];  // 16-bit scale / zero of chunk kc in bits 16kc..16kc+15
+    uint32_t sreg, zreg;  // 16-bit scale / zero of chunk kc in bits 16kc..16kc+15
     bool pending;
   };
 
@@ -225,58 +246,70 @@ struct Kernel {
     if (L.item < total) {
       const int kt = L.kt;
       const Item& it = L.it;
-      // Activations: BM rows x BK, 16-byte chunks; rows past the tile's
-      // rows are zero (up to the last m16 fragment computed) or skipped.
+      // Tokens: BM rows x BK, 16-byte chunks (q = tid + 256 i: row q / (4 KC),
+      // chunk q % (4 KC)); rows past the tile's rows are zero up to the last
+      // fragment computed, and not loaded after it.
       {
         const uint32_t sA = smem_addr(stage);
-        const int rows16 = (it.rows + 15) & ~15;
+        const int pad = padded_rows(it.rows);
+        constexpr int CH = 4 * C::KC;  // chunks per row
+        const int j = tid % CH;
+        const int kcol = kt * C::BK + 8 * j;
+        const bool kok = kcol < a.K;
+        const uint16_t* base = a.act + int64_t(it.tok0) * a.K + (kok ? kcol : 0);
 #pragma unroll
         for (int i = 0; i < C::A_ITERS; ++i) {
-          const int q = tid + C::kThreads * i;
-          const int r = q / (4 * C::KC), j = q % (4 * C::KC);
-          if (r < rows16) {
-            const int kc = j >> 2, pos = j & 3;
-            const int kcol = kt * C::BK + 8 * j;
-            const bool ok = r < it.rows && kcol < a.K;
-            const uint16_t* src = a.act + int64_t(it.tok0 + (r < it.rows ? r : 0)) * a.K + (ok ? kcol : 0);
-            cp_async16(sA + kc * (C::BM * 64) + r * 64 + pos * 16, src, ok ? 16u : 0u);
+          const int r = tid / CH + (C::kThreads / CH) * i;
+          if (r < pad) {
+            const bool ok = kok && r < it.rows;
+            uint32_t dst;
+            if constexpr (C::kNative)
+              dst = sA + r * 64 + swz(r, j) * 16;
+            else
+              dst = sA + (j >> 2) * (C::BM * 64) + r * 64 + (j & 3) * 16;
+            cp_async16(dst, base + (ok ? int64_t(r) * a.K : 0), ok ? 16u : 0u);
           }
         }
       }
-      // Packed weights: BN rows x KPB bytes; rows past N are zero.
+      // Packed weights: BN rows x KPB bytes (q = tid + 256 i: row q / CPR,
+      // chunk q % CPR); rows past N are zero.
       {
         const uint32_t sB = smem_addr(stage + C::A_BYTES);
-        const int64_t ebase = int64_t(it.e) * a.N;
+        const int j = tid % C::CPR;
+        const int64_t kb = int64_t(kt) * C::KPB + 16 * j;
+        const bool kok = kb < a.kp;
+        const uint8_t* base = a.w + int64_t(it.e) * a.N * a.kp + (kok ? kb : 0);
 #pragma unroll
         for (int i = 0; i < C::B_ITERS; ++i) {
-          const int q = tid + C::kThreads * i;
-          const int n = q / C::CPR, j = q % C::CPR;
-          constexpr int CPS = C::SRB / 16;  // chunks per segment
-          const int sub = j / CPS, pos = j % CPS;
+          const int n = tid / C::CPR + (C::kThreads / C::CPR) * i;
           const int row = it.n0 + n;
-          const int64_t kb = int64_t(kt) * C::KPB + 16 * j;
-          const bool ok = row < a.N && kb < a.kp;
-          const uint8_t* src = a.w + (ebase + (row < a.N ? row : a.N - 1)) * a.kp + (ok ? kb : 0);
-          cp_async16(sB + sub * (C::BN * C::SRB) + sigma(n) * C::SRB + pos * 16, src, ok ? 16u : 0u);
+          const bool ok = kok && row < a.N;
+          const int sn = sigma(n);
+          uint32_t dst;
+          if constexpr (C::kNative) {
+            dst = sB + sn * 64 + swz(sn, j) * 16;
+          } else {
+            constexpr int CPS = C::SRB / 16;  // chunks per segment
+            dst = sB + (j / CPS) * (C::BN * C::SRB) + sn * C::SRB + (j % CPS) * 16;
+          }
+          cp_async16(dst, base + (ok ? int64_t(row) * a.kp : 0), ok ? 16u : 0u);
         }
       }
-      // Scales and zero points of the groups of this k tile: to registers
-      // now, to shared memory after this iteration's math (store_scales).
+      // Scales and zero points of this k tile's groups (thread = weight row):
+      // to registers now, to shared memory after this iteration's math.
       if constexpr (C::kScaled) {
+        const int row = min(it.n0 + tid, a.N - 1);
+        const uint16_t* srow = a.scales + (int64_t(it.e) * a.N + row) * a.groups;
+        const uint16_t* zrow = a.zeros + (int64_t(it.e) * a.N + row) * a.groups;
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int row = min(it.n0 + tid + C::kThreads * r, a.N - 1);
-          const int64_t gbase = (int64_t(it.e) * a.N + row) * a.groups;
-#pragma unroll
-          for (int kc = 0; kc < C::KC; ++kc) {
-            const uint32_t chunk = uint32_t(kt * C::KC + kc);
-            const int grp = min(int(a.gdiv ? __umulhi(chunk, a.gdiv) : chunk), a.groups - 1);
-            const uint32_t sv = __ldg(a.scales + gbase + grp);
-            L.sreg[r] = kc == 0 ? sv : (L.sreg[r] | (sv << 16));
-            if constexpr (C::kBias) {
-              const uint32_t zv = __ldg(a.zeros + gbase + grp);
-              L.zreg[r] = kc == 0 ? zv : (L.zreg[r] | (zv << 16));
-            }
+        for (int kc = 0; kc < C::KC; ++kc) {
+          const uint32_t chunk = uint32_t(kt * C::KC + kc);
+          const int grp = min(int(a.gdiv ? __umulhi(chunk, a.gdiv) : chunk), a.groups - 1);
+          const uint32_t sv = __ldg(srow + grp);
+          L.sreg = kc == 0 ? sv : (L.sreg | (sv << 16));
+          if constexpr (C::kBias) {
+            const uint32_t zv = __ldg(zrow + grp);
+            L.zreg = kc == 0 ? zv : (L.zreg | (zv << 16));
           }
         }
         L.pending = true;
@@ -284,7 +317,7 @@ struct Kernel {
       if (++L.kt == a.k_tiles) {
         L.kt = 0;
         L.item += gridDim.x;
-        if (L.item < total) L.it = decode_item<C>(L.item, s_tok, s_items, a.E, a.n_tiles);
+        if (L.item < total) L.it = decode_item<C>(L.item, s_tok, s_items, a.E);
       }
     }
     cp_async_commit();
@@ -297,128 +330,176 @@ struct Kernel {
         uint32_t* sZ = reinterpret_cast<uint32_t*>(stage + C::A_BYTES + C::B_BYTES + C::S_BYTES);
         const int tid = fresh_tid();
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int idx = tau(tid + C::kThreads * r);
-#pragma unroll
-          for (int kc = 0; kc < C::KC; ++kc) {
-            sS[kc * C::BN + idx] = dup16(uint16_t(L.sreg[r] >> (16 * kc)));
-            if constexpr (C::kBias)
-              sZ[kc * C::BN + idx] = Dec::bias_word(P::to_float(uint16_t(L.zreg[r] >> (16 * kc))));
-          }
+        for (int kc = 0; kc < C::KC; ++kc) {
+          sS[kc * C::BN + tid] = dup16(uint16_t(L.sreg >> (16 * kc)));
+          if constexpr (C::kBias) sZ[kc * C::BN + tid] = Dec::bias_word(P::to_float(uint16_t(L.zreg >> (16 * kc))));
         }
         L.pending = false;
       }
     }
   }
 
-  // Per-lane constant offsets into a stage.
-  struct LaneOffsets {
-    int a;      // A: row g, column 16c (bytes)
-    int b[4];   // B: per jj = j % 4, within a segment (bytes)
-    int s;      // S / Z: word index 64w + 8g
-  };
+  // Weight row (within the n tile) of lane g, row t of its fragments.
+  template <int MI>
+  __device__ static __forceinline__ int lane_row(int row0, int g) {
+    return row0 + (MI == 4 ? 8 * g : 4 * g);
+  }
 
-  template <int MT>
-  __device__ static __forceinline__ void compute(const unsigned char* stage, const LaneOffsets& lo,
-                                                 float (&acc)[4][8][4]) {
-    const unsigned char* sA = stage;
+  // One k tile, quantized weights: per 32-wide chunk, the token fragments
+  // (B operand) of the NJ n8 fragments, then per m16 fragment mi the decoded
+  // weights of rows t = 2mi and 2mi+1 (fragment rows g and g+8) and NJ mma
+  // per k16 step.
+  template <int MI, int NJ>
+  __device__ static __forceinline__ void compute_q(const unsigned char* stage, int tok_off, int row0,
+                                                   float (&acc)[MI][NJ][4]) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const unsigned char* sA = stage + (tok_off + g) * 64 + 16 * c;
     const unsigned char* sB = stage + C::A_BYTES;
-    const uint32_t* sS = reinterpret_cast<const uint32_t*>(stage + C::A_BYTES + C::B_BYTES);
-    const uint32_t* sZ = reinterpret_cast<const uint32_t*>(stage + C::A_BYTES + C::B_BYTES + C::S_BYTES);
+    const int nl = lane_row<MI>(row0, g);
+    const int lb = sigma(nl) * C::SRB + c * C::kBits;
+    const uint32_t* sS = reinterpret_cast<const uint32_t*>(stage + C::A_BYTES + C::B_BYTES) + nl;
+    const uint32_t* sZ = reinterpret_cast<const uint32_t*>(stage + C::A_BYTES + C::B_BYTES + C::S_BYTES) + nl;
 #pragma unroll
     for (int kc = 0; kc < C::KC; ++kc) {
-      uint4 A[MT][2];
+      uint4 X[NJ];  // tokens 8j + g, k 8c .. 8c+7: step s uses words 2s, 2s+1
 #pragma unroll
-      for (int mi = 0; mi < MT; ++mi)
+      for (int j = 0; j < NJ; ++j) X[j] = *reinterpret_cast<const uint4*>(sA + kc * (C::BM * 64) + 8 * j * 64);
+      uint32_t Sv[2 * MI], Zv[2 * MI];
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
-          A[mi][h] = *reinterpret_cast<const uint4*>(sA + kc * (C::BM * 64) + (16 * mi + 8 * h) * 64 + lo.a);
+      for (int h = 0; h < MI / 2; ++h) {
+        const uint4 sv = *reinterpret_cast<const uint4*>(sS + kc * C::BN + 4 * h);
+        Sv[4 * h] = sv.x, Sv[4 * h + 1] = sv.y, Sv[4 * h + 2] = sv.z, Sv[4 * h + 3] = sv.w;
+        if constexpr (C::kBias) {
+          const uint4 zv = *reinterpret_cast<const uint4*>(sZ + kc * C::BN + 4 * h);
+          Zv[4 * h] = zv.x, Zv[4 * h + 1] = zv.y, Zv[4 * h + 2] = zv.z, Zv[4 * h + 3] = zv.w;
+        } else {
+          Zv[4 * h] = Zv[4 * h + 1] = Zv[4 * h + 2] = Zv[4 * h + 3] = Dec::kSymBias;
+        }
+      }
       const unsigned char* seg = sB + (kc / C::KCG) * (C::BN * C::SRB) + (kc % C::KCG) * (4 * C::kBits);
 #pragma unroll
-      for (int J = 0; J < 2; ++J) {
-        uint4 S = make_uint4(0, 0, 0, 0), Z = make_uint4(0, 0, 0, 0);
-        if constexpr (C::kScaled) S = *reinterpret_cast<const uint4*>(sS + kc * C::BN + lo.s + 4 * J);
-        if constexpr (C::kBias) Z = *reinterpret_cast<const uint4*>(sZ + kc * C::BN + lo.s + 4 * J);
-        const uint32_t* Sv = reinterpret_cast<const uint32_t*>(&S);
-        const uint32_t* Zv = reinterpret_cast<const uint32_t*>(&Z);
+      for (int mi = 0; mi < MI; ++mi) {
+        const int t0 = 2 * mi, t1 = 2 * mi + 1;
+        const raw_t r0 = *reinterpret_cast<const raw_t*>(seg + (lb ^ (t0 * C::SRB)));
+        const raw_t r1 = *reinterpret_cast<const raw_t*>(seg + (lb ^ (t1 * C::SRB)));
+        uint32_t w0[4], w1[4];
+        Dec::decode(r0, Sv[t0], Zv[t0], w0);
+        Dec::decode(r1, Sv[t1], Zv[t1], w1);
 #pragma unroll
-        for (int jj = 0; jj < 4; ++jj) {
-          const raw_t raw = *reinterpret_cast<const raw_t*>(seg + lo.b[jj] + J * 32 * C::SRB);
-          uint32_t bf[4];
-          Dec::decode(raw, Sv[jj], C::kBias ? Zv[jj] : Dec::kSymBias, bf);
+        for (int st = 0; st < 2; ++st)
 #pragma unroll
-          for (int s = 0; s < 2; ++s)
-#pragma unroll
-            for (int mi = 0; mi < MT; ++mi) {
-              const uint32_t* a0 = reinterpret_cast<const uint32_t*>(&A[mi][0]);
-              const uint32_t* a1 = reinterpret_cast<const uint32_t*>(&A[mi][1]);
-              mma16816<Act>(acc[mi][4 * J + jj], a0[2 * s], a1[2 * s], a0[2 * s + 1], a1[2 * s + 1],
-                            bf[2 * s], bf[2 * s + 1]);
-            }
-        }
+          for (int j = 0; j < NJ; ++j) {
+            const uint32_t* x = reinterpret_cast<const uint32_t*>(&X[j]);
+            mma16816<Act>(acc[mi][j], w0[2 * st], w1[2 * st], w0[2 * st + 1], w1[2 * st + 1], x[2 * st],
+                          x[2 * st + 1]);
+          }
       }
     }
   }
 
-  template <int MT>
-  __device__ static __forceinline__ void store_tile(const Args& a, const Item& it, float (&acc)[4][8][4]) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int g = lane >> 2, c = lane & 3;
+  // One k tile (32 wide), 16-bit weights: natural k order, ldmatrix for both
+  // operands from the swizzled layouts.
+  template <int MI, int NJ>
+  __device__ static __forceinline__ void compute_n(const unsigned char* stage, int tok_off, int row0,
+                                                   float (&acc)[MI][NJ][4]) {
+    const int lane = threadIdx.x & 31, m = lane >> 3, i = lane & 7;
+    const uint32_t sA = smem_addr(stage), sB = smem_addr(stage + C::A_BYTES);
+    // Weights: matrix m = (fragment row half h = m & 1, k half m >> 1), row i.
+    const int r0 = sigma(lane_row<MI>(row0, i) + (m & 1));
+    const uint32_t wb = uint32_t(r0 * 64 + 16 * ((m >> 1) ^ ((r0 >> 1) & 3)));
+    // Tokens: matrix m = (fragment j + (m >> 1), k half m & 1), row i.
+    const int tr = tok_off + 8 * (m >> 1) + i;
+    const uint32_t tb = uint32_t(tr * 64 + 16 * ((m & 1) ^ ((i >> 1) & 3)));
 #pragma unroll
-    for (int mi = 0; mi < MT; ++mi)
+    for (int st = 0; st < 2; ++st) {
+      uint32_t T[(NJ + 1) / 2][4];
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = 16 * mi + 8 * h + g;
+      for (int jp = 0; jp < (NJ + 1) / 2; ++jp) {
+        const uint32_t addr = sA + ((tb ^ (32 * st)) + 1024 * jp);
+        if constexpr (NJ == 1)
+          ldmatrix_x2(T[jp], addr);
+        else
+          ldmatrix_x4(T[jp], addr);
+      }
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi) {
+        uint32_t W[4];
+        ldmatrix_x4(W, sB + (wb ^ uint32_t(128 * mi ^ 16 * (2 * st ^ mi))));
+#pragma unroll
+        for (int j = 0; j < NJ; ++j)
+          mma16816<Act>(acc[mi][j], W[0], W[1], W[2], W[3], T[j / 2][2 * (j & 1)], T[j / 2][2 * (j & 1) + 1]);
+      }
+    }
+  }
+
+  // Lane (g, c) holds, for tokens tok_off + 8j + 2c + i, the outputs of weight
+  // rows lane_row + t, t = 2mi + h (accumulator element 2h + i): 2 MI
+  // contiguous outputs, one vector store.
+  template <int MI, int NJ>
+  __device__ static __forceinline__ void store_tile(const Args& a, const Item& it, int tok_off, int row0,
+                                                    float (&acc)[MI][NJ][4]) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const int n = it.n0 + lane_row<MI>(row0, g);
+#pragma unroll
+    for (int j = 0; j < NJ; ++j)
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int r = tok_off + 8 * j + 2 * c + i;
         if (r >= it.rows) continue;
         uint16_t* orow = a.out + int64_t(it.tok0 + r) * a.N;
+        uint32_t v[MI];
 #pragma unroll
-        for (int J = 0; J < 2; ++J) {
-          const int n = it.n0 + 64 * warp + 32 * J + 8 * c;
-          uint32_t v[4];
-#pragma unroll
-          for (int jj = 0; jj < 4; ++jj) v[jj] = P::pack(acc[mi][4 * J + jj][2 * h], acc[mi][4 * J + jj][2 * h + 1]);
-          if (a.vec_out && n + 8 <= a.N) {
+        for (int mi = 0; mi < MI; ++mi) v[mi] = P::pack(acc[mi][j][i], acc[mi][j][2 + i]);
+        if (a.vec_out && n + 2 * MI <= a.N) {
+          if constexpr (MI == 4)
             *reinterpret_cast<uint4*>(orow + n) = make_uint4(v[0], v[1], v[2], v[3]);
-          } else {
+          else
+            *reinterpret_cast<uint2*>(orow + n) = make_uint2(v[0], v[1]);
+        } else {
 #pragma unroll
-            for (int e = 0; e < 8; ++e)
-              if (n + e < a.N) orow[n + e] = uint16_t(v[e >> 1] >> (16 * (e & 1)));
-          }
+          for (int e = 0; e < 2 * MI; ++e)
+            if (n + e < a.N) orow[n + e] = uint16_t(v[e >> 1] >> (16 * (e & 1)));
         }
       }
   }
 
-  // The k loop of one item with MT m16 fragments, continuing the pipeline.
-  template <int MT>
-  __device__ static __forceinline__ void run_item(const Args& a, Loader& L, unsigned char* smem, int& slot,
-                                                  int& ld_slot, int total, const int* s_tok,
-                                                  const int* s_items, const LaneOffsets& lo,
-                                                  float (&acc)[4][8][4]) {
+  // One item for this warp: MI m16 x NJ n8 fragments at (tok_off, row0),
+  // continuing the pipeline (every warp runs the same k loop and barriers).
+  template <int MI, int NJ>
+  __device__ static __forceinline__ void run_item(const Args& a, const Item& it, int tok_off, int row0,
+                                                  Loader& L, unsigned char* smem, int& slot, int& ld_slot,
+                                                  int total, const int* s_tok, const int* s_items) {
+    float acc[MI][NJ][4];
 #pragma unroll
-    for (int mi = 0; mi < MT; ++mi)
+    for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-      for (int j = 0; j < 8; ++j)
+      for (int j = 0; j < NJ; ++j)
 #pragma unroll
         for (int q = 0; q < 4; ++q) acc[mi][j][q] = 0.0f;
+#pragma unroll 1
     for (int kt = 0; kt < a.k_tiles; ++kt) {
       cp_async_wait<C::STAGES - 2>();
       __syncthreads();
       unsigned char* ld_stage = smem + ld_slot * C::STAGE;
       issue(a, L, ld_stage, total, s_tok, s_items);
-      compute<MT>(smem + slot * C::STAGE, lo, acc);
+      if constexpr (C::kNative)
+        compute_n<MI, NJ>(smem + slot * C::STAGE, tok_off, row0, acc);
+      else
+        compute_q<MI, NJ>(smem + slot * C::STAGE, tok_off, row0, acc);
       store_scales(L, ld_stage);
       slot = slot + 1 == C::STAGES ? 0 : slot + 1;
       ld_slot = ld_slot + 1 == C::STAGES ? 0 : ld_slot + 1;
     }
+    store_tile<MI, NJ>(a, it, tok_off, row0, acc);
   }
 };
 
 template <class Act, class Enc>
-__global__ void __launch_bounds__(128, 2) prefill_kernel(const Args a) {
+__global__ void __launch_bounds__(256, 1) prefill_kernel(const Args a) {
   using K = Kernel<Act, Enc>;
   using C = typename K::C;
   extern __shared__ __align__(128) unsigned char smem[];
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x, warp = tid >> 5;
 
   // ---- schedule: clamped token ranges and item prefix sums, per CTA.
   int* s_tok = reinterpret_cast<int*>(smem + C::STAGES * C::STAGE);  // [E + 1]
@@ -449,24 +530,12 @@ __global__ void __launch_bounds__(128, 2) prefill_kernel(const Args a) {
   const int total = s_items[a.E];
   const int covered = s_tok[a.E];
 
-  // ---- per-lane offsets.
-  typename K::LaneOffsets lo;
-  {
-    const int g = lane >> 2, c = lane & 3, ga = g >> 1, gb = g & 1;
-    lo.a = g * 64 + 16 * c;
-    const int row0 = 64 * warp + 8 * ga + 2 * ga + gb;  // sigma(row of fragment 0)
-    const int base = row0 * C::SRB + c * C::kBits;
-#pragma unroll
-    for (int jj = 0; jj < 4; ++jj) lo.b[jj] = base ^ (2 * jj * C::SRB);
-    lo.s = 64 * warp + 8 * g;
-  }
-
   // ---- pipeline prologue.
   typename K::Loader L;
   L.item = blockIdx.x;
   L.kt = 0;
   L.pending = false;
-  if (L.item < total) L.it = decode_item<C>(L.item, s_tok, s_items, a.E, a.n_tiles);
+  if (L.item < total) L.it = decode_item<C>(L.item, s_tok, s_items, a.E);
 #pragma unroll 1
   for (int s = 0; s < C::STAGES - 1; ++s) {
     K::issue(a, L, smem + s * C::STAGE, total, s_tok, s_items);
@@ -474,28 +543,27 @@ __global__ void __launch_bounds__(128, 2) prefill_kernel(const Args a) {
   }
   int slot = 0, ld_slot = C::STAGES - 1;
 
-  float acc[4][8][4];
 #pragma unroll 1
   for (int item = blockIdx.x; item < total; item += gridDim.x) {
-    const Item it = decode_item<C>(item, s_tok, s_items, a.E, a.n_tiles);
-    const int mt = (it.rows + 15) >> 4;
-    switch (mt) {
-      case 1:
-        K::template run_item<1>(a, L, smem, slot, ld_slot, total, s_tok, s_items, lo, acc);
-        K::template store_tile<1>(a, it, acc);
-        break;
-      case 2:
-        K::template run_item<2>(a, L, smem, slot, ld_slot, total, s_tok, s_items, lo, acc);
-        K::template store_tile<2>(a, it, acc);
-        break;
-      case 3:
-        K::template run_item<3>(a, L, smem, slot, ld_slot, total, s_tok, s_items, lo, acc);
-        K::template store_tile<3>(a, it, acc);
-        break;
-      default:
-        K::template run_item<4>(a, L, smem, slot, ld_slot, total, s_tok, s_items, lo, acc);
-        K::template store_tile<4>(a, it, acc);
-        break;
+    const Item it = decode_item<C>(item, s_tok, s_items, a.E);
+    if (it.rows > 64) {
+      // Warp (h, r): tokens [64h, 64h + 64), weight rows [64r, 64r + 64).
+      const int h = warp >> 2, row0 = 64 * (warp & 3);
+      if (h == 0 || it.rows - 64 > 32)
+        K::template run_item<4, 8>(a, it, 64 * h, row0, L, smem, slot, ld_slot, total, s_tok, s_items);
+      else
+        K::template run_item<4, 4>(a, it, 64 * h, row0, L, smem, slot, ld_slot, total, s_tok, s_items);
+    } else {
+      // Warp w: weight rows [32w, 32w + 32), every token of the tile.
+      const int nj = token_frags(it.rows), row0 = 32 * warp;
+      if (nj == 8)
+        K::template run_item<2, 8>(a, it, 0, row0, L, smem, slot, ld_slot, total, s_tok, s_items);
+      else if (nj == 4)
+        K::template run_item<2, 4>(a, it, 0, row0, L, smem, slot, ld_slot, total, s_tok, s_items);
+      else if (nj == 2)
+        K::template run_item<2, 2>(a, it, 0, row0, L, smem, slot, ld_slot, total, s_tok, s_items);
+      else
+        K::template run_item<2, 1>(a, it, 0, row0, L, smem, slot, ld_slot, total, s_tok, s_items);
     }
   }
   cp_async_wait<0>();
