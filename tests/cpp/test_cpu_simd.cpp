@@ -159,6 +159,49 @@ TEST(CpuSimd, DecodeIsNearlyExact) {
   }
 }
 
+// Every code of every quantized encoding through every level's register
+// decode: row n holds code n (mod the code count) at every k, the
+// activation is one-hot, so each output is one dequantized weight and must
+// equal the exact kernel's bit for bit (NaN codes of fp8 give NaN in both).
+TEST(CpuSimd, EveryCodeDecodesExactly) {
+  for (Isa isa : levels())
+    for (bool prefill : {false, true})
+      for (Encoding enc : all_encodings()) {
+        if (enc.type == WeightType::native16) continue;
+        ForceIsa force(isa);
+        SCOPED_TRACE(std::string(cpu::to_string(isa)) + " " + name(ActType::bf16, enc) +
+                     (prefill ? " prefill" : " decode"));
+        const int bits = weight_bits(enc.type);
+        const int64_t N = 256, K = 256, gs = 128;
+        Problem pr = Problem::random(ActType::bf16, enc, N, K, gs,
+                                     prefill ? std::vector<int32_t>{12} : std::vector<int32_t>{1}, 1);
+        const int64_t kp = packed_k(enc.type, K);
+        for (int64_t n = 0; n < N; ++n) {
+          const uint32_t c = uint32_t(n) & ((1u << bits) - 1);
+          uint8_t byte = 0;
+          for (int f = 0; f < 8 / bits; ++f) byte = uint8_t(byte | (c << (f * bits)));
+          for (int64_t i = 0; i < kp; ++i) pr.weights[n * kp + i] = byte;
+        }
+        for (auto& sc : pr.scales) sc = float_to_bf16(1.0f);
+        for (auto& z : pr.zeros) z = float_to_bf16(3.0f);
+        for (int64_t t = 0; t < pr.params.total_tokens; ++t)
+          for (int64_t k = 0; k < K; ++k) pr.act[t * K + k] = float_to_bf16(k == 5 ? 1.0f : 0.0f);
+        ASSERT_TRUE((prefill ? moe_gemm_prefill(pr.params) : moe_gemm_decode(pr.params)).ok());
+        EXPECT_EQ(cpu::last_isa(), expected_level(isa, pr.params));
+        const std::vector<uint16_t> fast = pr.out;
+        pr.poison();
+        ASSERT_TRUE(moe_gemm_reference(pr.params).ok());
+        for (size_t i = 0; i < fast.size(); ++i) {
+          const float a = bf16_to_float(fast[i]), b = bf16_to_float(pr.out[i]);
+          if (std::isnan(b)) {
+            EXPECT_TRUE(std::isnan(a)) << "row " << i % N;
+          } else {
+            EXPECT_EQ(a, b) << "row " << i % N;
+          }
+        }
+      }
+}
+
 TEST(CpuSimd, LevelSelection) {
   EXPECT_TRUE(cpu::isa_supported(Isa::portable));
   for (Isa isa : levels()) {
