@@ -251,33 +251,34 @@ inline void permute_unit(const VI* x, VI* out) {
   }
 }
 
-// acc (MR x 2 vectors) += packed activations [kd][MR] x panel [kd][32]:
-// MR broadcasts and two panel vectors per step of K (a bf16 pair or one
-// fp32), MR x 32 outputs in 2 * MR registers.
+// acc (MR x 3 vectors) += packed activations [kd][MR] x panel [kd][48]:
+// MR broadcasts and three panel vectors per step of K (a bf16 pair or one
+// fp32), MR x 48 outputs in 3 * MR registers. With MR = 8 that is 11 loads
+// per 24 vdpbf16ps / FMA, under the one 512-bit load per cycle the L1
+// sustains next to two dot products per cycle.
 template <bool kF32, int MR>
 void prefill_micro(const uint32_t* pa, const uint32_t* pb, int64_t kd, V* c, bool first) {
-  V acc[MR][2];
-  for (int i = 0; i < MR; ++i) {
-    acc[i][0] = first ? _mm512_setzero_ps() : c[2 * i];
-    acc[i][1] = first ? _mm512_setzero_ps() : c[2 * i + 1];
-  }
+  V acc[MR][3];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 3; ++j) acc[i][j] = first ? _mm512_setzero_ps() : c[3 * i + j];
   for (int64_t k = 0; k < kd; ++k) {
-    const VI b0 = loadu(pb + k * 32), b1 = loadu(pb + k * 32 + 16);
+    const VI b0 = loadu(pb + k * 48), b1 = loadu(pb + k * 48 + 16), b2 = loadu(pb + k * 48 + 32);
     for (int i = 0; i < MR; ++i) {
       const VI a = _mm512_set1_epi32(int32_t(pa[k * MR + i]));
       if constexpr (kF32) {
-        acc[i][0] = _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b0), acc[i][0]);
-        acc[i][1] = _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b1), acc[i][1]);
+        const V af = _mm512_castsi512_ps(a);
+        acc[i][0] = _mm512_fmadd_ps(af, _mm512_castsi512_ps(b0), acc[i][0]);
+        acc[i][1] = _mm512_fmadd_ps(af, _mm512_castsi512_ps(b1), acc[i][1]);
+        acc[i][2] = _mm512_fmadd_ps(af, _mm512_castsi512_ps(b2), acc[i][2]);
       } else {
         acc[i][0] = _mm512_dpbf16_ps(acc[i][0], bh(b0), bh(a));
         acc[i][1] = _mm512_dpbf16_ps(acc[i][1], bh(b1), bh(a));
+        acc[i][2] = _mm512_dpbf16_ps(acc[i][2], bh(b2), bh(a));
       }
     }
   }
-  for (int i = 0; i < MR; ++i) {
-    c[2 * i] = acc[i][0];
-    c[2 * i + 1] = acc[i][1];
-  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 3; ++j) c[3 * i + j] = acc[i][j];
 }
 
 // ---------------------------------------------------------------- one call
@@ -637,13 +638,13 @@ struct Runner {
   // Layouts (dwords: a bf16 pair for bf16 activations, an fp32 for fp16):
   //   packed activations of a prefill expert: blocks of MR tokens,
   //     [Kd][MR] dwords each (Kd = Kp / 2 or Kp), zero rows past the tokens;
-  //   panel of an item: [kd][NR] dwords for NR = 32 rows over a K chunk,
+  //   panel of an item: [kd][NR] dwords for NR = 48 rows over a K chunk,
   //     built by decoding 16 rows x one unit into a small buffer and
   //     transposing it 16 x 16 dwords at a time.
-  // The micro-kernel keeps an MR x 32 tile in 24 registers and walks K with
-  // one broadcast of activations (vpbroadcastd) per token and two panel
+  // The micro-kernel keeps an MR x 48 tile in 24 registers and walks K with
+  // one broadcast of activations (vpbroadcastd) per token and three panel
   // vectors per step: lanes run along N, so no horizontal sums.
-  static constexpr int PMR = 12, PNR = 32;
+  static constexpr int PMR = 8, PNR = 48;
   static constexpr int64_t kElemPerDword = kF16 ? 1 : 2;
   int64_t Kd = 0;         // dwords along K
   int64_t kc_dw = 0;      // dwords of K per panel chunk
@@ -713,12 +714,12 @@ struct Runner {
     }
   }
 
-  // Panel [kd][32] of rows r0.. (zero past r1) over K dwords [d0, d0 + kd).
+  // Panel [kd][48] of rows r0.. (zero past r1) over K dwords [d0, d0 + kd).
   void fill_panel(int64_t e, int64_t r0, int64_t r1, int64_t d0, int64_t kd, uint32_t* panel,
                   uint32_t* tmp, float* srow, int64_t sstride) const {
     constexpr int64_t ud = D::kUnit / kElemPerDword;  // dwords per unit
     const int64_t u0 = d0 / ud, u1 = (d0 + kd) / ud;
-    for (int h = 0; h < 2; ++h) {
+    for (int h = 0; h < PNR / 16; ++h) {
       const int64_t rb = r0 + 16 * h;
       for (int i = 0; i < 16; ++i)
         if (rb + i < r1) load_scales(e, rb + i, 0, G, srow + i * 2 * sstride, srow + (i * 2 + 1) * sstride);
@@ -743,8 +744,8 @@ struct Runner {
     }
   }
 
-  // Tokens of a prefill expert come in blocks of PMR, the last block of
-  // round_up(rest, 4) tokens (4, 8 or 12), each block [Kd][rows] dwords.
+  // Tokens of a prefill expert come in blocks of PMR = 8, the last block of
+  // round_up(rest, 4) tokens (4 or 8), each block [Kd][rows] dwords.
   static int64_t block_rows(int64_t nt, int64_t b) {
     const int64_t rest = nt - b * PMR;
     return rest >= PMR ? PMR : round_up(rest, 4);
@@ -762,17 +763,15 @@ struct Runner {
       fill_panel(e, r0, r1, d0, kd, panel, tmp, srow, sstride);
       const bool first = d0 == 0, last = d0 + kd >= Kd;
       for (int64_t b = 0; b < nblk; ++b) {
-        V* c = cbuf + (Kd > kc_dw ? b * PMR * 2 : 0);  // one tile unless K takes chunks
+        V* c = cbuf + (Kd > kc_dw ? b * PMR * 3 : 0);  // one tile unless K takes chunks
         const int64_t rows = block_rows(nt, b);
         const uint32_t* pa = pack + b * PMR * Kd + d0 * rows;
         if (rows == PMR) prefill_micro<kF16, PMR>(pa, panel, kd, c, first);
-        else if (rows == 8) prefill_micro<kF16, 8>(pa, panel, kd, c, first);
         else prefill_micro<kF16, 4>(pa, panel, kd, c, first);
         if (!last) continue;
         const int64_t mr = min64(PMR, nt - b * PMR);
         for (int64_t i = 0; i < mr; ++i) {
-          _mm512_store_ps(outv, c[2 * i]);
-          _mm512_store_ps(outv + 16, c[2 * i + 1]);
+          for (int j = 0; j < 3; ++j) _mm512_store_ps(outv + 16 * j, c[3 * i + j]);
           store_act<Act>(outv, out + (t0 + b * PMR + i) * N + r0, r1 - r0);
         }
       }
@@ -869,8 +868,8 @@ struct Runner {
     if (plan.prefill_tokens > 0) {
       panel_bytes = kc_dw * PNR * 4;
       tmp_bytes = 16 * (D::kUnit / kElemPerDword) * 4;
-      srow_bytes = 32 * sc_elems * 4;
-      pre_bytes = panel_bytes + tmp_bytes + srow_bytes + (Kd > kc_dw ? max_blocks * PMR * 2 * 64 : PMR * 2 * 64);
+      srow_bytes = 2 * 16 * sc_elems * 4;
+      pre_bytes = panel_bytes + tmp_bytes + srow_bytes + (Kd > kc_dw ? max_blocks * PMR * 3 * 64 : PMR * 3 * 64);
     }
     const int64_t per = tot_bytes + small + round_up(pre_bytes, 64);
     Buf scratch(size_t(per * threads));
