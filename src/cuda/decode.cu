@@ -167,7 +167,7 @@ __device__ __forceinline__ int64_t covered_by_counts(const int32_t* __restrict__
 
 // ------------------------------------------------------------------ kernel
 template <class Act, class Enc, int CB, ScaleMode SM, int NC>
-__device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, float (*red)[8][32]) {
+__device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, float (*red)[16][32]) {
   using D = Dequant<Act, Enc>;
   using H = Half<Act>;
   constexpr int kBits = Enc::kBits;
@@ -176,13 +176,21 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
   constexpr int kK = CB * 8 / kBits;         // k values per chunk
   constexpr int kSteps = kK / 4;             // mma steps per chunk
   constexpr int kActVec = kK * 2 / 16;       // 16-byte activation loads per chunk
-  // Macro steps loaded together: 128 bytes of weights per lane in flight,
-  // less where the activation fragments (kK per chunk and token pass) grow.
-  constexpr int kU = std::max(1, (NC == 1 ? 64 : 32) / CB / (kK >= 32 && kBits < 4 ? 2 : 1) / (kK > 32 ? 2 : 1) /
-                                     (Enc::kAsym && (SM == ScaleMode::pre || CB == 8) ? 2 : 1));
+  // Macro steps per load group. Two groups are alive (double buffering: the
+  // next group's loads are in flight while this one is computed): 2 KB of
+  // weights per warp in flight for NC = 1, less where the activation
+  // fragments (kK per chunk and token pass) take the registers.
+  constexpr int kU = std::max(1, (NC == 1 ? 32 : 16) / CB / (kK > 32 ? 2 : 1) /
+                                     (SM == ScaleMode::pre || (Enc::kAsym && CB == 8) ? 2 : 1));
   constexpr int kMacroK = kMacro * 8 / kBits;  // k values per macro step
   static_assert(kWords * D::kWordPairs == 2 * kSteps, "a chunk feeds whole mma steps");
   static_assert(kActVec >= 1, "activation chunk of at least 16 bytes");
+  // Where the scale is applied: in fp32 after the mma ("post") or to the A
+  // operand in 16-bit ("pre"). Passes of 24 tokens scale in 16-bit even when
+  // groups allow post-scaling: their fp32 partial sums would not fit the
+  // registers.
+  constexpr bool kPost = SM == ScaleMode::post && NC < 3;
+  constexpr bool kPre = SM == ScaleMode::pre || (SM == ScaleMode::post && NC >= 4);
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, c = lane & 3;
@@ -217,35 +225,37 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
     const uint16_t* zr0 = a.zeros + row0 * a.groups;
     const uint16_t* zr1 = a.zeros + row1 * a.groups;
 
-    // kU macro steps from m. kFull: all of them in [m_begin, m_end) and whole
-    // (no chunk past the row's end), so no checks are needed.
-    auto macro_steps = [&](const int m, auto full_tag) {
-      constexpr bool kFull = decltype(full_tag)::value;
-      const auto chunk_ok = [&](int mm) {
-        return kFull || SM == ScaleMode::post || int64_t(mm) * kMacro + c * CB < a.rb;
-      };
-      Raw<CB> raw[kU][2];
+    // Loads of the kU macro steps from m (those before m_end); chunks past
+    // the row's end (pre / none modes) read as zero codes, which decode to
+    // finite values that the zero scale (pre) or value (none) nulls.
+    const auto chunk_ok = [&](int mm) {
+      return SM == ScaleMode::post || int64_t(mm) * kMacro + c * CB < a.rb;
+    };
+    const auto load_group = [&](Raw<CB>(&raw)[kU][2], const int m) {
       const uint8_t* wp0 = w0 + int64_t(m) * kMacro;
       const uint8_t* wp1 = w1 + int64_t(m) * kMacro;
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int mm = m + u;
+        if (mm >= m_end) break;
+        if (chunk_ok(mm)) {
+          load_stream(raw[u][0], wp0 + u * kMacro);
+          load_stream(raw[u][1], wp1 + u * kMacro);
+        } else {
+#pragma unroll
+          for (int i = 0; i < kWords; ++i) raw[u][0].v[i] = raw[u][1].v[i] = 0u;
+        }
+      }
+    };
+
+    const auto compute_group = [&](const Raw<CB>(&raw)[kU][2], const int m) {
       const uint16_t* am[NC];
 #pragma unroll
       for (int ch = 0; ch < NC; ++ch) am[ch] = ap[ch] + (m - m_begin) * kMacroK;
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
         const int mm = m + u;
-        if (!kFull && mm >= m_end) break;
-        if (chunk_ok(mm)) {
-          load_stream(raw[u][0], wp0 + u * kMacro);
-          load_stream(raw[u][1], wp1 + u * kMacro);
-        } else {  // decodes to finite values; the zero scale (pre) or value (none) nulls them
-#pragma unroll
-          for (int i = 0; i < kWords; ++i) raw[u][0].v[i] = raw[u][1].v[i] = 0u;
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kU; ++u) {
-        const int mm = m + u;
-        if (!kFull && mm >= m_end) break;
+        if (mm >= m_end) break;
         const bool cok = chunk_ok(mm);
 
         // Scale and zero of rows g and g+8 for this macro step (post) or chunk (pre).
@@ -254,8 +264,7 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
         [[maybe_unused]] uint32_t sp0 = 0, sp1 = 0;
         if constexpr (SM != ScaleMode::none) {
           const int idx = SM == ScaleMode::post ? mm : 4 * mm + c;
-          int grp = idx >> a.pg_shift;
-          if (!kFull) grp = min(grp, a.groups - 1);  // chunks past the row's end
+          const int grp = min(idx >> a.pg_shift, a.groups - 1);  // chunks past the row's end
           const uint16_t sb0 = __ldg(sc0 + grp), sb1 = __ldg(sc1 + grp);
           if constexpr (Enc::kAsym) {
             z0 = D::zero(H::to_float(__ldg(zr0 + grp)));
@@ -263,7 +272,7 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
           } else {
             z0 = z1 = D::zero(0.0f);
           }
-          if constexpr (SM == ScaleMode::post) {
+          if constexpr (kPost) {
             s0 = H::to_float(sb0) * D::kPostScale;
             s1 = H::to_float(sb1) * D::kPostScale;
           } else {
@@ -276,12 +285,12 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
         // token 8ch + g, the weight words whose pairs start there decoded to
         // A fragments (rows g and g+8), then the mma steps. Written in this
         // order to keep few fragments alive at once.
-        float part[NC][4];
+        float part[kPost ? NC : 1][4];
 #pragma unroll
-        for (int ch = 0; ch < NC; ++ch)
+        for (int ch = 0; ch < (kPost ? NC : 1); ++ch)
 #pragma unroll
           for (int i = 0; i < 4; ++i) part[ch][i] = 0.0f;
-        float(&dst)[NC][4] = SM == ScaleMode::post ? part : acc;
+        float(*dst)[4] = kPost ? part : acc;
         uint32_t pa[2 * kSteps], pb[2 * kSteps];
 #pragma unroll
         for (int v = 0; v < kActVec; ++v) {
@@ -293,7 +302,7 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
             if ((i * D::kWordPairs) / 4 != v) continue;
             D::word(raw[u][0].v[i], z0, pa + i * D::kWordPairs);
             D::word(raw[u][1].v[i], z1, pb + i * D::kWordPairs);
-            if constexpr (SM == ScaleMode::pre) {
+            if constexpr (kPre) {
 #pragma unroll
               for (int q = i * D::kWordPairs; q < (i + 1) * D::kWordPairs; ++q) {
                 pa[q] = H::mul(D::exact(pa[q]), sp0);
@@ -310,7 +319,7 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
                        bw[ch][2 * h + 1]);
           }
         }
-        if constexpr (SM == ScaleMode::post) {
+        if constexpr (kPost) {
 #pragma unroll
           for (int ch = 0; ch < NC; ++ch) {
             acc[ch][0] = fmaf(s0, part[ch][0], acc[ch][0]);
@@ -322,11 +331,21 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
       }
     };
 
-    if (tile_ok) {
+    // Double-buffered: group m + kU is loading while group m is computed.
+    if (tile_ok && m_begin < m_end) {
+      Raw<CB> ra[kU][2], rb[kU][2];
       int m = m_begin;
-      const int m_full = min(m_end, a.nfull);
-      for (; m + kU <= m_full; m += kU) macro_steps(m, std::true_type{});
-      for (; m < m_end; m += kU) macro_steps(m, std::false_type{});
+      load_group(ra, m);
+      for (;;) {
+        if (m + kU < m_end) load_group(rb, m + kU);
+        compute_group(ra, m);
+        m += kU;
+        if (m >= m_end) break;
+        if (m + kU < m_end) load_group(ra, m + kU);
+        compute_group(rb, m);
+        m += kU;
+        if (m >= m_end) break;
+      }
     }
 
     // Sum the wk partial tiles of each row tile; warp kw == 0 writes.
@@ -367,7 +386,7 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
 
 template <class Act, class Enc, int CB, ScaleMode SM>
 __global__ void __launch_bounds__(kThreads, 2) decode_kernel(const DecodeArgs a) {
-  __shared__ float red[kWarps - 1][8][32];
+  __shared__ float red[kWarps - 1][16][32];
 
   // Rows that no expert covers (counts summing to less than T) are zeros.
   if (blockIdx.y == 0) {
@@ -380,10 +399,17 @@ __global__ void __launch_bounds__(kThreads, 2) decode_kernel(const DecodeArgs a)
 
   Slot s;
   if (!find_active_expert(a.counts, a.E, a.T, int(blockIdx.y), s)) return;
-  if (s.t1 - s.t0 <= 8)
+  // Tokens of the expert in passes of 8, 16 or 24 (one pass reads the
+  // expert's weights once; more than 24 tokens take several passes).
+  // Small groups (16-bit scaling) keep passes of at most 16 tokens: their
+  // extra operands leave no registers for a third B fragment.
+  const int64_t nt = s.t1 - s.t0;
+  if (nt <= 8)
     decode_tile<Act, Enc, CB, SM, 1>(a, s, red);
-  else
+  else if (nt <= 16 || SM == ScaleMode::pre)
     decode_tile<Act, Enc, CB, SM, 2>(a, s, red);
+  else
+    decode_tile<Act, Enc, CB, SM, SM == ScaleMode::pre ? 2 : 3>(a, s, red);
 }
 
 // ------------------------------------------------------------------ host
@@ -419,7 +445,6 @@ int sm_count() {
 template <class Act, class Enc, int CB, ScaleMode SM>
 Status launch_one(const MoeGemmParams& p, cudaStream_t stream, int64_t rb, int per_group) {
   constexpr int kMacro = 4 * CB;
-  constexpr int kU = 64 / CB;
   DecodeArgs a;
   a.w = static_cast<const uint8_t*>(p.weights);
   a.act = static_cast<const uint16_t*>(p.activations);
@@ -438,16 +463,17 @@ Status launch_one(const MoeGemmParams& p, cudaStream_t stream, int64_t rb, int p
   a.nfull = int(rb / kMacro);
 
   // Enough warps to keep every SM's loads in flight even with 1-2 active
-  // experts: split K among the warps of a block while the grid is small and
-  // each warp keeps at least two rounds of kU macro steps.
+  // experts: split K among the warps of a block while the grid has fewer
+  // than ~10 warps per SM and each warp keeps at least two macro steps
+  // (measured on H100: more splitting than that costs more than it hides).
   const int64_t tiles = (p.n + 15) / 16;
   const int64_t slots = std::min(p.num_experts, p.total_tokens);
-  const int64_t target = int64_t(sm_count()) * 32;
+  const int64_t target = int64_t(sm_count()) * 10;
   int wk = 1;
   if (tuning().k_warps > 0) {
     while (wk * 2 <= tuning().k_warps && wk < kWarps && a.nmacro >= 2 * wk) wk *= 2;
   } else {
-    while (wk < kWarps && tiles * slots * wk < target && a.nmacro >= 2 * kU * 2 * wk) wk *= 2;
+    while (wk < kWarps && tiles * slots * wk < target && a.nmacro >= 4 * wk) wk *= 2;
   }
   a.wk = wk;
   a.wn = kWarps / wk;
@@ -474,18 +500,29 @@ bool launch_typed(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
     const int64_t gb = gs * kBits / 8;  // bytes of a group along a row
     const auto fits = [&](int cb) { return allow(cb) && rb % cb == 0 && aligned(p.weights, cb); };
     const auto pow2 = [](int64_t x) { return x > 0 && (x & (x - 1)) == 0 && x <= (int64_t(1) << 30); };
+    // In order of preference: scale in fp32 per 4-lane macro step of 64 or
+    // 32 bytes; else scale in 16-bit per lane chunk of 16 or 8 bytes (int2
+    // only with 8-byte chunks: 64 codes a chunk leave no registers for the
+    // 16-bit scaling).
     if (fits(16) && gb % 64 == 0 && pow2(gb / 64)) {
       *status = launch_one<Act, Enc, 16, ScaleMode::post>(p, stream, rb, int(gb / 64));
-    } else if (fits(8) && gb % 32 == 0 && pow2(gb / 32)) {
-      *status = launch_one<Act, Enc, 8, ScaleMode::post>(p, stream, rb, int(gb / 32));
-    } else if (fits(16) && gs % (16 * 8 / kBits) == 0 && pow2(gs / (16 * 8 / kBits))) {
-      *status = launch_one<Act, Enc, 16, ScaleMode::pre>(p, stream, rb, int(gs / (16 * 8 / kBits)));
-    } else if (fits(8) && gs % (8 * 8 / kBits) == 0 && pow2(gs / (8 * 8 / kBits))) {
-      *status = launch_one<Act, Enc, 8, ScaleMode::pre>(p, stream, rb, int(gs / (8 * 8 / kBits)));
-    } else {
-      return false;
+      return true;
     }
-    return true;
+    if (fits(8) && gb % 32 == 0 && pow2(gb / 32)) {
+      *status = launch_one<Act, Enc, 8, ScaleMode::post>(p, stream, rb, int(gb / 32));
+      return true;
+    }
+    if constexpr (kBits >= 4) {
+      if (fits(16) && gs % (16 * 8 / kBits) == 0 && pow2(gs / (16 * 8 / kBits))) {
+        *status = launch_one<Act, Enc, 16, ScaleMode::pre>(p, stream, rb, int(gs / (16 * 8 / kBits)));
+        return true;
+      }
+    }
+    if (fits(8) && gs % (8 * 8 / kBits) == 0 && pow2(gs / (8 * 8 / kBits))) {
+      *status = launch_one<Act, Enc, 8, ScaleMode::pre>(p, stream, rb, int(gs / (8 * 8 / kBits)));
+      return true;
+    }
+    return false;
   }
 }
 

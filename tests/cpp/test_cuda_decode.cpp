@@ -38,9 +38,12 @@ std::vector<int32_t> sparse_counts(int E, std::vector<std::pair<int, int32_t>> a
   return c;
 }
 
-// Runs the decode launcher on a fresh random problem; `fast` says whether the
-// fast path must take it. Returns false (with a failure recorded) on error.
-void run_case(ActType at, Encoding enc, const Case& cs, bool fast = true) {
+enum class Path { fast, generic, any };
+
+// Runs the decode launcher on a fresh random problem (the generic kernel
+// through the public API where the launcher declines); `path` says which
+// kernel must take it.
+void run_case(ActType at, Encoding enc, const Case& cs, Path path = Path::fast) {
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE(cs.label + " " + name(at, enc) + " N=" + std::to_string(cs.n) + " K=" + std::to_string(cs.k) +
                " g=" + std::to_string(cs.group_size) + " seed=" + std::to_string(seed));
@@ -49,7 +52,8 @@ void run_case(ActType at, Encoding enc, const Case& cs, bool fast = true) {
   dp.poison();
   Status st;
   const bool launched = cuda::launch_decode(dp.params, nullptr, &st);
-  ASSERT_EQ(launched, fast) << "fast path " << (fast ? "not taken" : "taken unexpectedly");
+  if (path != Path::any)
+    ASSERT_EQ(launched, path == Path::fast) << "fast path " << (launched ? "taken unexpectedly" : "not taken");
   if (!launched) st = moe_gemm_decode(dp.params, Device{DeviceType::cuda, 0, nullptr});
   ASSERT_TRUE(st.ok()) << st.message;
   QMOE_CUDA_OK(cudaDeviceSynchronize());
@@ -62,7 +66,8 @@ std::vector<Case> fast_cases() {
   std::vector<Case> cases = {
       {"tokens_1_to_8", 48, 256, 128, {1, 2, 3, 4, 5, 6, 7, 8}},
       {"more_than_8", 40, 512, 64, {9, 0, 16, 17, 3}},
-      {"one_expert_40_tokens", 32, 256, 128, {40}},
+      {"one_expert_40_tokens", 32, 256, 128, {40}},  // passes of 24 and 16 tokens
+      {"small_groups_30_tokens", 24, 512, 32, {30, 1, 0, 17}},
       {"n1", 1, 256, 64, {2, 1}},
       {"n17", 17, 384, 128, {3}},
       {"n100", 100, 256, 32, {1, 0, 4}},
@@ -86,7 +91,8 @@ TEST_P(CudaDecode, FastPathMatchesFloat64Reference) {
 }
 
 // Every chunk width and K split on the same shapes (the launcher would pick
-// only one of them for each).
+// only one of them for each; a forced width that the encoding cannot use
+// falls back to the generic kernel).
 TEST_P(CudaDecode, EveryVariant) {
   QMOE_SKIP_WITHOUT_CUDA();
   const auto [at, enc] = GetParam();
@@ -99,7 +105,7 @@ TEST_P(CudaDecode, EveryVariant) {
       TuningScope scope({cb, wk});
       for (const Case& cs : cases) {
         SCOPED_TRACE("chunk_bytes=" + std::to_string(cb) + " k_warps=" + std::to_string(wk));
-        run_case(at, enc, cs);
+        run_case(at, enc, cs, Path::any);
       }
     }
 }
@@ -112,10 +118,10 @@ INSTANTIATE_TEST_SUITE_P(AllEncodings, CudaDecode,
 // Shapes outside the fast path's rules go to the generic kernel (and are right).
 TEST(CudaDecodeEdges, FallsBackOutsideItsRules) {
   QMOE_SKIP_WITHOUT_CUDA();
-  run_case(ActType::bf16, {WeightType::int8, false}, {"k_not_multiple_of_8", 20, 36, 4, {2, 1}}, false);
-  run_case(ActType::f16, {WeightType::int4, true}, {"group_not_power_of_two", 20, 288, 96, {2, 1}}, false);
-  run_case(ActType::bf16, {WeightType::int2, false}, {"int2_group_16", 20, 256, 16, {1, 1}}, false);
-  run_case(ActType::f16, {WeightType::native16, false}, {"native_k12", 20, 12, 0, {3}}, false);
+  run_case(ActType::bf16, {WeightType::int8, false}, {"k_not_multiple_of_8", 20, 36, 4, {2, 1}}, Path::generic);
+  run_case(ActType::f16, {WeightType::int4, true}, {"group_not_power_of_two", 20, 288, 96, {2, 1}}, Path::generic);
+  run_case(ActType::bf16, {WeightType::int2, false}, {"int2_group_16", 20, 256, 16, {1, 1}}, Path::generic);
+  run_case(ActType::f16, {WeightType::native16, false}, {"native_k12", 20, 12, 0, {3}}, Path::generic);
 }
 
 // Counts summing to less than T: the rows no expert covers are exactly zero.
@@ -219,6 +225,7 @@ TEST(CudaDecodeSanitize, MixedShapes) {
     for (ActType at : {ActType::f16, ActType::bf16}) {
       run_case(at, enc, {"san_g128", 37, 2048, 128, {1, 0, 9}});
       run_case(at, enc, {"san_g32_partial", 21, 96, 32, {2, 17}});
+      run_case(at, enc, {"san_24_tokens", 18, 256, 64, {20, 1}});
     }
   TuningScope scope({8, 8});
   run_case(ActType::bf16, {WeightType::int4, true}, {"san_cb8_wk8", 45, 4096, 128, {3, 0, 18}});
