@@ -76,8 +76,8 @@ def quantize(weights: Any, *, weight_bits: int = 4, group_size: int = 128, asym:
 
     Args:
         weights: [E, N, K] floating-point torch.Tensor or numpy.ndarray (converted
-            to float32). CUDA tensors are quantized on the CPU and the results
-            moved back to their device.
+            to float32). CUDA tensors are quantized on their device by PyTorch
+            operations that give the C++ quantizer's results bit for bit.
         weight_bits: 16, 8, 4 or 2 (ignored when fp8 is given).
         group_size: positive int dividing K (even for int4, a multiple of 4 for
             int2); one scale (and zero) per group along K. Unused for 16-bit.
@@ -127,6 +127,12 @@ def quantize(weights: Any, *, weight_bits: int = 4, group_size: int = 128, asym:
         gs = positive_group_size(group_size)
         check_group_layout(wt, K, gs, K_name="K (weights.shape[2])")
         kp = K // PER_BYTE.get(wt, 1)
+
+    if fw.device(weights)[0] == "cuda":
+        # Same codes on the tensor's device (see _quant_torch): no host round trip.
+        from . import _quant_torch
+
+        return _quant_torch.quantize(fw.contiguous(weights), wt, asym, act, gs)
 
     w32 = fw.to_float32(fw.to_cpu(weights))
     q = fw.empty((E, N, kp), q_dtype, w32)

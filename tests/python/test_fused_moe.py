@@ -658,3 +658,71 @@ def test_cuda_graph_capture(rng):
     torch.cuda.synchronize()
     expect = qmoe.fused_moe(x, gu, dn, router_logits=logits, top_k=2, **kw)
     assert torch.equal(out.view(torch.int16), expect.view(torch.int16))
+
+
+# ---------------------------------------------------------------------------
+# The PyTorch quantizer (used for CUDA tensors) against the C++ one
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("act", ["bfloat16", "float16"])
+@pytest.mark.parametrize("enc", [e for e in ENC_NAMES if e != "w16"])
+def test_torch_quantizer_is_bit_exact(rng, act, enc):
+    """qmoe._quant_torch (what qmoe.quantize runs for CUDA tensors) on CPU tensors
+    gives the C++ quantizer's codes, scales and zeros bit for bit, on weights with
+    groups of one sign, zero groups, tiny and large magnitudes, and ties."""
+    require_framework("torch")
+    from qmoe import _quant_torch
+    from qmoe._checks import FP8_TYPES, INT_TYPES
+
+    e = ref.ENCODINGS[enc]
+    gs = 16
+    w = rng.standard_normal((3, 12, 64)).astype(np.float32)
+    w[0, 0] = np.abs(w[0, 0])                    # positive groups
+    w[0, 1] = -np.abs(w[0, 1])                   # negative groups
+    w[0, 2, :gs] = 0.0                           # an all-zero group
+    w[1, 0] *= 1e-4                              # tiny
+    w[1, 1] *= 50.0                              # large
+    w[1, 2] = np.round(w[1, 2] * 4) / 4          # values on rounding ties
+    w[2, 3, :gs] = 0.5                           # a constant group
+    wt = FP8_TYPES[{"e4m3": "float8_e4m3fn", "e5m2": "float8_e5m2"}[e.fp8]] if e.fp8 else \
+        INT_TYPES[e.bits]
+    t = torch.from_numpy(w)
+    got = _quant_torch.quantize(t, wt, e.asym, act, gs)
+    want = qmoe.quantize(t, group_size=gs, dtype=act, **e.quantize_kwargs())
+    for name, a, b in zip(("qweights", "scales", "zeros"), got, want):
+        assert (a is None) == (b is None), name
+        if a is None:
+            continue
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.equal(a.view(torch.uint8) if a.element_size() == 1 else a.view(torch.int16),
+                           b.view(torch.uint8) if b.element_size() == 1 else b.view(torch.int16)), name
+
+
+def test_torch_quantizer_chunks_experts(rng, monkeypatch):
+    require_framework("torch")
+    from qmoe import _quant_torch
+
+    w = torch.from_numpy(rng.standard_normal((5, 8, 32)).astype(np.float32))
+    whole = _quant_torch.quantize(w, qmoe._ext.WeightType.int4, True, "bfloat16", 16)
+    monkeypatch.setattr(_quant_torch, "_CHUNK_ELEMENTS", 2 * 8 * 32)  # two experts a chunk
+    chunked = _quant_torch.quantize(w, qmoe._ext.WeightType.int4, True, "bfloat16", 16)
+    for a, b in zip(whole, chunked):
+        assert torch.equal(a.view(torch.int16) if a.element_size() == 2 else a,
+                           b.view(torch.int16) if b.element_size() == 2 else b)
+
+
+def test_cuda_quantize_matches_cpu(rng):
+    cuda_or_skip()
+    w = torch.from_numpy(rng.standard_normal((4, 32, 128)).astype(np.float32))
+    for kw in (dict(weight_bits=4), dict(weight_bits=2, asym=True), dict(fp8="e4m3"),
+               dict(weight_bits=8)):
+        a = qmoe.quantize(w.cuda(), group_size=32, **kw)
+        b = qmoe.quantize(w, group_size=32, **kw)
+        for x, y in zip(a, b):
+            if x is None:
+                continue
+            assert x.device.type == "cuda"
+            x, y = x.cpu(), y
+            assert torch.equal(x.view(torch.uint8) if x.element_size() == 1 else x.view(torch.int16),
+                               y.view(torch.uint8) if y.element_size() == 1 else y.view(torch.int16))
