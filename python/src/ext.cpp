@@ -1,8 +1,10 @@
 // qmoe._ext: the thin nanobind layer under the Python package `qmoe`.
 //
 // It mirrors the C++ API of include/qmoe/ one to one: the Python side fills a
-// MoeGemmParams (raw data pointers as integers, sizes, enums) and a Device
-// (type, index, CUDA stream as an integer), and calls an entry point. All
+// MoeGemmParams or a FusedMoeParams (with its RoutingParams and ExpertWeights;
+// raw data pointers as integers, sizes, enums) and a Device (type, index, CUDA
+// stream as an integer), and calls an entry point (grouped products, the fused
+// MoE layer, its routing, the quantizers). All
 // checks of framework objects (tensor types, dtypes, shapes, devices) live in
 // python/qmoe/; the C++ library checks again what it can see and reports a
 // Status, which becomes an exception here:
