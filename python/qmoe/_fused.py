@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -518,6 +519,17 @@ def fused_moe(hidden_states: Any, gate_up_weights: Any, down_weights: Any, *,
     return c.result
 
 
+_WARNED_GRAD = False
+
+
+def _warn_no_grad():
+    global _WARNED_GRAD
+    if not _WARNED_GRAD:
+        _WARNED_GRAD = True
+        warnings.warn("qmoe.fused_moe is inference only: its output does not carry gradients "
+                      "(hidden_states requires grad; run under torch.no_grad())", stacklevel=4)
+
+
 class _FusedCall:
     __slots__ = ("params", "device", "result", "keep")
 
@@ -533,6 +545,8 @@ def _prepare_fused(hidden_states, gate_up_weights, down_weights, router_logits, 
     act_name = fw.dtype_name(hidden_states)
     if act_name not in ACT_TYPES:
         raise ValueError(f"hidden_states must be float16 or bfloat16, got {act_name}")
+    if getattr(hidden_states, "requires_grad", False):
+        _warn_no_grad()
     out_shape = _shape(hidden_states)
     H = out_shape[-1]
     T = math.prod(out_shape[:-1])

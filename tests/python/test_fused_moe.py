@@ -726,3 +726,17 @@ def test_cuda_quantize_matches_cpu(rng):
             x, y = x.cpu(), y
             assert torch.equal(x.view(torch.uint8) if x.element_size() == 1 else x.view(torch.int16),
                                y.view(torch.uint8) if y.element_size() == 1 else y.view(torch.int16))
+
+
+def test_exports_and_grad_warning(rng):
+    for name in ("fused_moe", "moe_route", "QuantizedExperts", "quantize_experts",
+                 "fused_moe_workspace_size", "clear_workspace_cache"):
+        assert name in qmoe.__all__ and hasattr(qmoe, name), name
+    require_framework("torch")
+    L = Layer(rng, "bfloat16", "int8")
+    x = L.x("torch").requires_grad_()
+    qmoe._fused._WARNED_GRAD = False
+    with pytest.warns(UserWarning, match="inference only"):
+        out = qmoe.fused_moe(x, L.gu.q("torch"), L.dn.q("torch"),
+                             router_logits=torch.from_numpy(L.logits), top_k=2)
+    assert not out.requires_grad
