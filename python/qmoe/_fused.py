@@ -495,9 +495,10 @@ def fused_moe(hidden_states: Any, gate_up_weights: Any, down_weights: Any, *,
         shared_gate: optional [H] (or [1, H]) vector in the hidden_states dtype; the
             shared output of token t is scaled by sigmoid(x_t · shared_gate) (Qwen2-MoE).
         workspace: optional 1-D uint8 buffer of >= qmoe.fused_moe_workspace_size(...)
-            bytes on the hidden_states' device, 256-byte aligned on CUDA (16 on the CPU). Without it, CUDA
-            calls use a buffer cached per (device, stream) and CPU calls let the
-            library allocate.
+            bytes on the hidden_states' device, 256-byte aligned on CUDA (16 on the
+            CPU). Without it, CUDA calls use a buffer cached per (device, stream)
+            (while a CUDA graph is captured: one from the graph's pool), and CPU
+            calls let the library allocate.
 
     Returns:
         The layer output, same shape, dtype, framework and device as hidden_states.
