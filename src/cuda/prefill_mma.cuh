@@ -49,6 +49,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <mutex>
 #include <type_traits>
 
@@ -61,7 +62,7 @@ namespace qmoe::cuda::prefill {
 // ---------------------------------------------------------------------------
 // Compile-time configuration per (Act, Enc).
 // ---------------------------------------------------------------------------
-template <class Act, class Enc>
+template <class Act, class Enc, int Warps>
 struct Cfg {
   static constexpr int kBits = Enc::kBits;  // 2, 4, 8, 16
   static constexpr bool kScaled = Enc::kScaled;
@@ -69,7 +70,7 @@ struct Cfg {
   static constexpr bool kNative = kBits == 16;      // ldmatrix path, natural k order
   static constexpr int KC = kNative ? 1 : 2;        // 32-wide k chunks per k tile
   static constexpr int BK = 32 * KC;
-  static constexpr int BM = 128, BN = 256, kWarps = 8, kThreads = 256;
+  static constexpr int BM = 128, BN = 256, kWarps = Warps, kThreads = 32 * Warps;
   static constexpr int SRB = kBits * 4 < 16 ? 16 : kBits * 4;  // bytes of a B row segment
   static constexpr int KCG = SRB / (kBits * 4);                 // k chunks per segment
   static constexpr int NSUB = KC / KCG;                         // B segments per stage
@@ -83,9 +84,11 @@ struct Cfg {
   // One CTA per SM; leave room for the schedule arrays (8 bytes per expert).
   static constexpr int STAGES_RAW = (200 * 1024) / STAGE;
   static constexpr int STAGES = STAGES_RAW > 8 ? 8 : (STAGES_RAW < 2 ? 2 : STAGES_RAW);
-  static constexpr int A_ITERS = BM * 4 * KC / kThreads;  // 16-byte token chunks per thread per stage
-  static constexpr int B_ITERS = BN * CPR / kThreads;     // 16-byte weight chunks per thread per stage
-  static_assert(CPR >= 1 && (BN * CPR) % kThreads == 0 && A_ITERS >= 1, "chunks");
+  static constexpr int A_ITERS = BM * 4 * KC / kThreads;            // 16-byte token chunks per thread
+  static constexpr int B_ITERS = (BN * CPR + kThreads - 1) / kThreads;  // 16-byte weight chunks per thread
+  static constexpr bool B_EXACT = (BN * CPR) % kThreads == 0;
+  static_assert(CPR >= 1 && A_ITERS >= 1 && (BM * 4 * KC) % kThreads == 0, "chunks");
+  static_assert(B_EXACT || BN * CPR < kThreads, "weight chunks");
   static_assert(KC % KCG == 0, "segments");
   using Dec = PrefillDecode<Act, Enc>;
   using raw_t = typename Dec::raw_t;
@@ -168,13 +171,17 @@ __device__ __forceinline__ int sigma(int n) { return n ^ ((n >> 3) & 7); }
 // 16-byte chunk q (0..3) of a 64-byte row r of the ldmatrix (16-bit) layouts.
 __device__ __forceinline__ int swz(int r, int q) { return q ^ ((r >> 1) & 3); }
 
-// Token fragments (n8) computed for a tile of at most 64 tokens: 1, 2, 4, 8.
+// Token fragments (n8) computed for `rows` (>= 1) tokens: 1, 2, 4 or 8.
 __device__ __forceinline__ int token_frags(int rows) { return rows <= 8 ? 1 : rows <= 16 ? 2 : rows <= 32 ? 4 : 8; }
 // Token rows of a tile that the warps read (the rest of the tile is not
-// loaded): up to the last n8 fragment computed.
+// loaded): up to the last n8 fragment computed. Tiles of more than 64 tokens
+// are split over the warps in token groups of 64 (8 warps) or 32 (16 warps).
+template <int Warps>
 __device__ __forceinline__ int padded_rows(int rows) {
   if (rows <= 64) return 8 * token_frags(rows);
-  return rows - 64 > 32 ? 128 : 96;
+  if constexpr (Warps == 8) return rows - 64 > 32 ? 128 : 96;  // second half: 4 or 8 fragments
+  const int last = (rows - 1) / 32 * 32;                       // last group: 1, 2 or 4 fragments
+  return last + 8 * token_frags(rows - last);
 }
 
 // Exclusive scan over the threads of the block (warp shuffles + shared memory).
@@ -225,9 +232,9 @@ __device__ __forceinline__ Item decode_item(int item, const int* s_tok, const in
 // ---------------------------------------------------------------------------
 // The kernel.
 // ---------------------------------------------------------------------------
-template <class Act, class Enc>
+template <class Act, class Enc, int Warps>
 struct Kernel {
-  using C = Cfg<Act, Enc>;
+  using C = Cfg<Act, Enc, Warps>;
   using Dec = typename C::Dec;
   using P = Pair<Act>;
   using raw_t = typename C::raw_t;
@@ -251,7 +258,7 @@ struct Kernel {
       // fragment computed, and not loaded after it.
       {
         const uint32_t sA = smem_addr(stage);
-        const int pad = padded_rows(it.rows);
+        const int pad = padded_rows<C::kWarps>(it.rows);
         constexpr int CH = 4 * C::KC;  // chunks per row
         const int j = tid % CH;
         const int kcol = kt * C::BK + 8 * j;
@@ -281,6 +288,7 @@ struct Kernel {
         const uint8_t* base = a.w + int64_t(it.e) * a.N * a.kp + (kok ? kb : 0);
 #pragma unroll
         for (int i = 0; i < C::B_ITERS; ++i) {
+          if (!C::B_EXACT && tid >= C::BN * C::CPR) break;
           const int n = tid / C::CPR + (C::kThreads / C::CPR) * i;
           const int row = it.n0 + n;
           const bool ok = kok && row < a.N;
@@ -297,7 +305,7 @@ struct Kernel {
       }
       // Scales and zero points of this k tile's groups (thread = weight row):
       // to registers now, to shared memory after this iteration's math.
-      if constexpr (C::kScaled) {
+      if (C::kScaled && tid < C::BN) {
         const int row = min(it.n0 + tid, a.N - 1);
         const uint16_t* srow = a.scales + (int64_t(it.e) * a.N + row) * a.groups;
         const uint16_t* zrow = a.zeros + (int64_t(it.e) * a.N + row) * a.groups;
@@ -331,6 +339,7 @@ struct Kernel {
         const int tid = fresh_tid();
 #pragma unroll
         for (int kc = 0; kc < C::KC; ++kc) {
+          if (C::kThreads > C::BN && tid >= C::BN) break;
           sS[kc * C::BN + tid] = dup16(uint16_t(L.sreg >> (16 * kc)));
           if constexpr (C::kBias) sZ[kc * C::BN + tid] = Dec::bias_word(P::to_float(uint16_t(L.zreg >> (16 * kc))));
         }
@@ -342,7 +351,7 @@ struct Kernel {
   // Weight row (within the n tile) of lane g, row t of its fragments.
   template <int MI>
   __device__ static __forceinline__ int lane_row(int row0, int g) {
-    return row0 + (MI == 4 ? 8 * g : 4 * g);
+    return row0 + 2 * MI * g;
   }
 
   // One k tile, quantized weights: per 32-wide chunk, the token fragments
@@ -359,32 +368,26 @@ struct Kernel {
     const int lb = sigma(nl) * C::SRB + c * C::kBits;
     const uint32_t* sS = reinterpret_cast<const uint32_t*>(stage + C::A_BYTES + C::B_BYTES) + nl;
     const uint32_t* sZ = reinterpret_cast<const uint32_t*>(stage + C::A_BYTES + C::B_BYTES + C::S_BYTES) + nl;
-#pragma unroll
+    // 16 warps (128 registers): one chunk at a time, so the next chunk's
+    // loads are not hoisted into registers the accumulators need.
+#pragma unroll(C::kWarps == 8 ? C::KC : 1)
     for (int kc = 0; kc < C::KC; ++kc) {
       uint4 X[NJ];  // tokens 8j + g, k 8c .. 8c+7: step s uses words 2s, 2s+1
 #pragma unroll
       for (int j = 0; j < NJ; ++j) X[j] = *reinterpret_cast<const uint4*>(sA + kc * (C::BM * 64) + 8 * j * 64);
-      uint32_t Sv[2 * MI], Zv[2 * MI];
-#pragma unroll
-      for (int h = 0; h < MI / 2; ++h) {
-        const uint4 sv = *reinterpret_cast<const uint4*>(sS + kc * C::BN + 4 * h);
-        Sv[4 * h] = sv.x, Sv[4 * h + 1] = sv.y, Sv[4 * h + 2] = sv.z, Sv[4 * h + 3] = sv.w;
-        if constexpr (C::kBias) {
-          const uint4 zv = *reinterpret_cast<const uint4*>(sZ + kc * C::BN + 4 * h);
-          Zv[4 * h] = zv.x, Zv[4 * h + 1] = zv.y, Zv[4 * h + 2] = zv.z, Zv[4 * h + 3] = zv.w;
-        } else {
-          Zv[4 * h] = Zv[4 * h + 1] = Zv[4 * h + 2] = Zv[4 * h + 3] = Dec::kSymBias;
-        }
-      }
       const unsigned char* seg = sB + (kc / C::KCG) * (C::BN * C::SRB) + (kc % C::KCG) * (4 * C::kBits);
 #pragma unroll
       for (int mi = 0; mi < MI; ++mi) {
         const int t0 = 2 * mi, t1 = 2 * mi + 1;
         const raw_t r0 = *reinterpret_cast<const raw_t*>(seg + (lb ^ (t0 * C::SRB)));
         const raw_t r1 = *reinterpret_cast<const raw_t*>(seg + (lb ^ (t1 * C::SRB)));
+        // Scale (and bias) words of rows t0, t1: adjacent, one 8-byte load each.
+        uint2 sv = make_uint2(0, 0), zv = make_uint2(Dec::kSymBias, Dec::kSymBias);
+        if constexpr (C::kScaled) sv = *reinterpret_cast<const uint2*>(sS + kc * C::BN + t0);
+        if constexpr (C::kBias) zv = *reinterpret_cast<const uint2*>(sZ + kc * C::BN + t0);
         uint32_t w0[4], w1[4];
-        Dec::decode(r0, Sv[t0], Zv[t0], w0);
-        Dec::decode(r1, Sv[t1], Zv[t1], w1);
+        Dec::decode(r0, sv.x, zv.x, w0);
+        Dec::decode(r1, sv.y, zv.y, w1);
 #pragma unroll
         for (int st = 0; st < 2; ++st)
 #pragma unroll
@@ -453,8 +456,10 @@ struct Kernel {
         if (a.vec_out && n + 2 * MI <= a.N) {
           if constexpr (MI == 4)
             *reinterpret_cast<uint4*>(orow + n) = make_uint4(v[0], v[1], v[2], v[3]);
-          else
+          else if constexpr (MI == 2)
             *reinterpret_cast<uint2*>(orow + n) = make_uint2(v[0], v[1]);
+          else
+            *reinterpret_cast<uint32_t*>(orow + n) = v[0];
         } else {
 #pragma unroll
           for (int e = 0; e < 2 * MI; ++e)
@@ -469,11 +474,11 @@ struct Kernel {
   __device__ static __forceinline__ void run_item(const Args& a, const Item& it, int tok_off, int row0,
                                                   Loader& L, unsigned char* smem, int& slot, int& ld_slot,
                                                   int total, const int* s_tok, const int* s_items) {
-    float acc[MI][NJ][4];
+    float acc[MI][NJ > 0 ? NJ : 1][4];
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-      for (int j = 0; j < NJ; ++j)
+      for (int j = 0; j < (NJ > 0 ? NJ : 1); ++j)
 #pragma unroll
         for (int q = 0; q < 4; ++q) acc[mi][j][q] = 0.0f;
 #pragma unroll 1
@@ -482,7 +487,9 @@ struct Kernel {
       __syncthreads();
       unsigned char* ld_stage = smem + ld_slot * C::STAGE;
       issue(a, L, ld_stage, total, s_tok, s_items);
-      if constexpr (C::kNative)
+      if constexpr (NJ == 0)
+        ;  // a warp with no tokens in this tile only loads
+      else if constexpr (C::kNative)
         compute_n<MI, NJ>(smem + slot * C::STAGE, tok_off, row0, acc);
       else
         compute_q<MI, NJ>(smem + slot * C::STAGE, tok_off, row0, acc);
@@ -490,13 +497,13 @@ struct Kernel {
       slot = slot + 1 == C::STAGES ? 0 : slot + 1;
       ld_slot = ld_slot + 1 == C::STAGES ? 0 : ld_slot + 1;
     }
-    store_tile<MI, NJ>(a, it, tok_off, row0, acc);
+    if constexpr (NJ > 0) store_tile<MI, NJ>(a, it, tok_off, row0, acc);
   }
 };
 
-template <class Act, class Enc>
-__global__ void __launch_bounds__(256, 1) prefill_kernel(const Args a) {
-  using K = Kernel<Act, Enc>;
+template <class Act, class Enc, int Warps>
+__global__ void __launch_bounds__(32 * Warps, 1) prefill_kernel(const Args a) {
+  using K = Kernel<Act, Enc, Warps>;
   using C = typename K::C;
   extern __shared__ __align__(128) unsigned char smem[];
   const int tid = threadIdx.x, warp = tid >> 5;
@@ -546,25 +553,54 @@ __global__ void __launch_bounds__(256, 1) prefill_kernel(const Args a) {
 #pragma unroll 1
   for (int item = blockIdx.x; item < total; item += gridDim.x) {
     const Item it = decode_item<C>(item, s_tok, s_items, a.E);
-    if (it.rows > 64) {
-      // Warp (h, r): tokens [64h, 64h + 64), weight rows [64r, 64r + 64).
-      const int h = warp >> 2, row0 = 64 * (warp & 3);
-      if (h == 0 || it.rows - 64 > 32)
-        K::template run_item<4, 8>(a, it, 64 * h, row0, L, smem, slot, ld_slot, total, s_tok, s_items);
-      else
-        K::template run_item<4, 4>(a, it, 64 * h, row0, L, smem, slot, ld_slot, total, s_tok, s_items);
+#define QMOE_RUN(MI, NJ, TOK, ROW) \
+  K::template run_item<MI, NJ>(a, it, TOK, ROW, L, smem, slot, ld_slot, total, s_tok, s_items)
+    if constexpr (Warps == 8) {
+      if (it.rows > 64) {
+        // Warp (h, r): tokens [64h, 64h + 64), weight rows [64r, 64r + 64).
+        const int h = warp >> 2, row0 = 64 * (warp & 3);
+        if (h == 0 || it.rows - 64 > 32)
+          QMOE_RUN(4, 8, 64 * h, row0);
+        else
+          QMOE_RUN(4, 4, 64 * h, row0);
+      } else {
+        // Warp w: weight rows [32w, 32w + 32), every token of the tile.
+        const int nj = token_frags(it.rows), row0 = 32 * warp;
+        if (nj == 8)
+          QMOE_RUN(2, 8, 0, row0);
+        else if (nj == 4)
+          QMOE_RUN(2, 4, 0, row0);
+        else if (nj == 2)
+          QMOE_RUN(2, 2, 0, row0);
+        else
+          QMOE_RUN(2, 1, 0, row0);
+      }
     } else {
-      // Warp w: weight rows [32w, 32w + 32), every token of the tile.
-      const int nj = token_frags(it.rows), row0 = 32 * warp;
-      if (nj == 8)
-        K::template run_item<2, 8>(a, it, 0, row0, L, smem, slot, ld_slot, total, s_tok, s_items);
-      else if (nj == 4)
-        K::template run_item<2, 4>(a, it, 0, row0, L, smem, slot, ld_slot, total, s_tok, s_items);
-      else if (nj == 2)
-        K::template run_item<2, 2>(a, it, 0, row0, L, smem, slot, ld_slot, total, s_tok, s_items);
-      else
-        K::template run_item<2, 1>(a, it, 0, row0, L, smem, slot, ld_slot, total, s_tok, s_items);
+      if (it.rows > 64) {
+        // Warp (h, r): tokens [32h, 32h + 32), weight rows [64r, 64r + 64).
+        const int h = warp >> 2, row0 = 64 * (warp & 3), mine = it.rows - 32 * h;
+        if (mine > 16)
+          QMOE_RUN(4, 4, 32 * h, row0);
+        else if (mine > 8)
+          QMOE_RUN(4, 2, 32 * h, row0);
+        else if (mine > 0)
+          QMOE_RUN(4, 1, 32 * h, row0);
+        else
+          QMOE_RUN(4, 0, 32 * h, row0);
+      } else {
+        // Warp w: weight rows [16w, 16w + 16), every token of the tile.
+        const int nj = token_frags(it.rows), row0 = 16 * warp;
+        if (nj == 8)
+          QMOE_RUN(1, 8, 0, row0);
+        else if (nj == 4)
+          QMOE_RUN(1, 4, 0, row0);
+        else if (nj == 2)
+          QMOE_RUN(1, 2, 0, row0);
+        else
+          QMOE_RUN(1, 1, 0, row0);
+      }
     }
+#undef QMOE_RUN
   }
   cp_async_wait<0>();
 
@@ -582,10 +618,10 @@ __global__ void __launch_bounds__(256, 1) prefill_kernel(const Args a) {
 // ---------------------------------------------------------------------------
 inline int ceil_div(int64_t a, int64_t b) { return int((a + b - 1) / b); }
 
-template <class Act, class Enc>
+template <class Act, class Enc, int Warps>
 bool launch(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
-  using C = Cfg<Act, Enc>;
-  const auto kernel = prefill_kernel<Act, Enc>;
+  using C = Cfg<Act, Enc, Warps>;
+  const auto kernel = prefill_kernel<Act, Enc, Warps>;
 
   // Per-device facts, computed once (attribute calls are not stream work, so
   // the first call may also happen inside a graph capture).
@@ -658,9 +694,20 @@ bool launch(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
   const int64_t max_items = int64_t(a.n_tiles) * ((p.total_tokens + C::BM - 1) / C::BM + p.num_experts);
   const int64_t resident = int64_t(d.sms) * per_sm;
   const int grid = int(std::max<int64_t>(1, std::min(max_items, resident)));
-  prefill_kernel<Act, Enc><<<grid, C::kThreads, size_t(smem_bytes), stream>>>(a);
+  prefill_kernel<Act, Enc, Warps><<<grid, C::kThreads, size_t(smem_bytes), stream>>>(a);
   *status = launch_status("prefill MoE kernel launch");
   return true;
+}
+
+// Warps per CTA: 16 (4 per scheduler, 64 x 32 warp tiles) unless the
+// environment variable QMOE_PREFILL_WARPS says 8 (2 per scheduler, 64 x 64
+// warp tiles); read once.
+inline int warps_choice() {
+  static const int w = [] {
+    const char* v = std::getenv("QMOE_PREFILL_WARPS");
+    return (v && std::atoi(v) == 8) ? 8 : 16;
+  }();
+  return w;
 }
 
 // One activation type's encodings (instantiated in prefill_f16.cu / prefill_bf16.cu).
@@ -669,7 +716,8 @@ bool launch_for_act(const MoeGemmParams& p, cudaStream_t stream, Status* status)
   bool launched = false;
   visit_encoding(p.act_type, p.weight_type, p.asym, [&](auto act, auto enc) {
     if constexpr (std::is_same_v<decltype(act), Act>)
-      launched = launch<Act, decltype(enc)>(p, stream, status);
+      launched = warps_choice() == 16 ? launch<Act, decltype(enc), 16>(p, stream, status)
+                                      : launch<Act, decltype(enc), 8>(p, stream, status);
   });
   return launched;
 }
