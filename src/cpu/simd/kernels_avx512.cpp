@@ -72,15 +72,16 @@ struct Dec<IntEncoding<8, Asym>, void> {
   static constexpr int kUnit = 32, kBytes = 32, kVecs = 1;
   static constexpr float kOffset = 0.0f;
   explicit Dec(const float*) {}
-  VI raw(const uint8_t* p) const {
-    const __m128i* q = reinterpret_cast<const __m128i*>(p);
+  VI raw(const uint8_t* p) const {  // one 32-byte load (L1 loads are the scarce port)
+    const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m128i y0 = _mm256_castsi256_si128(y), y1 = _mm256_extracti128_si256(y, 1);
     VI lo, hi;
     if constexpr (Asym) {  // the trait: asym codes are unsigned bytes
-      lo = _mm512_cvtepu8_epi32(_mm_loadu_si128(q));
-      hi = _mm512_cvtepu8_epi32(_mm_loadu_si128(q + 1));
+      lo = _mm512_cvtepu8_epi32(y0);
+      hi = _mm512_cvtepu8_epi32(y1);
     } else {  // sym codes are two's complement
-      lo = _mm512_cvtepi8_epi32(_mm_loadu_si128(q));
-      hi = _mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1));
+      lo = _mm512_cvtepi8_epi32(y0);
+      hi = _mm512_cvtepi8_epi32(y1);
     }
     return (VI)_mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(hi), _mm512_cvtepi32_ps(lo));
   }
@@ -422,15 +423,18 @@ struct Runner {
   // Per-row running sums live in totbuf between chunks; res gets [NT, nr].
   // Rows A and B over units [u0, u1) of a chunk, one scale fold per unit
   // (see decode_rows), running sums in totA / totB.
+  int64_t unit_group(int64_t u) const { return gs >= D::kUnit ? u / upb : u * gpb; }
+
   template <int NT>
-  void pair_tight(const uint8_t* wA, const uint8_t* wB, int64_t u0, int64_t u1, const uint8_t* const* a,
-                  const float* sA, const float* sB, V* totA, V* totB) const {
+  void pair_tight(const uint8_t* wA, const uint8_t* wB, int64_t u0, int64_t u1, int64_t g0,
+                  const uint8_t* const* a, const float* sA, const float* sB, V* totA, V* totB) const {
     constexpr int kCh = NT <= 2 ? 4 : 2;
     constexpr int kQ = D::kVecs * (kF16 ? 2 : 1);
     constexpr int kUsed = kQ < kCh ? kQ : kCh;
     V tA[NT], tB[NT];
     for (int t = 0; t < NT; ++t) tA[t] = totA[t], tB[t] = totB[t];
-    for (int64_t u = u0; u < u1; ++u, sA += gpb, sB += gpb) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t gi = unit_group(u) - g0;  // first group of the unit, in the chunk's scales
       _mm_prefetch(reinterpret_cast<const char*>(wA + u * D::kBytes) + kPrefetch, _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(wB + u * D::kBytes) + kPrefetch, _MM_HINT_T0);
       const VI xA = dec.raw(wA + u * D::kBytes), xB = dec.raw(wB + u * D::kBytes);
@@ -447,8 +451,8 @@ struct Runner {
           cB[ch][t] = _mm512_dpbf16_ps(q < kCh ? _mm512_setzero_ps() : cB[ch][t], bh(vB), bh(av));
         }
       }
-      const V svA = _mm512_permutexvar_ps(idx_dot, _mm512_loadu_ps(sA));
-      const V svB = _mm512_permutexvar_ps(idx_dot, _mm512_loadu_ps(sB));
+      const V svA = _mm512_permutexvar_ps(idx_dot, _mm512_loadu_ps(sA + gi));
+      const V svB = _mm512_permutexvar_ps(idx_dot, _mm512_loadu_ps(sB + gi));
       for (int t = 0; t < NT; ++t) {
         V dA = cA[0][t], dB = cB[0][t];
         if constexpr (kUsed > 1) dA = _mm512_add_ps(dA, cA[1][t]), dB = _mm512_add_ps(dB, cB[1][t]);
@@ -487,12 +491,13 @@ struct Runner {
         if constexpr (Enc::kScaled && NT <= 4) {
           // Two rows at once: every activation vector loaded feeds both
           // rows (L1 loads, not the arithmetic, bound this loop).
-          if (bu == 1 && r + 1 < r1) {
+          if ((bu == 1 || NT <= 2) && r + 1 < r1) {
             float* sB = szbuf + sstride_;
             float* szB = sB + sstride_;
             load_scales(e, r, g0, g1, sbuf, szbuf);
             load_scales(e, r + 1, g0, g1, sB, szB);
-            pair_tight<NT>(w + (e * N + r) * row_bytes, w + (e * N + r + 1) * row_bytes, b0, b1, a, sbuf,
+            pair_tight<NT>(w + (e * N + r) * row_bytes, w + (e * N + r + 1) * row_bytes, b0 * bu,
+                           min64(full_units, b1 * bu), g0, a, sbuf,
                            sB, totbuf + (r - r0) * NT, totbuf + (r + 1 - r0) * NT);
             if constexpr (kCorr)
               for (int t = 0; t < NT; ++t) {
@@ -509,13 +514,14 @@ struct Runner {
         V* tb = totbuf + (r - r0) * NT;
         for (int t = 0; t < NT; ++t) tot[t] = tb[t];
         bool done = false;
-        if constexpr (Enc::kScaled) if (bu == 1) {
+        if constexpr (Enc::kScaled) if (bu == 1 || NT <= 2) {
           done = true;
-          // One unit per scale fold (a group is one unit, or a unit holds
-          // several groups on fp32 lanes): a tight loop over the units.
-          const uint8_t* wp = wr + b0 * D::kBytes;
-          const float* sp = sbuf;
-          for (int64_t u = b0; u < b1; ++u, wp += D::kBytes, sp += gpb) {
+          // One scale fold per unit (a group is one unit, or a unit holds
+          // several groups on fp32 lanes, or few tokens): a tight loop.
+          const int64_t ua = b0 * bu, ub = min64(full_units, b1 * bu);
+          const uint8_t* wp = wr + ua * D::kBytes;
+          for (int64_t u = ua; u < ub; ++u, wp += D::kBytes) {
+            const float* sp = sbuf + (unit_group(u) - g0);
             _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetch, _MM_HINT_T0);
             const VI x = dec.raw(wp);
             // Independent chains: 4 for few tokens (short dependency chains
