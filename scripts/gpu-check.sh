@@ -6,6 +6,8 @@
 #   bash scripts/gpu-check.sh                 # every stage
 #   bash scripts/gpu-check.sh build test      # some stages
 # Stages: build test sanitize python bench pybench
+# The GPU image has no GoogleTest: copy Debian's sources first, and name the
+# copy in the device call's carry list:  cp -r /usr/src/googletest .gtest-src
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -27,8 +29,11 @@ status=0
 
 if want build; then
   say "build (CUDA archs $ARCHS)"
+  # The GPU image has no GoogleTest: bring its sources as .gtest-src (carry it).
+  gtest=()
+  [ -d .gtest-src ] && gtest=(-DQMOE_GTEST_SOURCE_DIR="$PWD/.gtest-src")
   cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DQMOE_CUDA=ON \
-    "-DCMAKE_CUDA_ARCHITECTURES=$ARCHS" >>"$LOG" 2>&1 &&
+    "-DCMAKE_CUDA_ARCHITECTURES=$ARCHS" "${gtest[@]}" >>"$LOG" 2>&1 &&
     cmake --build "$BUILD" -j "$(nproc)" >>"$LOG" 2>&1 || { say "BUILD FAILED"; tail -40 "$LOG"; exit 1; }
 fi
 
