@@ -1,7 +1,10 @@
 // The prefill fast path's rules: which shapes take the tensor-core grouped
 // GEMM of prefill_mma.cuh. Everything else returns false (launching nothing)
 // and falls back to the decode or generic kernel, which handle any shape.
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "cuda/kernels.h"
 
@@ -9,6 +12,31 @@ namespace qmoe::cuda {
 namespace prefill {
 bool launch_f16(const MoeGemmParams& p, cudaStream_t stream, Status* status);
 bool launch_bf16(const MoeGemmParams& p, cudaStream_t stream, Status* status);
+
+// Switches that restore earlier behaviour (see prefill_mma.cuh).
+namespace {
+std::atomic<int> g_scales{-1}, g_tiles{-1};
+int env_choice(const char* name, const char* a, int va, const char* b, int vb) {
+  const char* v = std::getenv(name);
+  if (v && a && std::strcmp(v, a) == 0) return va;
+  if (v && b && std::strcmp(v, b) == 0) return vb;
+  return 0;
+}
+}  // namespace
+int scale_path_override() {
+  static const int env = env_choice("QMOE_PREFILL_SCALES", "ldg", 1, nullptr, 0);
+  const int o = g_scales.load(std::memory_order_relaxed);
+  return o >= 0 ? o : env;
+}
+int tile_override() {
+  static const int env = env_choice("QMOE_PREFILL_TILES", "256", 1, "128", 2);
+  const int o = g_tiles.load(std::memory_order_relaxed);
+  return o >= 0 ? o : env;
+}
+void set_overrides(int scales, int tiles) {
+  g_scales.store(scales, std::memory_order_relaxed);
+  g_tiles.store(tiles, std::memory_order_relaxed);
+}
 }  // namespace prefill
 
 namespace {

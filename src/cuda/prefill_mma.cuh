@@ -45,6 +45,25 @@
 // The pipeline runs across item boundaries. No host sync, no allocation: the
 // launch is graph-capturable. Rows that no expert covers (counts summing to
 // less than T) are written as zeros.
+//
+// Tuning log (predictions written before the GPU run; baseline H100
+// 2026-11-27, int4 Mixtral w13 8 warps: 229 registers, issue active 39%,
+// stalls per issued instruction: dependent 1.23, tensor busy 0.93, global
+// load 0.87 (the scale loads), dispatch 0.36, barrier 0.19).
+//  1. Scales and zeros by cp.async (scale_async). Before: each loader thread
+//     read its row's scale (and zero) with plain loads into registers and
+//     stored them to shared memory at the end of the same k tile; the warp
+//     stalled on the load there (0.87 / instruction). Now the 4-byte word
+//     that holds the groups of both k chunks of the tile (groups g0 & ~1,
+//     g0 | 1) is copied by cp.async with the stage's other data, STAGES - 1
+//     tiles ahead, and turned into the per-chunk words (scale pair, asym bias)
+//     by the same thread one iteration before the stage is read. Needs an
+//     even group count and 4-byte aligned scales / zeros (every model shape);
+//     otherwise the plain-load path runs. Predicted: the global-load stall
+//     leaves the int4 / int8 / int2 / fp8 profiles (~0.8 of ~4.6 stall cycles
+//     per instruction): +10-20% on the compute-bound Mixtral rows, less where
+//     the weights' bytes bound the row. bf16 weights: unchanged.
+//     Restore: QMOE_PREFILL_SCALES=ldg.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -109,6 +128,7 @@ struct Args {
   uint32_t gdiv;     // ceil(2^32 / (group_size / 32)), 0 for group_size 32: chunk -> group
   int n_tiles, k_tiles;
   int vec_out;       // vector output stores allowed (N % 8 == 0, aligned out)
+  int scale_async;   // scales / zeros by cp.async (4-byte words; groups even, aligned), else plain loads
 };
 
 // ---------------------------------------------------------------------------
@@ -122,6 +142,10 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, uint32
                : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// 4 bytes (cp.async.ca: sizes below 16 go through L1); both addresses 4-byte aligned.
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src) : "memory");
+}
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
@@ -304,9 +328,23 @@ struct Kernel {
           cp_async16(dst, base + (ok ? int64_t(row) * a.kp : 0), ok ? 16u : 0u);
         }
       }
-      // Scales and zero points of this k tile's groups (thread = weight row):
-      // to registers now, to shared memory after this iteration's math.
-      if (C::kScaled && tid < C::BN) {
+      // Scales and zero points of this k tile's groups (thread = weight row).
+      // Async path: the 4-byte word holding the groups of both k chunks
+      // (group g0 & ~1 and g0 | 1, see scale_halves) is copied raw into the
+      // stage's chunk-0 words; convert_scales turns it into the per-chunk
+      // words one iteration before the stage is consumed.
+      if (C::kScaled && a.scale_async && tid < C::BN) {
+        const int row = min(it.n0 + tid, a.N - 1);
+        const uint32_t chunk = uint32_t(kt * C::KC);
+        const int word = int(a.gdiv ? __umulhi(chunk, a.gdiv) : chunk) & ~1;
+        const int64_t off = (int64_t(it.e) * a.N + row) * a.groups + word;
+        const uint32_t sS = smem_addr(stage + C::A_BYTES + C::B_BYTES) + 4 * tid;
+        cp_async4(sS, a.scales + off);
+        if constexpr (C::kBias) cp_async4(sS + C::S_BYTES, a.zeros + off);
+      }
+      // Plain-load path: to registers now, to shared memory after this
+      // iteration's math (store_scales).
+      if (C::kScaled && !a.scale_async && tid < C::BN) {
         const int row = min(it.n0 + tid, a.N - 1);
         const uint16_t* srow = a.scales + (int64_t(it.e) * a.N + row) * a.groups;
         const uint16_t* zrow = a.zeros + (int64_t(it.e) * a.N + row) * a.groups;
@@ -345,6 +383,45 @@ struct Kernel {
           if constexpr (C::kBias) sZ[kc * C::BN + tid] = Dec::bias_word(P::to_float(uint16_t(L.zreg >> (16 * kc))));
         }
         L.pending = false;
+      }
+    }
+  }
+
+  // Async scale path: which half (0 low, 1 high) of the raw word of k tile kt
+  // holds the group of chunk 0 and of chunk 1. The word holds groups
+  // (g0 & ~1, g0 | 1); g1 is g0 or g0 + 1, and when it is g0 + 1, g0 is
+  // even (chunks 2kt and 2kt + 1 straddle a group boundary only if
+  // 2kt + 1 = m (g0 + 1), m = group_size / 32: m and g0 + 1 odd, or m = 1).
+  __device__ static __forceinline__ void scale_halves(const Args& a, int kt, uint32_t& h0, uint32_t& h1) {
+    const uint32_t c0 = uint32_t(kt * C::KC);
+    const uint32_t g0 = a.gdiv ? __umulhi(c0, a.gdiv) : c0;
+    const uint32_t g1 = a.gdiv ? __umulhi(c0 + 1, a.gdiv) : c0 + 1;
+    h0 = g0 & 1u;
+    h1 = g1 - (g0 & ~1u);
+  }
+
+  // Async scale path: the raw words of one stage (this thread's row, its own
+  // cp.async, complete) into the words the math reads: the scale pair per
+  // chunk, and for asym the bias word per chunk. Runs for the stage consumed
+  // next, after this iteration's math (the next barrier orders it before the
+  // reads). Stages past the last item hold stale words: converted, unread.
+  __device__ static __forceinline__ void convert_scales(const Args& a, unsigned char* stage, int kt) {
+    static_assert(!C::kScaled || C::KC == 2, "two k chunks per tile");
+    if constexpr (C::kScaled) {
+      const int tid = fresh_tid();
+      if (C::kThreads > C::BN && tid >= C::BN) return;
+      uint32_t h0, h1;
+      scale_halves(a, kt, h0, h1);
+      const uint32_t sel0 = h0 ? 0x3232u : 0x1010u, sel1 = h1 ? 0x3232u : 0x1010u;
+      uint32_t* sS = reinterpret_cast<uint32_t*>(stage + C::A_BYTES + C::B_BYTES);
+      const uint32_t s = sS[tid];
+      sS[tid] = __byte_perm(s, 0u, sel0);
+      sS[C::BN + tid] = __byte_perm(s, 0u, sel1);
+      if constexpr (C::kBias) {
+        uint32_t* sZ = reinterpret_cast<uint32_t*>(stage + C::A_BYTES + C::B_BYTES + C::S_BYTES);
+        const uint32_t z = sZ[tid];
+        sZ[tid] = Dec::bias_word(P::to_float(uint16_t(z >> (16 * h0))));
+        sZ[C::BN + tid] = Dec::bias_word(P::to_float(uint16_t(z >> (16 * h1))));
       }
     }
   }
@@ -494,8 +571,16 @@ struct Kernel {
         compute_n<MI, NJ>(smem + slot * C::STAGE, tok_off, row0, acc);
       else
         compute_q<MI, NJ>(smem + slot * C::STAGE, tok_off, row0, acc);
-      store_scales(L, ld_stage);
-      slot = slot + 1 == C::STAGES ? 0 : slot + 1;
+      const int next = slot + 1 == C::STAGES ? 0 : slot + 1;
+      if (C::kScaled && a.scale_async) {
+        // The next stage (k tile kt + 1, or 0 of the next item) has landed
+        // once at most STAGES - 2 groups are pending (one was committed above).
+        cp_async_wait<C::STAGES - 2>();
+        convert_scales(a, smem + next * C::STAGE, kt + 1 == a.k_tiles ? 0 : kt + 1);
+      } else {
+        store_scales(L, ld_stage);
+      }
+      slot = next;
       ld_slot = ld_slot + 1 == C::STAGES ? 0 : ld_slot + 1;
     }
     if constexpr (NJ > 0) store_tile<MI, NJ>(a, it, tok_off, row0, acc);
@@ -547,7 +632,11 @@ __global__ void __launch_bounds__(32 * Warps, 1) prefill_kernel(const Args a) {
 #pragma unroll 1
   for (int s = 0; s < C::STAGES - 1; ++s) {
     K::issue(a, L, smem + s * C::STAGE, total, s_tok, s_items);
-    K::store_scales(L, smem + s * C::STAGE);
+    K::store_scales(L, smem + s * C::STAGE);  // plain-load path (no-op otherwise)
+  }
+  if (C::kScaled && a.scale_async) {
+    cp_async_wait<C::STAGES - 2>();  // stage 0 has landed
+    K::convert_scales(a, smem, 0);
   }
   int slot = 0, ld_slot = C::STAGES - 1;
 
@@ -619,6 +708,17 @@ __global__ void __launch_bounds__(32 * Warps, 1) prefill_kernel(const Args a) {
 // ---------------------------------------------------------------------------
 inline int ceil_div(int64_t a, int64_t b) { return int((a + b - 1) / b); }
 
+// Switches that restore earlier behaviour (for A/B runs and tests; defined
+// in prefill.cu). Environment, read once: QMOE_PREFILL_SCALES=ldg (scales by
+// plain loads, the path before the async one), QMOE_PREFILL_TILES=256 (only
+// 256-row weight tiles, the schedule before the small-tile one) or =128
+// (always 128-row tiles). set_overrides (tests) takes precedence; -1 = env.
+enum { kScalesAuto = 0, kScalesLdg = 1 };
+enum { kTilesAuto = 0, kTiles256 = 1, kTiles128 = 2 };
+int scale_path_override();
+int tile_override();
+void set_overrides(int scales, int tiles);
+
 template <class Act, class Enc, int Warps>
 bool launch(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
   using C = Cfg<Act, Enc, Warps>;
@@ -689,6 +789,9 @@ bool launch(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
   a.n_tiles = ceil_div(p.n, C::BN);
   a.k_tiles = ceil_div(p.k, C::BK);
   a.vec_out = (p.n % 8 == 0) && (reinterpret_cast<uintptr_t>(p.out) % 16 == 0);
+  const auto aligned4 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 4 == 0; };
+  a.scale_async = C::kScaled && a.groups % 2 == 0 && aligned4(p.scales) && (!C::kBias || aligned4(p.zeros)) &&
+                  scale_path_override() != kScalesLdg;
 
   // Work items: at most n_tiles * (ceil(T / BM) + E); the grid never exceeds
   // what can be resident, nor the items that can exist.
