@@ -202,6 +202,33 @@ TEST(CpuSimd, EveryCodeDecodesExactly) {
       }
 }
 
+// The AVX-512 prefill of bf16 activations computes with vdpbf16ps or with
+// fp32 FMA, whichever this CPU runs faster (QMOE_CPU_PREFILL forces one):
+// both against the float64 product and the exact kernel.
+TEST(CpuSimd, PrefillBothComputeModes) {
+  if (!cpu::isa_supported(Isa::avx512)) GTEST_SKIP() << "no avx512 level here";
+  ForceIsa force(Isa::avx512);
+  for (const char* mode : {"dot", "fma"}) {
+    setenv("QMOE_CPU_PREFILL", mode, 1);
+    for (Encoding enc : all_encodings()) {
+      const uint64_t seed = fresh_seed();
+      SCOPED_TRACE(std::string(mode) + " " + name(ActType::bf16, enc) + " seed=" + std::to_string(seed));
+      Problem pr = Problem::random(ActType::bf16, enc, 53, 512, enc.type == WeightType::native16 ? 0 : 128,
+                                   {13, 0, 21}, seed);
+      ASSERT_TRUE(moe_gemm_prefill(pr.params).ok());
+      EXPECT_EQ(cpu::last_isa(), Isa::avx512);
+      const std::vector<uint16_t> fast = pr.out;
+      const Comparison c = compare(pr, fast, pr.reference());
+      EXPECT_EQ(c.unwritten, 0);
+      EXPECT_LT(c.rel_error, tolerance(ActType::bf16));
+      pr.poison();
+      ASSERT_TRUE(moe_gemm_reference(pr.params).ok());
+      EXPECT_LT(rel_diff(pr, fast, pr.out), tolerance(ActType::bf16));
+    }
+  }
+  unsetenv("QMOE_CPU_PREFILL");
+}
+
 TEST(CpuSimd, LevelSelection) {
   EXPECT_TRUE(cpu::isa_supported(Isa::portable));
   for (Isa isa : levels()) {

@@ -28,6 +28,8 @@
 #include "cpu/simd/driver.h"
 #include "cpu/simd/tables.h"
 
+#include <cstdlib>
+
 namespace qmoe::cpu::simd {
 namespace {
 
@@ -280,6 +282,61 @@ void prefill_micro(const uint32_t* pa, const uint32_t* pb, int64_t kd, V* c, boo
   }
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < 3; ++j) c[3 * i + j] = acc[i][j];
+}
+
+// Whether the prefill of bf16 activations should compute with vdpbf16ps
+// (two bf16 products per fp32 lane) or with fp32 FMA: on AMD Zen 4/5 the dot
+// product does twice the FMA's work per cycle, on Intel Sapphire Rapids it
+// runs at half the FMA's rate. Measured once (two register-only loops, well
+// under a millisecond); QMOE_CPU_PREFILL=dot|fma overrides it (read on every
+// call, for tests).
+bool prefill_with_dot() {
+  if (const char* env = std::getenv("QMOE_CPU_PREFILL")) {
+    if (env[0] == 'd') return true;
+    if (env[0] == 'f') return false;
+  }
+  static const bool dot = [] {
+#define QMOE_C12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+#define QMOE_K12 __asm__ volatile("" : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(a4), "+v"(a5), \
+                                  "+v"(a6), "+v"(a7), "+v"(a8), "+v"(a9), "+v"(a10), "+v"(a11))
+#define DECL(i) V a##i = _mm512_set1_ps(float(i));
+    constexpr int kIters = 4096;
+    double best_fma = 1e30, best_dot = 1e30;
+    for (int rep = 0; rep < 3; ++rep) {
+      {
+        QMOE_C12(DECL)
+        const V x = _mm512_set1_ps(0.5f);
+        const int64_t t0 = now_ns();
+        for (int it = 0; it < kIters; ++it) {
+#define STEP(i) a##i = _mm512_fmadd_ps(a##i, x, x);
+          QMOE_C12(STEP)
+#undef STEP
+          QMOE_K12;
+        }
+        const double dt = double(now_ns() - t0);
+        best_fma = best_fma < dt ? best_fma : dt;
+      }
+      {
+        QMOE_C12(DECL)
+        const __m512bh x = bh(_mm512_set1_epi16(0x3f80));
+        const int64_t t0 = now_ns();
+        for (int it = 0; it < kIters; ++it) {
+#define STEP(i) a##i = _mm512_dpbf16_ps(a##i, x, x);
+          QMOE_C12(STEP)
+#undef STEP
+          QMOE_K12;
+        }
+        const double dt = double(now_ns() - t0);
+        best_dot = best_dot < dt ? best_dot : dt;
+      }
+    }
+#undef DECL
+#undef QMOE_K12
+#undef QMOE_C12
+    // Same instruction count: the dot product does twice the flops.
+    return 2.0 * best_fma > 1.3 * best_dot;
+  }();
+  return dot;
 }
 
 // ---------------------------------------------------------------- one call
@@ -651,7 +708,7 @@ struct Runner {
   // one broadcast of activations (vpbroadcastd) per token and three panel
   // vectors per step: lanes run along N, so no horizontal sums.
   static constexpr int PMR = 8, PNR = 48;
-  static constexpr int64_t kElemPerDword = kF16 ? 1 : 2;
+  bool pf32 = kF16;        // prefill computes in fp32 (FMA), else bf16 pairs (vdpbf16ps)
   int64_t Kd = 0;         // dwords along K
   int64_t kc_dw = 0;      // dwords of K per panel chunk
   Buf pack_buf;
@@ -685,6 +742,7 @@ struct Runner {
 
   // Unit u of a row, dequantized, as kUnit / kElemPerDword dwords (in the
   // unit's permuted order, like the activations).
+  template <bool F32>
   void unit_dwords(const uint8_t* wr, int64_t u, const float* sbuf, const float* szbuf,
                    uint32_t* dst) const {
     if constexpr (kNativeF16) {
@@ -694,7 +752,13 @@ struct Runner {
       _mm512_storeu_ps(d + 16, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask16(K - u * 32 - 16), s + 16)));
     } else if constexpr (!Enc::kScaled) {  // bf16 weights
       const uint16_t* s = reinterpret_cast<const uint16_t*>(wr) + u * 32;
-      _mm512_storeu_si512(dst, _mm512_maskz_loadu_epi16(mask32(K - u * 32), s));
+      const VI v = _mm512_maskz_loadu_epi16(mask32(K - u * 32), s);
+      if constexpr (F32) {
+        _mm512_storeu_ps(reinterpret_cast<float*>(dst), bf16_lo_f32(v));
+        _mm512_storeu_ps(reinterpret_cast<float*>(dst) + 16, bf16_hi_f32(v));
+      } else {
+        _mm512_storeu_si512(dst, v);
+      }
     } else {
       const int64_t g = gs >= D::kUnit ? u / (gs / D::kUnit) : u * (D::kUnit / gs);  // first group
       const V s0 = _mm512_permutexvar_ps(idx_p0, _mm512_loadu_ps(sbuf + g));
@@ -710,7 +774,7 @@ struct Runner {
         // (value + kOffset) * s - s * (kOffset + z) = (value - z) * s
         const V f0 = _mm512_fmsub_ps(bf16_lo_f32(v), s0, z0);
         const V f1 = _mm512_fmsub_ps(bf16_hi_f32(v), s1, z1);
-        if constexpr (kF16) {
+        if constexpr (F32) {
           _mm512_storeu_ps(reinterpret_cast<float*>(dst) + j * 32, f0);
           _mm512_storeu_ps(reinterpret_cast<float*>(dst) + j * 32 + 16, f1);
         } else {
@@ -721,9 +785,10 @@ struct Runner {
   }
 
   // Panel [kd][48] of rows r0.. (zero past r1) over K dwords [d0, d0 + kd).
+  template <bool F32>
   void fill_panel(int64_t e, int64_t r0, int64_t r1, int64_t d0, int64_t kd, uint32_t* panel,
                   uint32_t* tmp, float* srow, int64_t sstride) const {
-    constexpr int64_t ud = D::kUnit / kElemPerDword;  // dwords per unit
+    constexpr int64_t ud = D::kUnit / (F32 ? 1 : 2);  // dwords per unit
     const int64_t u0 = d0 / ud, u1 = (d0 + kd) / ud;
     for (int h = 0; h < PNR / 16; ++h) {
       const int64_t rb = r0 + 16 * h;
@@ -733,7 +798,7 @@ struct Runner {
         for (int i = 0; i < 16; ++i) {
           uint32_t* t = tmp + i * ud;
           if (rb + i < r1) {
-            unit_dwords(w + (e * N + rb + i) * row_bytes, u, srow + i * 2 * sstride,
+            unit_dwords<F32>(w + (e * N + rb + i) * row_bytes, u, srow + i * 2 * sstride,
                         srow + (i * 2 + 1) * sstride, t);
           } else {
             for (int64_t c = 0; c < ud; c += 16) _mm512_storeu_si512(t + c, _mm512_setzero_si512());
@@ -757,6 +822,7 @@ struct Runner {
     return rest >= PMR ? PMR : round_up(rest, 4);
   }
 
+  template <bool F32>
   void prefill_item(const Plan& plan, int64_t e, int64_t r0, int64_t r1, uint32_t* panel,
                     uint32_t* tmp, float* srow, int64_t sstride, V* cbuf) const {
     const int64_t t0 = plan.offsets[e], nt = plan.tokens(e);
@@ -766,14 +832,14 @@ struct Runner {
     alignas(64) float outv[PNR];
     for (int64_t d0 = 0; d0 < Kd; d0 += kc_dw) {
       const int64_t kd = min64(kc_dw, Kd - d0);
-      fill_panel(e, r0, r1, d0, kd, panel, tmp, srow, sstride);
+      fill_panel<F32>(e, r0, r1, d0, kd, panel, tmp, srow, sstride);
       const bool first = d0 == 0, last = d0 + kd >= Kd;
       for (int64_t b = 0; b < nblk; ++b) {
         V* c = cbuf + (Kd > kc_dw ? b * PMR * 3 : 0);  // one tile unless K takes chunks
         const int64_t rows = block_rows(nt, b);
         const uint32_t* pa = pack + b * PMR * Kd + d0 * rows;
-        if (rows == PMR) prefill_micro<kF16, PMR>(pa, panel, kd, c, first);
-        else prefill_micro<kF16, 4>(pa, panel, kd, c, first);
+        if (rows == PMR) prefill_micro<F32, PMR>(pa, panel, kd, c, first);
+        else prefill_micro<F32, 4>(pa, panel, kd, c, first);
         if (!last) continue;
         const int64_t mr = min64(PMR, nt - b * PMR);
         for (int64_t i = 0; i < mr; ++i) {
@@ -785,12 +851,13 @@ struct Runner {
   }
 
   // Token t (slot i of a block of `rows` tokens) into the packed layout.
+  template <bool F32>
   void pack_token(int64_t t, uint32_t* blk, int64_t rows, int64_t i, uint8_t* row) const {
     const uint32_t* src;
-    if (!kF16 && D::kVecs == 1 && K % 32 == 0) {
+    if (!F32 && D::kVecs == 1 && K % 32 == 0) {
       src = reinterpret_cast<const uint32_t*>(act + t * K);  // already in order
     } else {
-      prep_token_into(t, kF16 ? ActMode::f32 : ActMode::bf16, row);
+      prep_token_into(t, F32 ? ActMode::f32 : ActMode::bf16, row);
       src = reinterpret_cast<const uint32_t*>(row);
     }
     for (int64_t k = 0; k < Kd; ++k) blk[k * rows + i] = src[k];
@@ -803,7 +870,8 @@ struct Runner {
     if (T == 0) return true;
     const int threads = pool_size();
     Plan plan(p, row_bytes, PNR, threads);
-    Kd = Kp / kElemPerDword;
+    pf32 = kF16 || !prefill_with_dot();
+    Kd = pf32 ? Kp : Kp / 2;
     kc_dw = min64(Kd, 2048);
 
     // Decode tokens: prepared rows (bf16 activations in place when no
@@ -853,7 +921,10 @@ struct Runner {
             const int64_t i = t - plan.offsets[e];
             uint32_t* blk = reinterpret_cast<uint32_t*>(pack_buf.as<uint8_t>() + pack_off_buf.as<int64_t>()[e]) +
                             (i / PMR) * PMR * Kd;
-            pack_token(t, blk, block_rows(plan.tokens(e), i / PMR), i % PMR, row.as<uint8_t>());
+            if (pf32)
+              pack_token<true>(t, blk, block_rows(plan.tokens(e), i / PMR), i % PMR, row.as<uint8_t>());
+            else if constexpr (!kF16)
+              pack_token<false>(t, blk, block_rows(plan.tokens(e), i / PMR), i % PMR, row.as<uint8_t>());
           }
         }
       };
@@ -873,7 +944,7 @@ struct Runner {
     int64_t pre_bytes = 0, panel_bytes = 0, tmp_bytes = 0, srow_bytes = 0;
     if (plan.prefill_tokens > 0) {
       panel_bytes = kc_dw * PNR * 4;
-      tmp_bytes = 16 * (D::kUnit / kElemPerDword) * 4;
+      tmp_bytes = 16 * (pf32 ? D::kUnit : D::kUnit / 2) * 4;
       srow_bytes = 2 * 16 * sc_elems * 4;
       pre_bytes = panel_bytes + tmp_bytes + srow_bytes + (Kd > kc_dw ? max_blocks * PMR * 3 * 64 : PMR * 3 * 64);
     }
@@ -894,7 +965,10 @@ struct Runner {
         uint32_t* tmp = reinterpret_cast<uint32_t*>(q + panel_bytes);
         float* srow = reinterpret_cast<float*>(q + panel_bytes + tmp_bytes);
         V* cbuf = reinterpret_cast<V*>(q + panel_bytes + tmp_bytes + srow_bytes);
-        prefill_item(plan, e, it.r0, it.r1, panel, tmp, srow, sc_elems, cbuf);
+        if (pf32)
+          prefill_item<true>(plan, e, it.r0, it.r1, panel, tmp, srow, sc_elems, cbuf);
+        else if constexpr (!kF16)
+          prefill_item<false>(plan, e, it.r0, it.r1, panel, tmp, srow, sc_elems, cbuf);
         return;
       }
       const uint8_t* a[kDecodeMaxTokens];

@@ -1,5 +1,7 @@
 #include "cpu/simd/tables.h"
 
+#include <chrono>
+
 #include "core/encoding.h"
 
 namespace qmoe::cpu::simd {
@@ -16,4 +18,12 @@ int code_values(ActType act, WeightType w, bool asym, float* values) {
   return n;
 }
 
+}  // namespace qmoe::cpu::simd
+
+namespace qmoe::cpu::simd {
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
 }  // namespace qmoe::cpu::simd

@@ -4,6 +4,8 @@
 // stays in src/core/encoding.h only.
 #pragma once
 
+#include <cstdint>
+
 #include "qmoe/qmoe.h"
 
 namespace qmoe::cpu::simd {
@@ -12,4 +14,9 @@ namespace qmoe::cpu::simd {
 // 16-bit weights nothing is written). Returns the number of codes.
 int code_values(ActType act, WeightType w, bool asym, float* values);
 
+}  // namespace qmoe::cpu::simd
+
+namespace qmoe::cpu::simd {
+// Monotonic clock in nanoseconds (for the SIMD levels' one-time probes).
+int64_t now_ns();
 }  // namespace qmoe::cpu::simd
