@@ -202,31 +202,35 @@ TEST(CpuSimd, EveryCodeDecodesExactly) {
       }
 }
 
-// The AVX-512 prefill of bf16 activations computes with vdpbf16ps or with
-// fp32 FMA, whichever this CPU runs faster (QMOE_CPU_PREFILL forces one):
-// both against the float64 product and the exact kernel.
-TEST(CpuSimd, PrefillBothComputeModes) {
+// The AVX-512 level computes with vdpbf16ps or with fp32 FMA, whichever
+// this CPU runs faster (QMOE_CPU_DOT forces one): both modes, decode and
+// prefill, against the float64 product and the exact kernel.
+TEST(CpuSimd, BothComputeModes) {
   if (!cpu::isa_supported(Isa::avx512)) GTEST_SKIP() << "no avx512 level here";
   ForceIsa force(Isa::avx512);
-  for (const char* mode : {"dot", "fma"}) {
-    setenv("QMOE_CPU_PREFILL", mode, 1);
+  for (const char* mode : {"bf16", "fma"})
+    for (ActType at : {ActType::bf16, ActType::f16})
+      for (bool prefill : {false, true}) {
+    setenv("QMOE_CPU_DOT", mode, 1);
     for (Encoding enc : all_encodings()) {
       const uint64_t seed = fresh_seed();
-      SCOPED_TRACE(std::string(mode) + " " + name(ActType::bf16, enc) + " seed=" + std::to_string(seed));
-      Problem pr = Problem::random(ActType::bf16, enc, 53, 512, enc.type == WeightType::native16 ? 0 : 128,
-                                   {13, 0, 21}, seed);
-      ASSERT_TRUE(moe_gemm_prefill(pr.params).ok());
+      SCOPED_TRACE(std::string(mode) + " " + name(at, enc) + (prefill ? " prefill" : " decode") +
+                   " seed=" + std::to_string(seed));
+      Problem pr = Problem::random(at, enc, 53, 512, enc.type == WeightType::native16 ? 0 : 128,
+                                   prefill ? std::vector<int32_t>{13, 0, 21} : std::vector<int32_t>{1, 0, 3, 8},
+                                   seed);
+      ASSERT_TRUE((prefill ? moe_gemm_prefill(pr.params) : moe_gemm_decode(pr.params)).ok());
       EXPECT_EQ(cpu::last_isa(), Isa::avx512);
       const std::vector<uint16_t> fast = pr.out;
       const Comparison c = compare(pr, fast, pr.reference());
       EXPECT_EQ(c.unwritten, 0);
-      EXPECT_LT(c.rel_error, tolerance(ActType::bf16));
+      EXPECT_LT(c.rel_error, prefill ? tolerance(at) : (at == ActType::f16 ? 5e-4 : 4e-3));
       pr.poison();
       ASSERT_TRUE(moe_gemm_reference(pr.params).ok());
-      EXPECT_LT(rel_diff(pr, fast, pr.out), tolerance(ActType::bf16));
+      EXPECT_LT(rel_diff(pr, fast, pr.out), tolerance(at));
     }
-  }
-  unsetenv("QMOE_CPU_PREFILL");
+      }
+  unsetenv("QMOE_CPU_DOT");
 }
 
 TEST(CpuSimd, LevelSelection) {

@@ -284,15 +284,16 @@ void prefill_micro(const uint32_t* pa, const uint32_t* pb, int64_t kd, V* c, boo
     for (int j = 0; j < 3; ++j) c[3 * i + j] = acc[i][j];
 }
 
-// Whether the prefill of bf16 activations should compute with vdpbf16ps
-// (two bf16 products per fp32 lane) or with fp32 FMA: on AMD Zen 4/5 the dot
-// product does twice the FMA's work per cycle, on Intel Sapphire Rapids it
-// runs at half the FMA's rate. Measured once (two register-only loops, well
-// under a millisecond); QMOE_CPU_PREFILL=dot|fma overrides it (read on every
-// call, for tests).
-bool prefill_with_dot() {
-  if (const char* env = std::getenv("QMOE_CPU_PREFILL")) {
-    if (env[0] == 'd') return true;
+// Whether the products should compute with vdpbf16ps (two bf16 products
+// per fp32 lane) or with fp32 FMA: on AMD Zen 4/5 the dot product does twice
+// the FMA's work per cycle, on Intel Sapphire Rapids it runs at half the
+// FMA's rate. Decides the decode of every encoding but fp16 weights, and the
+// prefill of bf16 activations (fp16 activations always take FMA there).
+// Measured once (two register-only loops, well under a millisecond);
+// QMOE_CPU_DOT=bf16|fma overrides it (read on every call, for tests).
+bool use_bf16_dot() {
+  if (const char* env = std::getenv("QMOE_CPU_DOT")) {
+    if (env[0] == 'b') return true;
     if (env[0] == 'f') return false;
   }
   static const bool dot = [] {
@@ -340,7 +341,7 @@ bool prefill_with_dot() {
 }
 
 // ---------------------------------------------------------------- one call
-enum class ActMode { bf16, hilo, f32 };  // prepared activation format
+enum class ActMode { bf16, hilo, f32, eo32 };  // prepared activation format
 
 template <class Act, class Enc>
 struct Runner {
@@ -411,8 +412,10 @@ struct Runner {
   }
 
   ActMode mode(bool decode_token) const {
+    if (kNativeF16) return ActMode::f32;
+    if (decode_token && dfma) return ActMode::eo32;
     if (!kF16) return ActMode::bf16;
-    return (decode_token && !kNativeF16) ? ActMode::hilo : ActMode::f32;
+    return decode_token ? ActMode::hilo : ActMode::f32;
   }
   const uint8_t* act_row(int64_t t) const {
     return direct ? reinterpret_cast<const uint8_t*>(act + t * K)
@@ -434,6 +437,19 @@ struct Runner {
         const int64_t o = u * D::kUnit + j * 32;
         if (m == ActMode::bf16) {
           _mm512_storeu_si512(reinterpret_cast<uint16_t*>(dst) + o, y[j]);
+          continue;
+        }
+        if (m == ActMode::eo32) {  // fp32 of the even words, then of the odd words
+          V ev, od;
+          if constexpr (kF16) {
+            ev = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(y[j]));
+            od = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(y[j], 16)));
+          } else {
+            ev = _mm512_castsi512_ps(_mm512_slli_epi32(y[j], 16));
+            od = _mm512_castsi512_ps(_mm512_and_si512(y[j], _mm512_set1_epi32(int(0xFFFF0000u))));
+          }
+          _mm512_storeu_ps(reinterpret_cast<float*>(dst) + o, ev);
+          _mm512_storeu_ps(reinterpret_cast<float*>(dst) + o + 16, od);
           continue;
         }
         const V f0 = half_to_f32<Act>(_mm512_castsi512_si256(y[j]));
@@ -482,11 +498,35 @@ struct Runner {
   // (see decode_rows), running sums in totA / totB.
   int64_t unit_group(int64_t u) const { return gs >= D::kUnit ? u / upb : u * gpb; }
 
-  template <int NT>
+  // acc += w . a for 32 bf16 code words w against a token's prepared
+  // activations at element offset eoff: vdpbf16ps on bf16 activations, or
+  // (FMA) two fp32 FMAs on the even and odd words against fp32 activations
+  // stored as [16 even | 16 odd] per 32 elements. lo(): the lo half of fp16
+  // activations (dot mode only).
+  template <bool FMA>
+  V dot32(V acc, VI w, const uint8_t* a, int64_t eoff) const {
+    if constexpr (FMA) {
+      const float* p = reinterpret_cast<const float*>(a) + eoff;
+      acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), _mm512_loadu_ps(p), acc);
+      return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(int(0xFFFF0000u)))),
+                             _mm512_loadu_ps(p + 16), acc);
+    } else {
+      return _mm512_dpbf16_ps(acc, bh(w), bh(loadu(a + eoff * 2)));
+    }
+  }
+  V dot32lo(V acc, VI w, const uint8_t* a, int64_t eoff) const {
+    return _mm512_dpbf16_ps(acc, bh(w), bh(loadu(a + 2 * Kp + eoff * 2)));
+  }
+  // Parts per code vector: hi and lo for fp16 activations in dot mode.
+  template <bool FMA>
+  static constexpr int kParts = (kF16 && !FMA) ? 2 : 1;
+
+  template <int NT, bool FMA>
   void pair_tight(const uint8_t* wA, const uint8_t* wB, int64_t u0, int64_t u1, int64_t g0,
                   const uint8_t* const* a, const float* sA, const float* sB, V* totA, V* totB) const {
     constexpr int kCh = NT <= 2 ? 4 : 2;
-    constexpr int kQ = D::kVecs * (kF16 ? 2 : 1);
+    constexpr int kP = kParts<FMA>;
+    constexpr int kQ = D::kVecs * kP;
     constexpr int kUsed = kQ < kCh ? kQ : kCh;
     V tA[NT], tB[NT];
     for (int t = 0; t < NT; ++t) tA[t] = totA[t], tB[t] = totB[t];
@@ -498,14 +538,21 @@ struct Runner {
       V cA[kCh][NT], cB[kCh][NT];
 #pragma GCC unroll 16
       for (int q = 0; q < kQ; ++q) {
-        const int j = kF16 ? q / 2 : q;
+        const int j = q / kP;
         const VI vA = dec.vec(xA, j), vB = dec.vec(xB, j);
-        const int64_t o = (u * D::kUnit + j * 32) * 2 + ((kF16 && q % 2) ? 2 * Kp : 0);
+        const int64_t eo = u * D::kUnit + j * 32;
         const int ch = q % kCh;
         for (int t = 0; t < NT; ++t) {
-          const VI av = loadu(a[t] + o);
-          cA[ch][t] = _mm512_dpbf16_ps(q < kCh ? _mm512_setzero_ps() : cA[ch][t], bh(vA), bh(av));
-          cB[ch][t] = _mm512_dpbf16_ps(q < kCh ? _mm512_setzero_ps() : cB[ch][t], bh(vB), bh(av));
+          const V zA = q < kCh ? _mm512_setzero_ps() : cA[ch][t];
+          const V zB = q < kCh ? _mm512_setzero_ps() : cB[ch][t];
+          if constexpr (FMA) {
+            cA[ch][t] = dot32<true>(zA, vA, a[t], eo);
+            cB[ch][t] = dot32<true>(zB, vB, a[t], eo);
+          } else {
+            const VI av = loadu(a[t] + eo * 2 + ((kP == 2 && q % 2) ? 2 * Kp : 0));
+            cA[ch][t] = _mm512_dpbf16_ps(zA, bh(vA), bh(av));
+            cB[ch][t] = _mm512_dpbf16_ps(zB, bh(vB), bh(av));
+          }
         }
       }
       const V svA = _mm512_permutexvar_ps(idx_dot, _mm512_loadu_ps(sA + gi));
@@ -524,11 +571,11 @@ struct Runner {
     for (int t = 0; t < NT; ++t) totA[t] = tA[t], totB[t] = tB[t];
   }
 
-  template <int NT>
+  template <int NT, bool FMA>
   void decode_rows(int64_t e, int64_t r0, int64_t r1, const uint8_t* const* a,
                    const float* const* as, float* sbuf, float* szbuf, float* res, V* totbuf) const {
     const int64_t nr = r1 - r0;
-    const int64_t act_elem = (kF16 ? 4 : 2);
+    const int64_t act_elem = ((kF16 || FMA) ? 4 : 2);
     const int64_t chunk_elems = max64(D::kUnit, (16 << 10) / (NT * act_elem));
     // Blocks of units summed before one scale (a group, or a unit holding
     // several groups); for 16-bit weights (no groups) a run of about a chunk.
@@ -553,7 +600,7 @@ struct Runner {
             float* szB = sB + sstride_;
             load_scales(e, r, g0, g1, sbuf, szbuf);
             load_scales(e, r + 1, g0, g1, sB, szB);
-            pair_tight<NT>(w + (e * N + r) * row_bytes, w + (e * N + r + 1) * row_bytes, b0 * bu,
+            pair_tight<NT, FMA>(w + (e * N + r) * row_bytes, w + (e * N + r + 1) * row_bytes, b0 * bu,
                            min64(full_units, b1 * bu), g0, a, sbuf,
                            sB, totbuf + (r - r0) * NT, totbuf + (r + 1 - r0) * NT);
             if constexpr (kCorr)
@@ -584,18 +631,20 @@ struct Runner {
             // Independent chains: 4 for few tokens (short dependency chains
             // keep the scheduler from filling up), else 2.
             constexpr int kCh = NT <= 2 ? 4 : 2;
+            constexpr int kP = kParts<FMA>;
             V c[kCh][NT];
 #pragma GCC unroll 16
-            for (int q = 0; q < D::kVecs * (kF16 ? 2 : 1); ++q) {
-              const int j = kF16 ? q / 2 : q;
+            for (int q = 0; q < D::kVecs * kP; ++q) {
+              const int j = q / kP;
               const VI v = dec.vec(x, j);
-              const int64_t o = (u * D::kUnit + j * 32) * 2 + ((kF16 && q % 2) ? 2 * Kp : 0);
+              const int64_t eo = u * D::kUnit + j * 32;
               const int ch = q % kCh;
-              for (int t = 0; t < NT; ++t)
-                c[ch][t] = _mm512_dpbf16_ps(q < kCh ? _mm512_setzero_ps() : c[ch][t], bh(v),
-                                            bh(loadu(a[t] + o)));
+              for (int t = 0; t < NT; ++t) {
+                const V z = q < kCh ? _mm512_setzero_ps() : c[ch][t];
+                c[ch][t] = (kP == 2 && q % 2) ? dot32lo(z, v, a[t], eo) : dot32<FMA>(z, v, a[t], eo);
+              }
             }
-            constexpr int kUsed = D::kVecs * (kF16 ? 2 : 1) < kCh ? D::kVecs * (kF16 ? 2 : 1) : kCh;
+            constexpr int kUsed = D::kVecs * kP < kCh ? D::kVecs * kP : kCh;
             const V sv = _mm512_permutexvar_ps(idx_dot, _mm512_loadu_ps(sp));
             for (int t = 0; t < NT; ++t) {
               V d = c[0][t];
@@ -645,13 +694,13 @@ struct Runner {
 #pragma GCC unroll 8
               for (int j = 0; j < D::kVecs; ++j) {
                 const VI v0 = dec.vec(x0, j), v1 = dec.vec(x1, j);
-                const int64_t o0 = (u * D::kUnit + j * 32) * 2, o1 = o0 + D::kUnit * 2;  // bytes
+                const int64_t e0 = u * D::kUnit + j * 32, e1 = e0 + D::kUnit;  // elements
                 for (int t = 0; t < NT; ++t) {
-                  acc0[t] = _mm512_dpbf16_ps(acc0[t], bh(v0), bh(loadu(a[t] + o0)));
-                  acc1[t] = _mm512_dpbf16_ps(acc1[t], bh(v1), bh(loadu(a[t] + o1)));
-                  if constexpr (kF16) {
-                    acc1[t] = _mm512_dpbf16_ps(acc1[t], bh(v0), bh(loadu(a[t] + 2 * Kp + o0)));
-                    acc0[t] = _mm512_dpbf16_ps(acc0[t], bh(v1), bh(loadu(a[t] + 2 * Kp + o1)));
+                  acc0[t] = dot32<FMA>(acc0[t], v0, a[t], e0);
+                  acc1[t] = dot32<FMA>(acc1[t], v1, a[t], e1);
+                  if constexpr (kParts<FMA> == 2) {
+                    acc1[t] = dot32lo(acc1[t], v0, a[t], e0);
+                    acc0[t] = dot32lo(acc0[t], v1, a[t], e1);
                   }
                 }
               }
@@ -662,15 +711,15 @@ struct Runner {
 #pragma GCC unroll 8
               for (int j = 0; j < D::kVecs; ++j) {
                 const VI v = dec.vec(x, j);
-                const int64_t o = (uu * D::kUnit + j * 32) * 2;
+                const int64_t eo = uu * D::kUnit + j * 32;
                 for (int t = 0; t < NT; ++t) {
-                  if constexpr (kF16) {
-                    acc0[t] = _mm512_dpbf16_ps(acc0[t], bh(v), bh(loadu(a[t] + o)));
-                    acc1[t] = _mm512_dpbf16_ps(acc1[t], bh(v), bh(loadu(a[t] + 2 * Kp + o)));
+                  if constexpr (kParts<FMA> == 2) {
+                    acc0[t] = dot32<FMA>(acc0[t], v, a[t], eo);
+                    acc1[t] = dot32lo(acc1[t], v, a[t], eo);
                   } else if (j % 2 == 0) {
-                    acc0[t] = _mm512_dpbf16_ps(acc0[t], bh(v), bh(loadu(a[t] + o)));
+                    acc0[t] = dot32<FMA>(acc0[t], v, a[t], eo);
                   } else {
-                    acc1[t] = _mm512_dpbf16_ps(acc1[t], bh(v), bh(loadu(a[t] + o)));
+                    acc1[t] = dot32<FMA>(acc1[t], v, a[t], eo);
                   }
                 }
               }
@@ -709,6 +758,7 @@ struct Runner {
   // vectors per step: lanes run along N, so no horizontal sums.
   static constexpr int PMR = 8, PNR = 48;
   bool pf32 = kF16;        // prefill computes in fp32 (FMA), else bf16 pairs (vdpbf16ps)
+  bool dfma = false;       // decode computes with fp32 FMA, else vdpbf16ps
   int64_t Kd = 0;         // dwords along K
   int64_t kc_dw = 0;      // dwords of K per panel chunk
   Buf pack_buf;
@@ -870,15 +920,16 @@ struct Runner {
     if (T == 0) return true;
     const int threads = pool_size();
     Plan plan(p, row_bytes, PNR, threads);
-    pf32 = kF16 || !prefill_with_dot();
+    pf32 = kF16 || !use_bf16_dot();
+    dfma = !kNativeF16 && !use_bf16_dot();
     Kd = pf32 ? Kp : Kp / 2;
     kc_dw = min64(Kd, 2048);
 
     // Decode tokens: prepared rows (bf16 activations in place when no
     // permutation or padding is needed) and per-group sums.
-    direct = !kF16 && D::kVecs == 1 && K % 32 == 0;
+    direct = !kF16 && !dfma && D::kVecs == 1 && K % 32 == 0;
     if (!direct && plan.decode_tokens > 0) {
-      stride = Kp * (kF16 ? 4 : 2);
+      stride = Kp * ((kF16 || dfma) ? 4 : 2);
       act_buf.alloc(size_t(T * stride));
     }
     const bool need_asum = kCorr && plan.decode_tokens > 0;
@@ -982,10 +1033,10 @@ struct Runner {
       for (int64_t c0 = 0; c0 < nr; c0 += chunk) {
         const int64_t r0 = it.r0 + c0, r1 = it.r0 + min64(nr, c0 + chunk);
         switch (padded_tokens(nt)) {
-          case 1: decode_rows<1>(e, r0, r1, a, as, sbuf, szbuf, res, totbuf); break;
-          case 2: decode_rows<2>(e, r0, r1, a, as, sbuf, szbuf, res, totbuf); break;
-          case 4: decode_rows<4>(e, r0, r1, a, as, sbuf, szbuf, res, totbuf); break;
-          default: decode_rows<8>(e, r0, r1, a, as, sbuf, szbuf, res, totbuf); break;
+          case 1: dfma ? decode_rows<1, true>(e, r0, r1, a, as, sbuf, szbuf, res, totbuf) : decode_rows<1, false>(e, r0, r1, a, as, sbuf, szbuf, res, totbuf); break;
+          case 2: dfma ? decode_rows<2, true>(e, r0, r1, a, as, sbuf, szbuf, res, totbuf) : decode_rows<2, false>(e, r0, r1, a, as, sbuf, szbuf, res, totbuf); break;
+          case 4: dfma ? decode_rows<4, true>(e, r0, r1, a, as, sbuf, szbuf, res, totbuf) : decode_rows<4, false>(e, r0, r1, a, as, sbuf, szbuf, res, totbuf); break;
+          default: dfma ? decode_rows<8, true>(e, r0, r1, a, as, sbuf, szbuf, res, totbuf) : decode_rows<8, false>(e, r0, r1, a, as, sbuf, szbuf, res, totbuf); break;
         }
         for (int64_t t = 0; t < nt; ++t) store_act<Act>(res + t * (r1 - r0), out + (t0 + t) * N + r0, r1 - r0);
       }
