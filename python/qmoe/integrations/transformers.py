@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import _fused
+from .. import _fused, ops  # noqa: F401  (ops: the torch.library registration, for torch.compile)
 from .._fused import QuantizedExperts
 
 __all__ = [
