@@ -10,14 +10,21 @@
 //
 // A warp computes a 16-row x 8-token tile with mma.sync.m16n8k16 (f16 or bf16
 // operands, fp32 accumulation): weights are the A operand (m = 16 rows), the
-// expert's tokens the B operand (n = 8; more tokens are processed in passes
-// of 8 or 16). Lane (g = lane/4, c = lane%4) owns rows g and g+8 and, in each
-// "macro step" of 4*CB bytes of a row, the CB-byte chunk c: one 16-byte (or
-// 8-byte) load per row straight from the [E, N, K_packed] layout, no repack.
-// The dot product does not care about the order of k, so mma step s of a
-// chunk gives the lane's A slots {2c, 2c+1, 2c+8, 2c+9} the chunk's own k
-// values [4s, 4s+4): the B fragment of (token g, c) is then the same four k of
-// token g's activation row, contiguous words of one 16-byte load.
+// expert's tokens the B operand (n = 8; 9-24 tokens are 2-3 B fragments on
+// the same A, more take several passes). Lane (g = lane/4, c = lane%4) owns
+// rows g and g+8 and, in each "macro step" of 4*CB bytes of a row, the
+// CB-byte chunk c: one 16-byte (or 8-byte) load per row straight from the
+// [E, N, K_packed] layout, no repack. The dot product does not care about the
+// order of k, so mma step s of a chunk gives the lane's A slots
+// {2c, 2c+1, 2c+8, 2c+9} the chunk's own k values [4s, 4s+4): the B fragment
+// of (token g, c) is then the same four k of token g's activation row,
+// contiguous words of one 16-byte load.
+//
+// Loads. By default each warp streams its weights through a ring of 4-8
+// groups in shared memory filled by cp.async (8 KB a warp; 3-7 groups in
+// flight while one is decoded), which keeps enough bytes in flight without
+// spending registers on them; the alternative (QMOE_DECODE_PIPE=1, and the
+// small-group mode) loads a group into registers and then computes it.
 //
 // Scales. When a group spans whole macro steps ("post"), the tensor cores
 // take the integer (or fp8) values minus the zero point, exact in 16 bits,
@@ -67,24 +74,41 @@ struct DecodeArgs {
 template <int CB>
 struct Raw;
 template <>
-struct Raw<16> {
+struct alignas(16) Raw<16> {
   uint32_t v[4];
 };
 template <>
-struct Raw<8> {
+struct alignas(8) Raw<8> {
   uint32_t v[2];
 };
 
 // Weights are read once: skip L1, and let L2 fetch whole 256-byte lines.
+// (volatile: a load under a condition must not be speculated.)
 __device__ __forceinline__ void load_stream(Raw<16>& r, const uint8_t* p) {
-  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
       : "=r"(r.v[0]), "=r"(r.v[1]), "=r"(r.v[2]), "=r"(r.v[3])
       : "l"(p));
 }
 __device__ __forceinline__ void load_stream(Raw<8>& r, const uint8_t* p) {
-  asm("ld.global.nc.L1::no_allocate.L2::256B.v2.u32 {%0,%1}, [%2];"
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v2.u32 {%0,%1}, [%2];"
       : "=r"(r.v[0]), "=r"(r.v[1])
       : "l"(p));
+}
+
+// The same into shared memory, asynchronously (cp.async); `ok` false writes
+// zeros without reading.
+template <int CB>
+__device__ __forceinline__ void cp_async(Raw<CB>* dst, const uint8_t* src, bool ok) {
+  const uint32_t d = uint32_t(__cvta_generic_to_shared(dst));
+  if constexpr (CB == 16)
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(ok ? 16 : 0));
+  else
+    asm volatile("cp.async.ca.shared.global.L2::256B [%0], [%1], 8, %2;" ::"r"(d), "l"(src), "r"(ok ? 8 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
 // Activations are re-read by every row tile: keep them in L1.
@@ -166,8 +190,9 @@ __device__ __forceinline__ int64_t covered_by_counts(const int32_t* __restrict__
 }
 
 // ------------------------------------------------------------------ kernel
-template <class Act, class Enc, int CB, ScaleMode SM, int NC>
-__device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, float (*red)[16][32]) {
+template <class Act, class Enc, int CB, ScaleMode SM, bool kSmem, int NC>
+__device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, float (*red)[16][32],
+                                            Raw<CB>* ring) {
   using D = Dequant<Act, Enc>;
   using H = Half<Act>;
   constexpr int kBits = Enc::kBits;
@@ -176,12 +201,18 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
   constexpr int kK = CB * 8 / kBits;         // k values per chunk
   constexpr int kSteps = kK / 4;             // mma steps per chunk
   constexpr int kActVec = kK * 2 / 16;       // 16-byte activation loads per chunk
-  // Macro steps per load group. Two groups are alive (double buffering: the
-  // next group's loads are in flight while this one is computed): 2 KB of
-  // weights per warp in flight for NC = 1, less where the activation
-  // fragments (kK per chunk and token pass) take the registers.
-  constexpr int kU = std::max(1, (NC == 1 ? 32 : 16) / CB / (kK > 32 ? 2 : 1) /
-                                     (SM == ScaleMode::pre || (Enc::kAsym && CB == 8) ? 2 : 1));
+  // Macro steps per group (the unit of loading and of computing).
+  // Register pipeline: a group is loaded into registers, then computed; 4 KB
+  // of weights per warp in flight for NC = 1, less where the activation
+  // fragments (kK per chunk and token pass) and zero points take registers.
+  // Shared-memory pipeline: cp.async fills a ring of kStages groups per warp
+  // (8 KB), kStages - 1 groups in flight while one is computed.
+  constexpr int kU =
+      kSmem ? std::max(1, (NC == 1 ? 32 : 16) / CB)
+            : std::max(1, (NC == 1 ? 64 : 32) / CB / (kK >= 32 && kBits < 4 ? 2 : 1) / (kK > 32 ? 2 : 1) /
+                              (NC >= 3 ? 2 : 1) /
+                              (SM == ScaleMode::pre || (Enc::kAsym && CB == 8) ? 2 : 1));
+  constexpr int kStages = kSmem ? std::min(8, std::max(2, 8192 / (kU * 64 * CB))) : 1;
   constexpr int kMacroK = kMacro * 8 / kBits;  // k values per macro step
   static_assert(kWords * D::kWordPairs == 2 * kSteps, "a chunk feeds whole mma steps");
   static_assert(kActVec >= 1, "activation chunk of at least 16 bytes");
@@ -190,7 +221,7 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
   // groups allow post-scaling: their fp32 partial sums would not fit the
   // registers.
   constexpr bool kPost = SM == ScaleMode::post && NC < 3;
-  constexpr bool kPre = SM == ScaleMode::pre || (SM == ScaleMode::post && NC >= 4);
+  constexpr bool kPre = SM == ScaleMode::pre || (SM == ScaleMode::post && !kPost);
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, c = lane & 3;
@@ -213,17 +244,13 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
 
     // Row start of this lane's B token (tokens past the expert's end read the
     // expert's last row: their columns of the product are never stored).
-    const uint16_t* arow[NC];  // the row
-    const uint16_t* ap[NC];    // this lane's chunk of macro step m_begin
+    const uint16_t* arow[NC];  // the row of this lane's B token in each pass chunk
 #pragma unroll
-    for (int ch = 0; ch < NC; ++ch) {
-      arow[ch] = a.act + min(tb + 8 * ch + g, s.t1 - 1) * a.K;
-      ap[ch] = arow[ch] + c * kK + int64_t(m_begin) * kMacroK;
-    }
-    const uint16_t* sc0 = a.scales + row0 * a.groups;
-    const uint16_t* sc1 = a.scales + row1 * a.groups;
-    const uint16_t* zr0 = a.zeros + row0 * a.groups;
-    const uint16_t* zr1 = a.zeros + row1 * a.groups;
+    for (int ch = 0; ch < NC; ++ch) arow[ch] = a.act + min(tb + 8 * ch + g, s.t1 - 1) * a.K;
+    // Scales (and zeros) of rows g and g+8: offsets from the tensors' bases,
+    // which stay kernel parameters (few registers held across the loop).
+    const int64_t so0 = row0 * a.groups;
+    const int d01 = int((row1 - row0) * a.groups);
 
     // Loads of the kU macro steps from m (those before m_end); chunks past
     // the row's end (pre / none modes) read as zero codes, which decode to
@@ -247,11 +274,27 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
         }
       }
     };
+    // Group j of this warp into ring stage j % kStages (a commit group even
+    // when empty, so that wait counts stay uniform).
+    const auto issue_group = [&](const int j) {
+      const int m = m_begin + j * kU;
+      Raw<CB>* st = ring + (j % kStages) * (kU * 2 * 32) + lane;
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int mm = m + u;
+        if (mm < m_end) {
+          const bool ok = chunk_ok(mm);
+          cp_async<CB>(st + (2 * u) * 32, ok ? w0 + int64_t(mm) * kMacro : w0, ok);
+          cp_async<CB>(st + (2 * u + 1) * 32, ok ? w1 + int64_t(mm) * kMacro : w1, ok);
+        }
+      }
+      cp_async_commit();
+    };
 
     const auto compute_group = [&](const Raw<CB>(&raw)[kU][2], const int m) {
-      const uint16_t* am[NC];
+      const uint16_t* ab[NC];  // this lane's chunk of macro step m, per pass chunk
 #pragma unroll
-      for (int ch = 0; ch < NC; ++ch) am[ch] = ap[ch] + (m - m_begin) * kMacroK;
+      for (int ch = 0; ch < NC; ++ch) ab[ch] = arow[ch] + (c * kK + m * kMacroK);
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
         const int mm = m + u;
@@ -265,10 +308,12 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
         if constexpr (SM != ScaleMode::none) {
           const int idx = SM == ScaleMode::post ? mm : 4 * mm + c;
           const int grp = min(idx >> a.pg_shift, a.groups - 1);  // chunks past the row's end
-          const uint16_t sb0 = __ldg(sc0 + grp), sb1 = __ldg(sc1 + grp);
+          const uint16_t* sc = a.scales + so0 + grp;
+          const uint16_t sb0 = __ldg(sc), sb1 = __ldg(sc + d01);
           if constexpr (Enc::kAsym) {
-            z0 = D::zero(H::to_float(__ldg(zr0 + grp)));
-            z1 = D::zero(H::to_float(__ldg(zr1 + grp)));
+            const uint16_t* zr = a.zeros + so0 + grp;
+            z0 = D::zero(H::to_float(__ldg(zr)));
+            z1 = D::zero(H::to_float(__ldg(zr + d01)));
           } else {
             z0 = z1 = D::zero(0.0f);
           }
@@ -296,7 +341,7 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
         for (int v = 0; v < kActVec; ++v) {
           uint32_t bw[NC][4];
 #pragma unroll
-          for (int ch = 0; ch < NC; ++ch) load_act(bw[ch], cok ? am[ch] + u * kMacroK + 8 * v : arow[ch]);
+          for (int ch = 0; ch < NC; ++ch) load_act(bw[ch], cok ? ab[ch] + (u * kMacroK + 8 * v) : arow[ch]);
 #pragma unroll
           for (int i = 0; i < kWords; ++i) {
             if ((i * D::kWordPairs) / 4 != v) continue;
@@ -331,20 +376,30 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
       }
     };
 
-    // Double-buffered: group m + kU is loading while group m is computed.
     if (tile_ok && m_begin < m_end) {
-      Raw<CB> ra[kU][2], rb[kU][2];
-      int m = m_begin;
-      load_group(ra, m);
-      for (;;) {
-        if (m + kU < m_end) load_group(rb, m + kU);
-        compute_group(ra, m);
-        m += kU;
-        if (m >= m_end) break;
-        if (m + kU < m_end) load_group(ra, m + kU);
-        compute_group(rb, m);
-        m += kU;
-        if (m >= m_end) break;
+      if constexpr (kSmem) {
+        const int groups = (m_end - m_begin + kU - 1) / kU;
+#pragma unroll 1
+        for (int j = 0; j < kStages - 1; ++j) issue_group(j);
+        for (int j = 0; j < groups; ++j) {
+          cp_async_wait<kStages - 2>();  // this thread's copies of group j have landed
+          Raw<CB> raw[kU][2];
+          const Raw<CB>* st = ring + (j % kStages) * (kU * 2 * 32) + lane;
+#pragma unroll
+          for (int u = 0; u < kU; ++u) {
+            raw[u][0] = st[(2 * u) * 32];
+            raw[u][1] = st[(2 * u + 1) * 32];
+          }
+          __syncwarp();  // stage (j - 1) % kStages was read last iteration: refill it
+          issue_group(j + kStages - 1);
+          compute_group(raw, m_begin + j * kU);
+        }
+      } else {
+        for (int m = m_begin; m < m_end; m += kU) {
+          Raw<CB> raw[kU][2];
+          load_group(raw, m);
+          compute_group(raw, m);
+        }
       }
     }
 
@@ -384,9 +439,14 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
   }
 }
 
-template <class Act, class Enc, int CB, ScaleMode SM>
+// Shared memory of the cp.async pipeline: 8 KB per warp.
+constexpr int kRingBytesPerWarp = 8192;
+
+template <class Act, class Enc, int CB, ScaleMode SM, bool kSmem>
 __global__ void __launch_bounds__(kThreads, 2) decode_kernel(const DecodeArgs a) {
   __shared__ float red[kWarps - 1][16][32];
+  extern __shared__ __align__(16) unsigned char dyn_smem[];
+  Raw<CB>* ring = reinterpret_cast<Raw<CB>*>(dyn_smem) + (threadIdx.x >> 5) * (kRingBytesPerWarp / CB);
 
   // Rows that no expert covers (counts summing to less than T) are zeros.
   if (blockIdx.y == 0) {
@@ -400,16 +460,18 @@ __global__ void __launch_bounds__(kThreads, 2) decode_kernel(const DecodeArgs a)
   Slot s;
   if (!find_active_expert(a.counts, a.E, a.T, int(blockIdx.y), s)) return;
   // Tokens of the expert in passes of 8, 16 or 24 (one pass reads the
-  // expert's weights once; more than 24 tokens take several passes).
-  // Small groups (16-bit scaling) keep passes of at most 16 tokens: their
-  // extra operands leave no registers for a third B fragment.
+  // expert's weights once; more than 24 tokens take several passes). Small
+  // groups (16-bit scaling) keep passes of at most 16 tokens: their extra
+  // operands leave no registers for a third B fragment; nor do chunks of 64
+  // codes (int2, 16-byte chunks).
+  constexpr bool kThree = SM != ScaleMode::pre && CB * 8 / Enc::kBits <= 32;
   const int64_t nt = s.t1 - s.t0;
   if (nt <= 8)
-    decode_tile<Act, Enc, CB, SM, 1>(a, s, red);
-  else if (nt <= 16 || SM == ScaleMode::pre)
-    decode_tile<Act, Enc, CB, SM, 2>(a, s, red);
+    decode_tile<Act, Enc, CB, SM, kSmem, 1>(a, s, red, ring);
+  else if (nt <= 16 || !kThree)
+    decode_tile<Act, Enc, CB, SM, kSmem, 2>(a, s, red, ring);
   else
-    decode_tile<Act, Enc, CB, SM, SM == ScaleMode::pre ? 2 : 3>(a, s, red);
+    decode_tile<Act, Enc, CB, SM, kSmem, kThree ? 3 : 2>(a, s, red, ring);
 }
 
 // ------------------------------------------------------------------ host
@@ -417,6 +479,7 @@ DecodeTuning tuning_from_env() {
   DecodeTuning t;
   if (const char* v = std::getenv("QMOE_DECODE_CB")) t.chunk_bytes = std::atoi(v);
   if (const char* v = std::getenv("QMOE_DECODE_WK")) t.k_warps = std::atoi(v);
+  if (const char* v = std::getenv("QMOE_DECODE_PIPE")) t.pipeline = std::atoi(v);
   return t;
 }
 
@@ -442,8 +505,8 @@ int sm_count() {
   return sms;
 }
 
-template <class Act, class Enc, int CB, ScaleMode SM>
-Status launch_one(const MoeGemmParams& p, cudaStream_t stream, int64_t rb, int per_group) {
+template <class Act, class Enc, int CB, ScaleMode SM, bool kSmem>
+Status launch_pipe(const MoeGemmParams& p, cudaStream_t stream, int64_t rb, int per_group) {
   constexpr int kMacro = 4 * CB;
   DecodeArgs a;
   a.w = static_cast<const uint8_t*>(p.weights);
@@ -478,9 +541,40 @@ Status launch_one(const MoeGemmParams& p, cudaStream_t stream, int64_t rb, int p
   a.wk = wk;
   a.wn = kWarps / wk;
   const dim3 grid(unsigned((tiles + a.wn - 1) / a.wn), unsigned(slots));
-  decode_kernel<Act, Enc, CB, SM><<<grid, kThreads, 0, stream>>>(a);
+  constexpr int kSmemBytes = kSmem ? kWarps * kRingBytesPerWarp : 0;
+  if constexpr (kSmem) {  // more than 48 KB of dynamic shared memory: opt in once per device
+    static bool opted[64] = {};
+    int dev = 0;
+    cudaGetDevice(&dev);
+    if (dev < 0 || dev >= 64 || !opted[dev]) {
+      const cudaError_t err = cudaFuncSetAttribute(decode_kernel<Act, Enc, CB, SM, kSmem>,
+                                                   cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+      if (err != cudaSuccess) {
+        cudaGetLastError();
+        return Status::runtime(std::string("decode kernel shared memory: ") + cudaGetErrorString(err));
+      }
+      if (dev >= 0 && dev < 64) opted[dev] = true;
+    }
+  }
+  decode_kernel<Act, Enc, CB, SM, kSmem><<<grid, kThreads, kSmemBytes, stream>>>(a);
   return launch_status("decode MoE kernel launch");
 }
+
+// The shared-memory pipeline serves the main modes (fp32 scaling, 16-bit
+// weights); small groups (16-bit scaling, more registers) load through
+// registers. Only fp32-scaled encodings offer both (QMOE_DECODE_PIPE).
+template <class Act, class Enc, int CB, ScaleMode SM>
+Status launch_one(const MoeGemmParams& p, cudaStream_t stream, int64_t rb, int per_group) {
+  if constexpr (SM == ScaleMode::pre) {
+    return launch_pipe<Act, Enc, CB, SM, false>(p, stream, rb, per_group);
+  } else if constexpr (SM == ScaleMode::none) {
+    return launch_pipe<Act, Enc, CB, SM, true>(p, stream, rb, per_group);
+  } else {
+    if (tuning().pipeline == 1) return launch_pipe<Act, Enc, CB, SM, false>(p, stream, rb, per_group);
+    return launch_pipe<Act, Enc, CB, SM, true>(p, stream, rb, per_group);
+  }
+}
+
 
 template <class Act, class Enc>
 bool launch_typed(const MoeGemmParams& p, cudaStream_t stream, Status* status) {

@@ -90,9 +90,9 @@ TEST_P(CudaDecode, FastPathMatchesFloat64Reference) {
   for (const Case& cs : fast_cases()) run_case(at, enc, cs);
 }
 
-// Every chunk width and K split on the same shapes (the launcher would pick
-// only one of them for each; a forced width that the encoding cannot use
-// falls back to the generic kernel).
+// Every load pipeline, chunk width and K split on the same shapes (the
+// launcher would pick only one of them for each; a forced width that the
+// encoding cannot use falls back to the generic kernel).
 TEST_P(CudaDecode, EveryVariant) {
   QMOE_SKIP_WITHOUT_CUDA();
   const auto [at, enc] = GetParam();
@@ -100,14 +100,16 @@ TEST_P(CudaDecode, EveryVariant) {
       {"variant_g128", 40, 2048, 128, {1, 0, 7, 12}},
       {"variant_g64_partial", 19, 1088, 64, {3, 1}},
   };
-  for (int cb : {8, 16})
-    for (int wk : {1, 2, 4, 8}) {
-      TuningScope scope({cb, wk});
-      for (const Case& cs : cases) {
-        SCOPED_TRACE("chunk_bytes=" + std::to_string(cb) + " k_warps=" + std::to_string(wk));
-        run_case(at, enc, cs, Path::any);
+  for (int pipe : {1, 2})
+    for (int cb : {8, 16})
+      for (int wk : {1, 2, 4, 8}) {
+        TuningScope scope({cb, wk, pipe});
+        for (const Case& cs : cases) {
+          SCOPED_TRACE("pipeline=" + std::to_string(pipe) + " chunk_bytes=" + std::to_string(cb) +
+                       " k_warps=" + std::to_string(wk));
+          run_case(at, enc, cs, Path::any);
+        }
       }
-    }
 }
 
 INSTANTIATE_TEST_SUITE_P(AllEncodings, CudaDecode,
@@ -227,8 +229,11 @@ TEST(CudaDecodeSanitize, MixedShapes) {
       run_case(at, enc, {"san_g32_partial", 21, 96, 32, {2, 17}});
       run_case(at, enc, {"san_24_tokens", 18, 256, 64, {20, 1}});
     }
-  TuningScope scope({8, 8});
-  run_case(ActType::bf16, {WeightType::int4, true}, {"san_cb8_wk8", 45, 4096, 128, {3, 0, 18}});
+  for (int pipe : {1, 2}) {
+    TuningScope scope({8, 8, pipe});
+    run_case(ActType::bf16, {WeightType::int4, true}, {"san_cb8_wk8", 45, 4096, 128, {3, 0, 18}});
+    run_case(ActType::f16, {WeightType::fp8_e4m3, false}, {"san_cb8_wk8_fp8", 40, 1024, 64, {9, 2}});
+  }
 }
 
 }  // namespace
