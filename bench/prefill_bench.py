@@ -16,6 +16,11 @@ with device events; a graph holds R calls on R different input sets so the
 L2 (50-60 MB) cannot hold them. Floor of a row = max(bytes / copy bandwidth,
 2 T N K / dense rate), bytes = active experts' weights + scales + zeros +
 activations in + output out (DESIGN.md).
+
+A/B against earlier kernel paths (environment, read once per process, so
+one run per setting): QMOE_PREFILL_SCALES=ldg (scales by plain loads instead
+of cp.async), QMOE_PREFILL_TILES=256 (no 128-row small-tile schedule) or =128
+(always 128-row tiles). The settings are printed and stored in the JSON.
 """
 import argparse
 import ctypes
@@ -185,6 +190,8 @@ def main():
     name = torch.cuda.get_device_name()
     props = torch.cuda.get_device_properties(0)
     print(f"card: {name}, {props.multi_processor_count} SMs, torch {torch.__version__}")
+    switches = {k: os.environ.get(k, "") for k in ("QMOE_PREFILL_SCALES", "QMOE_PREFILL_TILES")}
+    print("kernel switches: " + ", ".join(f"{k}={v or 'auto'}" for k, v in switches.items()))
 
     # Ceilings: copy bandwidth and dense bf16 rate.
     x = torch.empty(1 << 29, dtype=torch.uint8, device="cuda")  # 512 MiB
@@ -292,8 +299,10 @@ def main():
     out = os.environ.get("OUT")
     if out:
         import json
-        with open(os.path.join(out, "prefill_bench.json"), "w") as f:
-            json.dump(dict(card=name, copy_bw=copy_bw, dense_rate=dense_rate, rows=rows), f, indent=1)
+        tag = "".join(f"_{k.split('_')[-1].lower()}-{v}" for k, v in switches.items() if v)
+        with open(os.path.join(out, f"prefill_bench{tag}.json"), "w") as f:
+            json.dump(dict(card=name, copy_bw=copy_bw, dense_rate=dense_rate, switches=switches, rows=rows), f,
+                      indent=1)
 
 
 if __name__ == "__main__":

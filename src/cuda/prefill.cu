@@ -60,7 +60,7 @@ bool launch_prefill(const MoeGemmParams& p, cudaStream_t stream, Status* status)
   if (p.k % k_align != 0) return false;
   if (p.weight_type != WeightType::native16 && p.group_size % 32 != 0) return false;
   if (!aligned16(p.activations) || !aligned16(p.weights)) return false;
-  const int64_t items = (p.n + 255) / 256 * ((p.total_tokens + 63) / 64 + p.num_experts);
+  const int64_t items = (p.n + 127) / 128 * ((p.total_tokens + 63) / 64 + p.num_experts);
   if (items > INT32_MAX) return false;
   return p.act_type == ActType::f16 ? prefill::launch_f16(p, stream, status)
                                     : prefill::launch_bf16(p, stream, status);

@@ -11,8 +11,9 @@
 // fragment, decoded into registers, which can be built in the register order
 // the instruction wants), tokens the B operand (8 tokens per n8 fragment).
 //
-// Tiles. A work item is (expert, 128-token tile, 256-row n tile); a CTA of 8
-// warps computes it. Tiles of more than 64 tokens: warp (h, r) owns weight
+// Tiles. A work item is (expert, 128-token tile, 256-row n tile -- or 128-row
+// under the small-tile schedule, see the tuning log and the kernel's warp
+// shapes); a CTA of 8 warps computes it. Tiles of more than 64 tokens: warp (h, r) owns weight
 // rows [64r, 64r+64) and tokens [64h, 64h+64) (4 m16 x 8 n8 fragments, 128
 // fp32 accumulators per lane). Tiles of at most 64 tokens: warp w owns rows
 // [32w, 32w+32) and every token, with 1, 2, 4 or 8 n8 fragments as the tile
@@ -20,8 +21,10 @@
 // (The kernel is also written for 16 warps -- 64 x 32 warp tiles -- but that
 // layout measured slower and is not instantiated; see kPrefillWarps.)
 // The k loop runs over k tiles of BK = 64 (32 for 16-bit weights) brought into
-// shared memory by a multi-stage cp.async pipeline (tokens, packed weights;
-// scales and zero-point biases through registers).
+// shared memory by a multi-stage cp.async pipeline (tokens, packed weights,
+// and the raw scale / zero words, which each loader thread converts for its
+// weight row one iteration before use; through registers by plain loads
+// where the group count is odd).
 //
 // k order (quantized weights). The order of k inside a 32-wide k chunk is
 // free for a dot product as long as both operands agree. Lane (g = lane/4,
@@ -41,7 +44,9 @@
 // Schedule. Persistent grid (SMs x resident CTAs). Each CTA computes, from the
 // device-side counts, the clamped token range of every expert (like
 // common.cuh's expert_range) and the prefix sum of work items in shared
-// memory, then strides over the items. Experts with no tokens have no items.
+// memory, chooses 256- or 128-row n tiles from the item count (the same
+// answer in every CTA), then strides over the items. Experts with no tokens
+// have no items.
 // The pipeline runs across item boundaries. No host sync, no allocation: the
 // launch is graph-capturable. Rows that no expert covers (counts summing to
 // less than T) are written as zeros.
@@ -64,6 +69,32 @@
 //     per instruction): +10-20% on the compute-bound Mixtral rows, less where
 //     the weights' bytes bound the row. bf16 weights: unchanged.
 //     Restore: QMOE_PREFILL_SCALES=ldg.
+//  2. Small-tile schedule (128-row weight tiles), chosen on the device from
+//     the counts, the same in every CTA: when the 256-row items fill less
+//     than two waves of the grid and halving the tiles shortens the busiest
+//     CTA's list, or N <= 128. Warps then take 32 weight rows x 64 tokens
+//     (tiles of > 64 tokens) or 32 x 32 (2 x NJ fragments, NJ 8/4/2/1/0):
+//     each weight is still decoded once per 64 tokens (> 64) or once (<= 64),
+//     the shapes already instantiated for 256-row tiles are reused, one call
+//     site per shape (compile time: -15% against before, not +80% as with
+//     separate call sites). Predicted: the uneven (8, 4096, 4096, 610) row
+//     has ~176 items of 256 rows on 132 SMs (the busiest CTA does 2, most
+//     1-2 -> ~1.33 waves at full cost); 352 items of 128 rows take 3 half
+//     items at most: busiest CTA -25% of its work, the row +15-30%. Rows
+//     with >= 2 waves of items (Mixtral, 8192 tokens) keep 256-row tiles:
+//     unchanged. Rows that fill exactly one wave (128 items: ark 252, 528
+//     even) keep 256-row tiles (no gain from halving). Restore:
+//     QMOE_PREFILL_TILES=256 (=128 forces the small tiles).
+//  3. Not done: 2 CTAs per SM (<= 128 registers for 8 warps) cannot hold the
+//     64 x 64 warp tile's 128 fp32 accumulators per lane; 16 warps (64 x 32)
+//     measured slower (see kPrefillWarps). SASS of the int4 4 x 8 k loop
+//     (sm_90a): 819 instructions for 128 HMMA, of them ~272 decode (PRMT,
+//     LOP3, HFMA2, HMUL2, SHF: 2.1 per HMMA, minimal for the natural nibble
+//     order: the tokens' 16-byte k order fixes the register pairs) and ~330
+//     loader / loop (IMAD 127, ISETP 41, SEL 26, LEA 21...; executed once per
+//     k tile per warp, the item change branches rarely): the next step is a
+//     loader with per-item base offsets and per-tile increments (est. -150
+//     instructions per k tile, ~-1 per HMMA; matters only where issue-bound).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -115,6 +146,9 @@ struct Cfg {
   static_assert(sizeof(raw_t) == kBits, "a lane reads bits bytes per row per k chunk");
 };
 
+enum { kScalesAuto = 0, kScalesLdg = 1 };              // scale_path_override()
+enum { kTilesAuto = 0, kTiles256 = 1, kTiles128 = 2 };  // tile_override(), Args::tile_mode
+
 struct Args {
   const uint16_t* act;
   const uint8_t* w;
@@ -126,7 +160,9 @@ struct Args {
   int64_t kp;        // packed bytes per weight row
   int groups;        // K / group_size
   uint32_t gdiv;     // ceil(2^32 / (group_size / 32)), 0 for group_size 32: chunk -> group
-  int n_tiles, k_tiles;
+  int n_tiles, k_tiles;  // n tiles of BN (256) rows, k tiles
+  int n_tiles128;        // n tiles of 128 rows (small-tile schedule)
+  int tile_mode;         // kTilesAuto, kTiles256, kTiles128
   int vec_out;       // vector output stores allowed (N % 8 == 0, aligned out)
   int scale_async;   // scales / zeros by cp.async (4-byte words; groups even, aligned), else plain loads
 };
@@ -228,29 +264,35 @@ __device__ __forceinline__ V block_exclusive_scan(V v, V* scratch) {
 }
 
 struct Item {
-  int e, tok0, rows, n0;
+  int e, tok0, rows, n0, bn;  // bn: rows of the weight tile, 256 or 128
 };
 
+// s_items[e]: token tiles of the experts before e; s_items[E + 1], [E + 2]:
+// the schedule's n tiles per token tile and rows per n tile (256 or 128).
+// Item i: expert e with s_items[e] * nt <= i < s_items[e + 1] * nt, then n
+// tile major, token tile minor within the expert.
 template <class C>
 __device__ __forceinline__ Item decode_item(int item, const int* s_tok, const int* s_items, int E) {
-  int lo = 0, hi = E;  // s_items[lo] <= item < s_items[hi]
+  const int ntiles = s_items[E + 1];
+  int lo = 0, hi = E;  // s_items[lo] * ntiles <= item < s_items[hi] * ntiles
   while (hi - lo > 1) {
     const int mid = (lo + hi) >> 1;
-    if (s_items[mid] <= item)
+    if (s_items[mid] * ntiles <= item)
       lo = mid;
     else
       hi = mid;
   }
   Item it;
   it.e = lo;
+  it.bn = s_items[E + 2];
   const int tb = s_tok[lo], te = s_tok[lo + 1];
   const int mt = (te - tb + C::BM - 1) / C::BM;
-  const int local = item - s_items[lo];
+  const int local = item - s_items[lo] * ntiles;
   const int nt = local / mt;
   const int mtile = local - nt * mt;
   it.tok0 = tb + mtile * C::BM;
   it.rows = min(C::BM, te - it.tok0);
-  it.n0 = nt * C::BN;
+  it.n0 = nt * it.bn;
   return it;
 }
 
@@ -315,6 +357,7 @@ struct Kernel {
         for (int i = 0; i < C::B_ITERS; ++i) {
           if (!C::B_EXACT && tid >= C::BN * C::CPR) break;
           const int n = tid / C::CPR + (C::kThreads / C::CPR) * i;
+          if (n >= it.bn) continue;  // 128-row tiles: rows 128.. are not read
           const int row = it.n0 + n;
           const bool ok = kok && row < a.N;
           const int sn = sigma(n);
@@ -333,7 +376,7 @@ struct Kernel {
       // (group g0 & ~1 and g0 | 1, see scale_halves) is copied raw into the
       // stage's chunk-0 words; convert_scales turns it into the per-chunk
       // words one iteration before the stage is consumed.
-      if (C::kScaled && a.scale_async && tid < C::BN) {
+      if (C::kScaled && a.scale_async && tid < it.bn) {
         const int row = min(it.n0 + tid, a.N - 1);
         const uint32_t chunk = uint32_t(kt * C::KC);
         const int word = int(a.gdiv ? __umulhi(chunk, a.gdiv) : chunk) & ~1;
@@ -344,7 +387,7 @@ struct Kernel {
       }
       // Plain-load path: to registers now, to shared memory after this
       // iteration's math (store_scales).
-      if (C::kScaled && !a.scale_async && tid < C::BN) {
+      if (C::kScaled && !a.scale_async && tid < it.bn) {
         const int row = min(it.n0 + tid, a.N - 1);
         const uint16_t* srow = a.scales + (int64_t(it.e) * a.N + row) * a.groups;
         const uint16_t* zrow = a.zeros + (int64_t(it.e) * a.N + row) * a.groups;
@@ -596,7 +639,7 @@ __global__ void __launch_bounds__(32 * Warps, 1) prefill_kernel(const Args a) {
 
   // ---- schedule: clamped token ranges and item prefix sums, per CTA.
   int* s_tok = reinterpret_cast<int*>(smem + C::STAGES * C::STAGE);  // [E + 1]
-  int* s_items = s_tok + (a.E + 1);                                   // [E + 1]
+  int* s_items = s_tok + (a.E + 1);                                   // [E + 3]
   long long* scratch = reinterpret_cast<long long*>(smem);            // pipeline buffers are free now
   {
     const int per = (a.E + C::kThreads - 1) / C::kThreads;
@@ -611,16 +654,29 @@ __global__ void __launch_bounds__(32 * Warps, 1) prefill_kernel(const Args a) {
     if (tid == C::kThreads - 1) s_tok[a.E] = int(min(off, (long long)a.T));
     __syncthreads();
     int isum = 0;
-    for (int i = i0; i < i1; ++i) isum += (s_tok[i + 1] - s_tok[i] + C::BM - 1) / C::BM * a.n_tiles;
+    for (int i = i0; i < i1; ++i) isum += (s_tok[i + 1] - s_tok[i] + C::BM - 1) / C::BM;
     int ioff = block_exclusive_scan<int>(isum, reinterpret_cast<int*>(scratch));
     for (int i = i0; i < i1; ++i) {
       s_items[i] = ioff;
-      ioff += (s_tok[i + 1] - s_tok[i] + C::BM - 1) / C::BM * a.n_tiles;
+      ioff += (s_tok[i + 1] - s_tok[i] + C::BM - 1) / C::BM;
     }
-    if (tid == C::kThreads - 1) s_items[a.E] = ioff;
+    if (tid == C::kThreads - 1) {
+      s_items[a.E] = ioff;
+      // Weight tile rows, the same choice in every CTA (same counts, same
+      // grid): 128-row tiles when the 256-row items fill less than two
+      // waves of the grid and halving them shortens the busiest CTA's list
+      // (in 128-row units: ceil(I128 / G) < 2 ceil(I256 / G)), or when N <=
+      // 128 (a 256-row tile would leave half the warps on zero rows).
+      const long long G = gridDim.x, i256 = (long long)ioff * a.n_tiles, i128 = (long long)ioff * a.n_tiles128;
+      bool small = a.N <= 128 || (i256 < 2 * G && (i128 + G - 1) / G < 2 * ((i256 + G - 1) / G));
+      if (a.tile_mode == kTiles256 || C::kWarps != 8) small = false;  // (written for 8 warps only)
+      if (a.tile_mode == kTiles128) small = true;
+      s_items[a.E + 1] = small ? a.n_tiles128 : a.n_tiles;
+      s_items[a.E + 2] = small ? 128 : C::BN;
+    }
     __syncthreads();
   }
-  const int total = s_items[a.E];
+  const int total = s_items[a.E] * s_items[a.E + 1];
   const int covered = s_tok[a.E];
 
   // ---- pipeline prologue.
@@ -646,24 +702,46 @@ __global__ void __launch_bounds__(32 * Warps, 1) prefill_kernel(const Args a) {
 #define QMOE_RUN(MI, NJ, TOK, ROW) \
   K::template run_item<MI, NJ>(a, it, TOK, ROW, L, smem, slot, ld_slot, total, s_tok, s_items)
     if constexpr (Warps == 8) {
-      if (it.rows > 64) {
-        // Warp (h, r): tokens [64h, 64h + 64), weight rows [64r, 64r + 64).
-        const int h = warp >> 2, row0 = 64 * (warp & 3);
-        if (h == 0 || it.rows - 64 > 32)
-          QMOE_RUN(4, 8, 64 * h, row0);
-        else
-          QMOE_RUN(4, 4, 64 * h, row0);
+      // Each warp picks its fragment shape (MI m16 x NJ n8) and origin, then
+      // one call site per shape (run_item is inlined: one copy each).
+      //  256-row tiles, > 64 tokens: warp (h, r): tokens [64h, 64h + 64),
+      //    weight rows [64r, 64r + 64): 4 x 8 (4 x 4 for a short second half).
+      //  256-row tiles, <= 64 tokens: warp w: rows [32w, 32w + 32), every
+      //    token: 2 x (1, 2, 4 or 8).
+      //  128-row tiles (small-tile schedule), warp (h, r): rows [32r, 32r +
+      //    32), tokens [64h, 64h + 64) for > 64 tokens (2 x 8 or 2 x 4), else
+      //    [32h, 32h + 32) (2 x 4, 2, 1, or 0: loads only).
+      const int h = warp >> 2;
+      int shape, tok, row0;  // shape: 0 = 4x8, 1 = 4x4, 2 + log2(NJ) = 2xNJ, 6 = 2x0
+      if (it.bn == C::BN) {
+        if (it.rows > 64) {
+          shape = (h == 0 || it.rows - 64 > 32) ? 0 : 1;
+          tok = 64 * h;
+          row0 = 64 * (warp & 3);
+        } else {
+          shape = 2 + __ffs(token_frags(it.rows)) - 1;
+          tok = 0;
+          row0 = 32 * warp;
+        }
       } else {
-        // Warp w: weight rows [32w, 32w + 32), every token of the tile.
-        const int nj = token_frags(it.rows), row0 = 32 * warp;
-        if (nj == 8)
-          QMOE_RUN(2, 8, 0, row0);
-        else if (nj == 4)
-          QMOE_RUN(2, 4, 0, row0);
-        else if (nj == 2)
-          QMOE_RUN(2, 2, 0, row0);
-        else
-          QMOE_RUN(2, 1, 0, row0);
+        row0 = 32 * (warp & 3);
+        if (it.rows > 64) {
+          shape = (h == 0 || it.rows - 64 > 32) ? 5 : 4;
+          tok = 64 * h;
+        } else {
+          const int mine = it.rows - 32 * h;
+          shape = mine <= 0 ? 6 : 2 + __ffs(token_frags(min(mine, 32))) - 1;
+          tok = 32 * h;
+        }
+      }
+      switch (shape) {
+        case 0: QMOE_RUN(4, 8, tok, row0); break;
+        case 1: QMOE_RUN(4, 4, tok, row0); break;
+        case 2: QMOE_RUN(2, 1, tok, row0); break;
+        case 3: QMOE_RUN(2, 2, tok, row0); break;
+        case 4: QMOE_RUN(2, 4, tok, row0); break;
+        case 5: QMOE_RUN(2, 8, tok, row0); break;
+        default: QMOE_RUN(2, 0, tok, row0); break;
       }
     } else {
       if (it.rows > 64) {
@@ -713,8 +791,6 @@ inline int ceil_div(int64_t a, int64_t b) { return int((a + b - 1) / b); }
 // plain loads, the path before the async one), QMOE_PREFILL_TILES=256 (only
 // 256-row weight tiles, the schedule before the small-tile one) or =128
 // (always 128-row tiles). set_overrides (tests) takes precedence; -1 = env.
-enum { kScalesAuto = 0, kScalesLdg = 1 };
-enum { kTilesAuto = 0, kTiles256 = 1, kTiles128 = 2 };
 int scale_path_override();
 int tile_override();
 void set_overrides(int scales, int tiles);
@@ -737,7 +813,7 @@ bool launch(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
     cudaGetLastError();
     return false;
   }
-  const int64_t sched_bytes = 8 * (p.num_experts + 1);
+  const int64_t sched_bytes = 8 * (p.num_experts + 1) + 8;  // s_tok, s_items, 2 schedule words
   const int64_t smem_bytes = int64_t(C::STAGES) * C::STAGE + sched_bytes;
   std::call_once(once[dev], [&] {
     DeviceInfo d;
@@ -787,6 +863,8 @@ bool launch(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
   // umulhi(x, ceil(2^32 / d)) == x / d whenever x * d < 2^32 (here x < K / 32).
   a.gdiv = gs32 == 1 ? 0u : uint32_t(((uint64_t(1) << 32) + gs32 - 1) / gs32);
   a.n_tiles = ceil_div(p.n, C::BN);
+  a.n_tiles128 = ceil_div(p.n, 128);
+  a.tile_mode = tile_override();
   a.k_tiles = ceil_div(p.k, C::BK);
   a.vec_out = (p.n % 8 == 0) && (reinterpret_cast<uintptr_t>(p.out) % 16 == 0);
   const auto aligned4 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 4 == 0; };
@@ -795,7 +873,8 @@ bool launch(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
 
   // Work items: at most n_tiles * (ceil(T / BM) + E); the grid never exceeds
   // what can be resident, nor the items that can exist.
-  const int64_t max_items = int64_t(a.n_tiles) * ((p.total_tokens + C::BM - 1) / C::BM + p.num_experts);
+  // (n tiles of 128 rows: the small-tile schedule's count).
+  const int64_t max_items = int64_t(a.n_tiles128) * ((p.total_tokens + C::BM - 1) / C::BM + p.num_experts);
   const int64_t resident = int64_t(d.sms) * per_sm;
   const int grid = int(std::max<int64_t>(1, std::min(max_items, resident)));
   prefill_kernel<Act, Enc, Warps><<<grid, C::kThreads, size_t(smem_bytes), stream>>>(a);

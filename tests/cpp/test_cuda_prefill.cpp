@@ -14,10 +14,23 @@
 #include "cuda/kernels.h"
 #include "harness_cuda.h"
 
+// Switches of the fast path (src/cuda/prefill.cu): scale loads (0 cp.async
+// where the layout allows, 1 plain loads) and weight-tile rows (0 auto, 1
+// only 256, 2 only 128); -1 restores the environment's choice.
+namespace qmoe::cuda::prefill {
+void set_overrides(int scales, int tiles);
+}  // namespace qmoe::cuda::prefill
+
 namespace qmoe::test {
 namespace {
 
 Device cuda_device(cudaStream_t s = nullptr) { return Device{DeviceType::cuda, 0, s}; }
+
+// Forces the fast path's scale and tile choices for one scope.
+struct Overrides {
+  Overrides(int scales, int tiles) { cuda::prefill::set_overrides(scales, tiles); }
+  ~Overrides() { cuda::prefill::set_overrides(-1, -1); }
+};
 
 struct Shape {
   const char* label;
@@ -55,6 +68,9 @@ std::vector<Shape> shapes() {
       {"k_eq_group", 64, 128, 128, {16, 48}},
       // One token.
       {"t1", 128, 256, 128, {0, 1, 0}},
+      // group_size 96: the two k chunks of a tile straddle a group boundary
+      // (groups 2j, 2j + 1 of one scale word); 4 groups, async scales.
+      {"gs96", 136, 384, 96, {90, 7, 33}},
   };
 }
 
@@ -67,6 +83,21 @@ TEST_P(CudaPrefill, MatchesFloat64Reference) {
   for (const Shape& s : shapes()) check_fast_path(at, enc, s);
   // K = 96: the last k tile is half full (int2 needs K % 64 == 0: fallback).
   check_fast_path(at, enc, {"k_half_tile", 40, 96, 32, {5, 9}}, enc.type != WeightType::int2);
+}
+
+// Every schedule (256-row tiles, 128-row tiles) with both scale paths
+// (cp.async words, plain loads), whatever the automatic choice would be. The
+// shapes above take the 128-row tiles by themselves (few items), and the
+// async scales where the group count is even; with odd counts (n_tail,
+// k_eq_group, k_half_tile) the plain loads.
+TEST_P(CudaPrefill, EverySchedule) {
+  QMOE_SKIP_WITHOUT_CUDA();
+  const auto [at, enc] = GetParam();
+  for (const auto& [scales, tiles] : {std::pair{0, 1}, std::pair{1, 1}, std::pair{1, 2}, std::pair{0, 2}}) {
+    SCOPED_TRACE("scales=" + std::to_string(scales) + " tiles=" + std::to_string(tiles));
+    Overrides o(scales, tiles);
+    for (const Shape& s : shapes()) check_fast_path(at, enc, s);
+  }
 }
 
 // Many experts, random counts with zeros, through the public API as well.
@@ -105,6 +136,20 @@ TEST(CudaPrefillSizes, TokensFrom1To8192) {
   check_fast_path(ActType::f16, {WeightType::native16, false}, {"t8192", 128, 512, 0, big});
   check_fast_path(ActType::bf16, {WeightType::fp8_e4m3, false}, {"t8192", 128, 512, 128, big});
   check_fast_path(ActType::f16, {WeightType::int8, true}, {"t8192", 128, 512, 128, big});
+}
+
+// The automatic tile choice at both ends: an uneven 610-token split over
+// N = 1024 (few 256-row items: 128-row tiles) and 2640 tokens over N = 4096
+// (over two waves of 256-row items on a 132-SM card: 256-row tiles).
+TEST(CudaPrefillSizes, AutomaticTileChoice) {
+  QMOE_SKIP_WITHOUT_CUDA();
+  Overrides o(-1, 0);
+  const std::vector<int32_t> uneven{300, 0, 9, 121, 64, 1, 100, 15};  // 610 tokens
+  check_fast_path(ActType::bf16, {WeightType::int4, false}, {"uneven610", 1024, 256, 128, uneven});
+  check_fast_path(ActType::f16, {WeightType::int8, true}, {"uneven610", 1024, 256, 128, uneven});
+  check_fast_path(ActType::bf16, {WeightType::native16, false}, {"uneven610", 1024, 256, 0, uneven});
+  const std::vector<int32_t> big(8, 330);
+  check_fast_path(ActType::bf16, {WeightType::int4, true}, {"big", 4096, 128, 64, big});
 }
 
 // Counts that disagree with T: nothing is read or written out of bounds
