@@ -350,8 +350,10 @@ struct Runner {
   static constexpr bool kNativeF16 = is_native_f16<Enc>();
   // Whether the dot needs sum_g s_g (kOffset + z_g) sum_{k in g} a_k taken off.
   static constexpr bool kCorr = Enc::kAsym || D::kOffset != 0.0f;
-  static constexpr int64_t kRowChunk = 32;  // decode rows between two output stores
-  static constexpr int64_t kPrefetch = 2048;  // bytes ahead in the weight stream
+  // Decode rows between two output stores: kRowBudget / tokens (running
+  // sums of 64 KB), so that few tokens stream long runs of rows.
+  static constexpr int64_t kRowBudget = 1024;
+  static constexpr int64_t kPrefetch = 8192;  // bytes ahead in the weight stream
 
   // Whether this level takes the call: a unit of packed weights must lie in
   // one group, or a group must cover whole fp32 lanes of the dot product.
@@ -591,27 +593,29 @@ struct Runner {
     for (int64_t b0 = 0; b0 < nblocks; b0 += bpc) {
       const int64_t b1 = min64(nblocks, b0 + bpc);
       const int64_t g0 = b0 * gpb, g1 = min64(G, b1 * gpb);  // groups of this chunk
-      for (int64_t r = r0; r < r1; ++r) {
-        if constexpr (Enc::kScaled && NT <= 4) {
-          // Two rows at once: every activation vector loaded feeds both
-          // rows (L1 loads, not the arithmetic, bound this loop).
-          if ((bu == 1 || NT <= 2) && r + 1 < r1) {
-            float* sB = szbuf + sstride_;
-            float* szB = sB + sstride_;
-            load_scales(e, r, g0, g1, sbuf, szbuf);
-            load_scales(e, r + 1, g0, g1, sB, szB);
-            pair_tight<NT, FMA>(w + (e * N + r) * row_bytes, w + (e * N + r + 1) * row_bytes, b0 * bu,
-                           min64(full_units, b1 * bu), g0, a, sbuf,
-                           sB, totbuf + (r - r0) * NT, totbuf + (r + 1 - r0) * NT);
-            if constexpr (kCorr)
-              for (int t = 0; t < NT; ++t) {
-                res[t * nr + (r - r0)] -= dot_f32(szbuf, as[t] + g0, g1 - g0);
-                res[t * nr + (r + 1 - r0)] -= dot_f32(szB, as[t] + g0, g1 - g0);
-              }
-            ++r;
-            continue;
-          }
+      // Rows in pairs (r0 + i, r0 + h + i): every activation vector loaded
+      // feeds both rows (L1 loads, not the arithmetic, bound this loop), and
+      // each half of the rows is one sequential stream for the prefetchers.
+      int64_t h = 0;
+      if constexpr (Enc::kScaled && NT <= 4)
+        if (bu == 1 || NT <= 2) h = nr / 2;
+      if constexpr (Enc::kScaled && NT <= 4)
+        for (int64_t i = 0; i < h; ++i) {
+          const int64_t rA = r0 + i, rB = r0 + h + i;
+          float* sB = szbuf + sstride_;
+          float* szB = sB + sstride_;
+          load_scales(e, rA, g0, g1, sbuf, szbuf);
+          load_scales(e, rB, g0, g1, sB, szB);
+          pair_tight<NT, FMA>(w + (e * N + rA) * row_bytes, w + (e * N + rB) * row_bytes, b0 * bu,
+                              min64(full_units, b1 * bu), g0, a, sbuf, sB, totbuf + (rA - r0) * NT,
+                              totbuf + (rB - r0) * NT);
+          if constexpr (kCorr)
+            for (int t = 0; t < NT; ++t) {
+              res[t * nr + (rA - r0)] -= dot_f32(szbuf, as[t] + g0, g1 - g0);
+              res[t * nr + (rB - r0)] -= dot_f32(szB, as[t] + g0, g1 - g0);
+            }
         }
+      for (int64_t r = r0 + 2 * h; r < r1; ++r) {
         const uint8_t* wr = w + (e * N + r) * row_bytes;
         load_scales(e, r, g0, g1, sbuf, szbuf);
         V tot[NT];
@@ -985,9 +989,8 @@ struct Runner {
     // Per-worker scratch. Decode: running sums, scales (+16 floats of slack
     // for full-vector loads), outputs. Prefill: panel, unit buffer, scales
     // of 16 rows, running tiles when K takes several chunks.
-    const int64_t chunk = kRowChunk;
-    const int64_t res_elems = chunk * kDecodeMaxTokens;
-    const int64_t tot_bytes = chunk * kDecodeMaxTokens * 64;
+    const int64_t res_elems = kRowBudget;  // rows x tokens <= kRowBudget
+    const int64_t tot_bytes = kRowBudget * 64;
     const int64_t sc_elems = round_up(G + 16, 16);
     sstride_ = sc_elems;
     // scales and s*(offset+z) of two rows: sbuf, szbuf, then [s, sz] of row B
@@ -1030,6 +1033,7 @@ struct Runner {
         as[t] = asum ? asum + tt * G : nullptr;
       }
       const int64_t nr = it.r1 - it.r0;
+      const int64_t chunk = kRowBudget / padded_tokens(nt);
       for (int64_t c0 = 0; c0 < nr; c0 += chunk) {
         const int64_t r0 = it.r0 + c0, r1 = it.r0 + min64(nr, c0 + chunk);
         switch (padded_tokens(nt)) {
