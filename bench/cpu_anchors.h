@@ -8,11 +8,12 @@
 //     absent). The AVX-512 prefill kernel computes with vdpbf16ps for bf16
 //     activations and with fp32 FMA for fp16 ones; the AVX2 level with FMA.
 //
-// Why not bench_anchors.cpp's CPU anchors: on the 2-core AMD EPYC (Zen 5)
-// dev machine its scalar uint64 sum reads ~24 GB/s where vector loads read
-// ~77 GB/s, and its FMA loop (target "avx512f" without "fma", so no
-// contraction) gives ~43 GFLOP/s where vfmadd231ps reaches ~540: ratios
-// against those anchors come out 1.7x and 12x too flattering.
+// Why not bench_anchors.cpp's CPU anchors (measure_cpu_anchors): on the
+// 2-core AMD EPYC (Zen 5) dev machine its scalar uint64 sum read ~24 GB/s
+// and its FMA loop (accumulator arrays, not registers) ~43 GFLOP/s in one
+// run, where the full-width loops here reach ~77 GB/s and ~540 GFLOP/s
+// (vdpbf16ps ~1000): ratios against those anchors come out far too
+// flattering. It also has no bf16 dot-product peak.
 //
 // Threads: qmoe's CPU pool size (qmoe::num_threads()) unless given.
 #pragma once
