@@ -20,11 +20,12 @@
 // of (token g, c) is then the same four k of token g's activation row,
 // contiguous words of one 16-byte load.
 //
-// Loads. By default each warp streams its weights through a ring of 4-8
-// groups in shared memory filled by cp.async (8 KB a warp; 3-7 groups in
-// flight while one is decoded), which keeps enough bytes in flight without
-// spending registers on them; the alternative (QMOE_DECODE_PIPE=1, and the
-// small-group mode) loads a group into registers and then computes it.
+// Loads. By default a warp loads a group of 2-4 macro steps into registers
+// (4 KB per warp in flight), then decodes and multiplies it. A second
+// pipeline streams weights through a per-warp ring of 4-8 groups in shared
+// memory filled by cp.async (8 KB a warp, 3-7 groups in flight); it is the
+// one used for 16-bit weights and an option for the others
+// (QMOE_DECODE_PIPE=2), but measured slower on H100 for quantized weights.
 //
 // Scales. When a group spans whole macro steps ("post"), the tensor cores
 // take the integer (or fp8) values minus the zero point, exact in 16 bits,
@@ -560,9 +561,12 @@ Status launch_pipe(const MoeGemmParams& p, cudaStream_t stream, int64_t rb, int 
   return launch_status("decode MoE kernel launch");
 }
 
-// The shared-memory pipeline serves the main modes (fp32 scaling, 16-bit
-// weights); small groups (16-bit scaling, more registers) load through
-// registers. Only fp32-scaled encodings offer both (QMOE_DECODE_PIPE).
+// Which load pipeline (measured on H100, 2026-11-27, same run): for the
+// fp32-scaled encodings the register pipeline streams 10-30 % faster than the
+// cp.async ring, so it is the default (QMOE_DECODE_PIPE=2 selects the ring);
+// small groups (16-bit scaling) always load through registers; 16-bit weights
+// take the ring (their register variant spills on sm_80 and was not
+// re-measured in this form).
 template <class Act, class Enc, int CB, ScaleMode SM>
 Status launch_one(const MoeGemmParams& p, cudaStream_t stream, int64_t rb, int per_group) {
   if constexpr (SM == ScaleMode::pre) {
@@ -570,8 +574,8 @@ Status launch_one(const MoeGemmParams& p, cudaStream_t stream, int64_t rb, int p
   } else if constexpr (SM == ScaleMode::none) {
     return launch_pipe<Act, Enc, CB, SM, true>(p, stream, rb, per_group);
   } else {
-    if (tuning().pipeline == 1) return launch_pipe<Act, Enc, CB, SM, false>(p, stream, rb, per_group);
-    return launch_pipe<Act, Enc, CB, SM, true>(p, stream, rb, per_group);
+    if (tuning().pipeline == 2) return launch_pipe<Act, Enc, CB, SM, true>(p, stream, rb, per_group);
+    return launch_pipe<Act, Enc, CB, SM, false>(p, stream, rb, per_group);
   }
 }
 
