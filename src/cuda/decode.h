@@ -4,9 +4,9 @@
 // each lane loads at once), QMOE_DECODE_WK (1, 2, 4 or 8: warps of a block
 // that split K) and QMOE_DECODE_PIPE (1: weights loaded into registers,
 // group by group, the default; 2: cp.async ring in shared memory; 16-bit
-// weights always use the ring, small groups always registers). A choice the shape does
-// not allow is ignored (CB) or clamped (WK). Not thread-safe against
-// concurrent launches; not part of the API.
+// weights always use the ring, small groups always registers). A choice the
+// shape does not allow is ignored (CB) or clamped (WK). Not thread-safe
+// against concurrent launches; not part of the API.
 #pragma once
 
 namespace qmoe::cuda {
