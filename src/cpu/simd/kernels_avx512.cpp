@@ -483,6 +483,16 @@ struct Runner {
     }
   }
 
+  // Scales (and zeros) of a row a few rows ahead: small strided streams
+  // that the hardware prefetchers pick up late.
+  void prefetch_scales(int64_t e, int64_t r, int64_t g0) const {
+    if constexpr (Enc::kScaled) {
+      _mm_prefetch(reinterpret_cast<const char*>(scales + (e * N + r) * G + g0), _MM_HINT_T0);
+      if constexpr (Enc::kAsym)
+        _mm_prefetch(reinterpret_cast<const char*>(zeros + (e * N + r) * G + g0), _MM_HINT_T0);
+    }
+  }
+
   void load_scales(int64_t e, int64_t r, int64_t g0, int64_t g1, float* sbuf, float* szbuf) const {
     if constexpr (Enc::kScaled)
       row_scales<Act, Enc::kAsym, kCorr>(scales + (e * N + r) * G + g0,
@@ -604,6 +614,8 @@ struct Runner {
           const int64_t rA = r0 + i, rB = r0 + h + i;
           float* sB = szbuf + sstride_;
           float* szB = sB + sstride_;
+          prefetch_scales(e, rA + 8, g0);
+          prefetch_scales(e, rB + 8, g0);
           load_scales(e, rA, g0, g1, sbuf, szbuf);
           load_scales(e, rB, g0, g1, sB, szB);
           pair_tight<NT, FMA>(w + (e * N + rA) * row_bytes, w + (e * N + rB) * row_bytes, b0 * bu,
@@ -617,6 +629,7 @@ struct Runner {
         }
       for (int64_t r = r0 + 2 * h; r < r1; ++r) {
         const uint8_t* wr = w + (e * N + r) * row_bytes;
+        prefetch_scales(e, r + 8, g0);
         load_scales(e, r, g0, g1, sbuf, szbuf);
         V tot[NT];
         V* tb = totbuf + (r - r0) * NT;
@@ -1051,6 +1064,8 @@ struct Runner {
 };
 
 }  // namespace
+
+bool avx512_uses_bf16_dot() { return use_bf16_dot(); }
 
 bool run_avx512(const MoeGemmParams& p, Phase /*phase*/) {
   float values[256];

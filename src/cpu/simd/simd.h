@@ -11,6 +11,13 @@ namespace qmoe::cpu::simd {
 bool run_avx2(const MoeGemmParams& p, Phase phase);
 bool run_avx512(const MoeGemmParams& p, Phase phase);
 
+// Whether the avx512 level computes with vdpbf16ps (true: decode of every
+// encoding but fp16 weights, prefill of bf16 activations) or with fp32 FMA:
+// a one-time probe picks the faster on this CPU (AMD Zen 4/5: the dot
+// product; Intel Sapphire Rapids: FMA); QMOE_CPU_DOT=bf16|fma forces it.
+// Only meaningful where the avx512 level is supported.
+bool avx512_uses_bf16_dot();
+
 // Experts with at most this many tokens take the decode (weight-streaming)
 // kernel, the others the prefill (panel) kernel, whatever the phase asked.
 constexpr int kDecodeMaxTokens = 8;
