@@ -60,7 +60,8 @@ if want python; then
   python3 -m pip install -q --no-build-isolation --no-deps \
     -C "cmake.define.CMAKE_CUDA_ARCHITECTURES=$ARCHS" -C build-dir=build/python-gpu . >>"$LOG" 2>&1 ||
     { say "pip install FAILED"; status=1; }
-  python3 -m pytest tests/python -q -rs -x >"$OUT/pytest.log" 2>&1 || status=1
+  # shellcheck disable=SC2086
+  python3 -m pytest ${QMOE_PYTEST_ARGS:-tests/python} -q -rs >"$OUT/pytest.log" 2>&1 || status=1
   tail -5 "$OUT/pytest.log" | tee -a "$LOG"
 fi
 
@@ -76,13 +77,14 @@ fi
 
 if want pybench; then
   say "bench/gpu_bench.py: decode and prefill vs torch"
-  python3 bench/gpu_bench.py --phase decode --out "$OUT/raw" >>"$LOG" 2>&1 || status=1
-  python3 bench/gpu_bench.py --phase prefill --out "$OUT/raw" >>"$LOG" 2>&1 || status=1
+  timeout "${QMOE_BENCH_TIMEOUT:-240}" python3 bench/gpu_bench.py --phase decode --out "$OUT/raw" >>"$LOG" 2>&1 || status=1
+  timeout "${QMOE_BENCH_TIMEOUT:-240}" python3 bench/gpu_bench.py --phase prefill --out "$OUT/raw" >>"$LOG" 2>&1 || status=1
 fi
 
 if want model && [ -f bench/model_bench.py ]; then
   say "bench/model_bench.py: MoE layer and model level"
-  python3 bench/model_bench.py --out "$OUT/raw" >>"$LOG" 2>&1 || status=1
+  # shellcheck disable=SC2086
+  timeout "${QMOE_BENCH_TIMEOUT:-240}" python3 bench/model_bench.py --out "$OUT/raw" ${QMOE_MODEL_BENCH_ARGS:-} >>"$LOG" 2>&1 || status=1
 fi
 
 if [ -n "$(ls -A "$OUT/raw")" ]; then tar -C "$OUT" -cf "$OUT/raw.tar" raw; fi

@@ -193,7 +193,10 @@ def _fused_moe_op(hidden_states, *args):
 
 @torch.library.impl(f"{_NS}::fused_moe_ws", "default")
 def _fused_moe_ws_op(hidden_states, *args):
-    return _fused_impl(hidden_states, *args[:-1], workspace=args[-1])
+    ws = args[-1]
+    if ws.is_cuda and ws.data_ptr() % _fused.WORKSPACE_ALIGN:  # e.g. a buffer inductor planned
+        ws = ws[(-ws.data_ptr()) % _fused.WORKSPACE_ALIGN:]
+    return _fused_impl(hidden_states, *args[:-1], workspace=ws)
 
 
 def _fused_fake(hidden_states, gate_up_qweight, *args):
@@ -230,6 +233,16 @@ def fused_moe(hidden_states, gate_up_weights, down_weights, *, router_logits=Non
             num_groups, topk_groups, group_score, float(scaling_factor),
             *_flat(shared_gate_up_weights, "shared_gate_up_weights"),
             *_flat(shared_down_weights, "shared_down_weights"), shared_gate)
+    if workspace is None and hidden_states.is_cuda and torch.compiler.is_compiling():
+        # Under torch.compile the graph owns the workspace, as a temporary: a
+        # cached one would outlive a CUDA graph's memory pool (reduce-overhead).
+        gu = args[1]
+        workspace = torch.empty(
+            _fused.workspace_upper_bound(
+                hidden_states.numel() // hidden_states.shape[-1], hidden_states.shape[-1],
+                gu.shape[1] // 2, gu.shape[0], int(top_k) if top_k is not None else topk_ids.shape[-1],
+                0 if shared_gate_up_weights is None else _flat(shared_gate_up_weights, "")[0].shape[1] // 2),
+            dtype=torch.uint8, device=hidden_states.device)
     if workspace is None:
         return torch.ops.qmoe.fused_moe(*args)
     return torch.ops.qmoe.fused_moe_ws(*args, workspace)
