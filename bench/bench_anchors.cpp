@@ -9,7 +9,9 @@
 #include <sstream>
 #include <vector>
 
-#include "cpu/thread_pool.h"
+#include "cpu/isa.h"
+#include "cpu/simd/simd.h"
+#include "cpu_anchors.h"
 
 #if QMOE_BENCH_CUDA
 #include <cublas_v2.h>
@@ -17,6 +19,9 @@
 #endif
 
 namespace qmoe::bench {
+#if QMOE_BENCH_CUDA
+void launch_copy(void* dst, const void* src, size_t bytes, cudaStream_t stream);  // copy_kernel.cu
+#endif
 namespace {
 
 double now_ms() {
@@ -28,34 +33,6 @@ double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v.empty() ? 0 : v[v.size() / 2];
 }
-
-std::string cpu_model() {
-  std::ifstream f("/proc/cpuinfo");
-  for (std::string line; std::getline(f, line);)
-    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
-  return "unknown CPU";
-}
-
-// Register-only FMA loop: independent accumulators hide the FMA latency.
-// Compiled for AVX-512 where the CPU has it (the widest FMA the kernels use).
-template <int kWidth>
-__attribute__((noinline)) float fma_loop(int64_t iters, float seed) {
-  float acc[12][kWidth];
-  for (int i = 0; i < 12; ++i)
-    for (int j = 0; j < kWidth; ++j) acc[i][j] = seed * float(i + j);
-  const float a = 0.999f, b = 1e-3f;
-  for (int64_t it = 0; it < iters; ++it)
-    for (int i = 0; i < 12; ++i)
-#pragma GCC unroll 16
-      for (int j = 0; j < kWidth; ++j) acc[i][j] = acc[i][j] * a + b;
-  float s = 0;
-  for (int i = 0; i < 12; ++i)
-    for (int j = 0; j < kWidth; ++j) s += acc[i][j];
-  return s;
-}
-
-__attribute__((target("avx512f"))) float fma_loop_avx512(int64_t iters, float seed) { return fma_loop<16>(iters, seed); }
-__attribute__((target("avx2,fma"))) float fma_loop_avx2(int64_t iters, float seed) { return fma_loop<8>(iters, seed); }
 
 }  // namespace
 
@@ -72,50 +49,18 @@ std::string Anchors::describe() const {
   return buf;
 }
 
-Anchors measure_cpu_anchors(bool quick) {
+Anchors measure_cpu_anchors(ActType act) {
+  const CpuAnchors c = measure_cpu_anchors_full();
   Anchors a;
-  a.device_name = cpu_model() + ", " + std::to_string(num_threads()) + " threads";
-  // Read bandwidth: every thread sums its slice of a buffer far larger than the caches.
-  const size_t bytes = size_t(quick ? 256 : 1024) << 20;
-  std::vector<uint64_t> buf(bytes / 8);
-  const int64_t slices = 256;
-  const size_t per = buf.size() / slices;
-  cpu::parallel_for(slices, [&](int64_t s) {
-    for (size_t i = size_t(s) * per; i < size_t(s + 1) * per; ++i) buf[i] = i * 0x9e3779b97f4a7c15ull;
-  });
-  std::vector<double> times;
-  volatile uint64_t sink = 0;
-  for (int r = 0; r < (quick ? 3 : 7); ++r) {
-    std::vector<uint64_t> partial(static_cast<size_t>(slices));
-    const double t0 = now_ms();
-    cpu::parallel_for(slices, [&](int64_t s) {
-      uint64_t acc[8] = {};
-      const uint64_t* p = buf.data() + size_t(s) * per;
-      for (size_t i = 0; i + 8 <= per; i += 8)
-        for (int j = 0; j < 8; ++j) acc[j] += p[i + j];
-      partial[size_t(s)] = acc[0] + acc[1] + acc[2] + acc[3] + acc[4] + acc[5] + acc[6] + acc[7];
-    });
-    times.push_back(now_ms() - t0);
-    for (uint64_t v : partial) sink = sink + v;
-  }
-  a.bandwidth_gbps = double(bytes) / (median(times) * 1e6);
+  a.device_name = c.cpu_model + ", " + std::to_string(c.threads) + " threads, " + c.isa;
+  a.bandwidth_gbps = c.read_gbs;
   a.bandwidth_what = "all-threads read bandwidth";
-
-  // Peak fp32 FMA of every thread at once.
-  const bool avx512 = __builtin_cpu_supports("avx512f");
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const int width = avx512 ? 16 : avx2 ? 8 : 4;
-  const int64_t iters = quick ? 2'000'000 : 10'000'000;
-  const int threads = num_threads();
-  std::vector<float> sinks(static_cast<size_t>(threads));
-  const double t0 = now_ms();
-  cpu::parallel_for(threads, [&](int64_t t) {
-    sinks[size_t(t)] = avx512 ? fma_loop_avx512(iters, float(t)) : avx2 ? fma_loop_avx2(iters, float(t))
-                                                                        : fma_loop<4>(iters, float(t));
-  });
-  const double ms = now_ms() - t0;
-  a.peak_gflops = 2.0 * 12 * width * double(iters) * threads / (ms * 1e6);
-  a.peak_what = std::string("fp32 FMA peak (") + (avx512 ? "AVX-512" : avx2 ? "AVX2" : "SSE") + ", register loop)";
+  // The peak of the instruction the prefill kernels compute with: vdpbf16ps
+  // for bf16 activations where the AVX-512 level runs it, else fp32 FMA.
+  const bool bf16_dot = act == ActType::bf16 && cpu::selected_isa() == cpu::Isa::avx512 &&
+                        cpu::simd::avx512_uses_bf16_dot() && c.bf16_dot_gflops > 0;
+  a.peak_gflops = bf16_dot ? c.bf16_dot_gflops : c.fma_f32_gflops;
+  a.peak_what = bf16_dot ? "bf16 dot (vdpbf16ps) peak" : "fp32 FMA peak";
   return a;
 }
 
@@ -204,7 +149,7 @@ Anchors measure_cuda_anchors() {
   BENCH_CUDA(cudaMalloc(&src, bytes));
   BENCH_CUDA(cudaMalloc(&dst, bytes));
   BENCH_CUDA(cudaMemset(src, 1, bytes));
-  const double copy_ms = graph_ms([&](cudaStream_t s, int) { cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s); }, 1, 20);
+  const double copy_ms = graph_ms([&](cudaStream_t s, int) { launch_copy(dst, src, bytes, s); }, 1, 20);
   a.bandwidth_gbps = 2.0 * double(bytes) / (copy_ms * 1e6);
   a.bandwidth_what = "device copy (read + write)";
   BENCH_CUDA(cudaFree(src));

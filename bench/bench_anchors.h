@@ -14,7 +14,7 @@ struct Anchors {
   std::string device_name;
   double bandwidth_gbps = 0;  // CPU: all-threads read; CUDA: device copy, read + written
   std::string bandwidth_what;
-  double peak_gflops = 0;     // CPU: fp32 FMA register loop; CUDA: dense bf16 cuBLAS 8192^3
+  double peak_gflops = 0;     // CPU: the prefill instruction's register-loop peak; CUDA: dense bf16 cuBLAS 8192^3
   std::string peak_what;
 
   // Floor of a row: the larger of its bytes over the bandwidth and its
@@ -23,7 +23,7 @@ struct Anchors {
   std::string describe() const;
 };
 
-Anchors measure_cpu_anchors(bool quick);
+Anchors measure_cpu_anchors(ActType act);  // bench/cpu_anchors.h measures them
 Anchors measure_cuda_anchors();
 int cuda_device_count();
 

@@ -301,7 +301,7 @@ int main(int argc, char** argv) {
 
   // Anchors of this run.
   std::fprintf(stderr, "measuring anchors...\n");
-  const bench::Anchors anchors = opt.cuda ? bench::measure_cuda_anchors() : bench::measure_cpu_anchors(opt.quick);
+  const bench::Anchors anchors = opt.cuda ? bench::measure_cuda_anchors() : bench::measure_cpu_anchors(opt.act);
 
   struct Job {
     Shape shape;
