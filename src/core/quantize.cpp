@@ -11,7 +11,10 @@
 namespace qmoe {
 namespace {
 
-Status check_spec(const QuantSpec& s, int64_t E, int64_t N, int64_t K, const void* a, const void* b) {
+// The layout rules of the kernels, plus the buffers `who` needs: a and b are
+// the float and packed weights, then the scales and zeros the encoding has.
+Status check_spec(const char* who, const QuantSpec& s, int64_t E, int64_t N, int64_t K, const void* a,
+                  const void* b, const void* scales, const void* zeros) {
   MoeGemmParams p;  // reuse the kernel argument rules for the layout
   p.act_type = s.act_type;
   p.weight_type = s.weight_type;
@@ -25,8 +28,11 @@ Status check_spec(const QuantSpec& s, int64_t E, int64_t N, int64_t K, const voi
   const bool scaled = s.weight_type != WeightType::native16;
   p.scales = scaled ? &p : nullptr;
   p.zeros = s.asym ? &p : nullptr;
-  if (!a || !b) return Status::invalid("quantize: null weights pointer");
-  return validate(p, Device{});
+  if (!a || !b) return Status::invalid(std::string(who) + ": null weights pointer");
+  if (Status st = validate(p, Device{}); !st.ok()) return st;
+  if (scaled && !scales) return Status::invalid(std::string(who) + ": scales are required");
+  if (s.asym && !zeros) return Status::invalid(std::string(who) + ": zeros are required for asym");
+  return Status::success();
 }
 
 // Rounds a scale to what the activation dtype stores.
@@ -37,10 +43,7 @@ float stored(float v) { return Act::to_float(Act::from_float(v)); }
 
 Status quantize(const QuantSpec& spec, int64_t E, int64_t N, int64_t K, const float* w,
                 void* qweights, void* scales, void* zeros) {
-  if (Status st = check_spec(spec, E, N, K, w, qweights); !st.ok()) return st;
-  const bool scaled = spec.weight_type != WeightType::native16;
-  if (scaled && !scales) return Status::invalid("quantize: scales output is required");
-  if (spec.asym && !zeros) return Status::invalid("quantize: zeros output is required for asym");
+  if (Status st = check_spec("quantize", spec, E, N, K, w, qweights, scales, zeros); !st.ok()) return st;
 
   visit_encoding(spec.act_type, spec.weight_type, spec.asym, [&](auto act, auto enc) {
     using Act = decltype(act);
@@ -100,10 +103,7 @@ Status quantize(const QuantSpec& spec, int64_t E, int64_t N, int64_t K, const fl
 
 Status dequantize(const QuantSpec& spec, int64_t E, int64_t N, int64_t K, const void* qweights,
                   const void* scales, const void* zeros, float* w) {
-  if (Status st = check_spec(spec, E, N, K, qweights, w); !st.ok()) return st;
-  const bool scaled = spec.weight_type != WeightType::native16;
-  if (scaled && !scales) return Status::invalid("dequantize: scales are required");
-  if (spec.asym && !zeros) return Status::invalid("dequantize: zeros are required for asym");
+  if (Status st = check_spec("dequantize", spec, E, N, K, qweights, w, scales, zeros); !st.ok()) return st;
 
   visit_encoding(spec.act_type, spec.weight_type, spec.asym, [&](auto act, auto enc) {
     using Act = decltype(act);
