@@ -34,6 +34,7 @@ from ._checks import (
     check_group_layout,
     positive_group_size,
     weight_bits_value,
+    weight_encoding,
 )
 from ._frameworks import F32, U8, compiling, expect_same_framework, framework_of, torch_ops, type_name
 
@@ -190,39 +191,9 @@ def _check_weights(fw, w, name: str, act_name: str, dev_ok) -> _Weights:
         raise ValueError(f"{qname} must have E, N, K_packed >= 1, got shape {(E, N, Kp)}")
     asym = as_bool(asym, f"{name}.asym")
     q_dtype = fw.dtype_name(qweight)
-    if q_dtype in FP8_TYPES:
-        wt, K = FP8_TYPES[q_dtype], Kp
-        enc = ENCODING_NAME[wt]
-        if asym:
-            raise ValueError(f"{name}.asym must be False for {enc} weights")
-        if zeros is not None:
-            raise ValueError(f"{name}.zeros must be None for {enc} weights")
-    else:
-        bits = weight_bits_value(weight_bits)
-        if bits == 16:
-            wt, K = WT.native16, Kp
-            if q_dtype != act_name:
-                raise ValueError(
-                    f"{qname} must have the hidden_states dtype ({act_name}) for 16-bit "
-                    f"weights, got {q_dtype}"
-                )
-            if scales is not None or zeros is not None:
-                raise ValueError(f"{name}.scales and {name}.zeros must be None for 16-bit weights")
-            if asym:
-                raise ValueError(f"{name}.asym must be False for 16-bit weights")
-        else:
-            wt = INT_TYPES[bits]
-            enc = ENCODING_NAME[wt]
-            if q_dtype != U8:
-                raise ValueError(
-                    f"{qname} must be uint8 (packed {enc} codes) for weight_bits={bits}, "
-                    f"got {q_dtype}"
-                )
-            K = Kp * PER_BYTE[wt]
-            if asym and zeros is None:
-                raise ValueError(f"{name}.zeros is required when asym=True")
-            if not asym and zeros is not None:
-                raise ValueError(f"{name}.zeros must be None when asym=False")
+    wt, K = weight_encoding(q_dtype, weight_bits, Kp, asym, scales is not None, zeros is not None,
+                            q_name=qname, arg=lambda sub: f"{name}.{sub}", act_name=act_name,
+                            act_arg="hidden_states")
     if wt == WT.native16:
         gs = K
     else:

@@ -34,6 +34,7 @@ from ._checks import (
     check_group_layout,
     positive_group_size,
     weight_bits_value,
+    weight_encoding,
 )
 from ._frameworks import BF16, E4M3, E5M2, F16, F32, U8, expect_same_framework, framework_of
 
@@ -179,36 +180,8 @@ def dequantize(qweights: Any, scales: Any = None, zeros: Any = None, *, weight_b
     asym = as_bool(asym, "asym")
     q_name = fw.dtype_name(qweights)
 
-    if q_name in FP8_TYPES:
-        wt, K = FP8_TYPES[q_name], Kp
-        if asym:
-            raise ValueError("asym must be False for fp8 weights (fp8 has no zero points)")
-        if zeros is not None:
-            raise ValueError("zeros must be None for fp8 weights")
-    else:
-        bits = weight_bits_value(weight_bits)
-        if bits == 16:
-            wt, K = WT.native16, Kp
-            if q_name not in ACT_TYPES:
-                raise ValueError(
-                    f"qweights must be float16 or bfloat16 when weight_bits=16, got {q_name}"
-                )
-            if scales is not None or zeros is not None:
-                raise ValueError("scales and zeros must be None when weight_bits=16")
-            if asym:
-                raise ValueError("asym must be False when weight_bits=16")
-        else:
-            wt = INT_TYPES[bits]
-            if q_name != U8:
-                raise ValueError(
-                    f"qweights must be uint8 (packed {ENCODING_NAME[wt]} codes) when "
-                    f"weight_bits={bits}, got {q_name}"
-                )
-            K = Kp * PER_BYTE[wt]
-            if asym and zeros is None:
-                raise ValueError("zeros is required when asym=True")
-            if not asym and zeros is not None:
-                raise ValueError("zeros must be None when asym=False")
+    wt, K = weight_encoding(q_name, weight_bits, Kp, asym, scales is not None, zeros is not None,
+                            q_name="qweights")
 
     if wt == WT.native16:
         act, gs = q_name, K
