@@ -5,7 +5,7 @@
 #
 #   bash scripts/gpu-check.sh                 # every stage
 #   bash scripts/gpu-check.sh build test      # some stages
-# Stages: build test sanitize python bench pybench model
+# Stages: build test sanitize python bench pybench model (default), variants
 # The GPU image has no GoogleTest: copy Debian's sources first, and name the
 # copy in the device call's carry list:  cp -r /usr/src/googletest .gtest-src
 set -uo pipefail
@@ -85,6 +85,28 @@ if want model && [ -f bench/model_bench.py ]; then
   say "bench/model_bench.py: MoE layer and model level"
   # shellcheck disable=SC2086
   timeout "${QMOE_BENCH_TIMEOUT:-240}" python3 bench/model_bench.py --out "$OUT/raw" ${QMOE_MODEL_BENCH_ARGS:-} >>"$LOG" 2>&1 || status=1
+fi
+
+# Decode load-pipeline variants side by side (QMOE_DECODE_PIPE, see
+# src/cuda/decode.h) and an ncu profile of one batch-1 row per variant.
+if want variants; then
+  say "decode variants (QMOE_DECODE_PIPE=${QMOE_PIPES:-1 2})"
+  sel=(--encodings "${QMOE_VARIANT_ENCODINGS:-int4,int2,int8,bf16}" --models "${QMOE_VARIANT_MODELS:-qwen1.5-moe,mixtral-8x7b}")
+  for pipe in ${QMOE_PIPES:-1 2}; do
+    QMOE_DECODE_PIPE=$pipe timeout "${QMOE_BENCH_TIMEOUT:-240}" python3 bench/gpu_bench.py --phase decode \
+      --backend shim --lib "$BUILD/libqmoe.a" --no-anchors "${sel[@]}" --out "$OUT/raw/pipe$pipe" \
+      --tag "QMOE_DECODE_PIPE=$pipe" >>"$LOG" 2>&1 || status=1
+  done
+  if command -v ncu >/dev/null; then
+    for pipe in ${QMOE_PIPES:-1 2}; do
+      QMOE_DECODE_PIPE=$pipe timeout 180 ncu --kernel-name regex:decode_kernel --launch-skip 3 --launch-count 1 \
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section SchedulerStats --section MemoryWorkloadAnalysis \
+        python3 bench/gpu_bench.py --phase decode --backend shim --lib "$BUILD/libqmoe.a" --no-anchors \
+        --models qwen1.5-moe --batches 1 --encodings int4 --products gate_up --out "$OUT/raw/ncu$pipe" \
+        >"$OUT/raw/ncu-pipe$pipe.txt" 2>&1 || status=1
+    done
+  fi
 fi
 
 if [ -n "$(ls -A "$OUT/raw")" ]; then tar -C "$OUT" -cf "$OUT/raw.tar" raw; fi

@@ -14,6 +14,7 @@ struct FusedWorkspace {
   int32_t* counts;       // [E] token copies per expert
   int32_t* all_tokens;   // [1] = T: the "counts" of the shared expert (device side on CUDA)
   int32_t* slot_of;      // [T*k] pair (t*k + j) -> row of the expert-sorted copies
+  int32_t* token_of;     // [T*k] row of the expert-sorted copies -> its token t (CUDA)
   uint16_t* x_sorted;    // [T*k, H] token copies sorted by expert
   uint16_t* gate_up;     // [T*k, 2I]
   uint16_t* act;         // [T*k, I] SiLU(gate)·up
@@ -38,6 +39,7 @@ struct FusedWorkspace {
     w.counts = static_cast<int32_t*>(take(E * 4));
     w.all_tokens = static_cast<int32_t*>(take(4));
     w.slot_of = static_cast<int32_t*>(take(T * K * 4));
+    w.token_of = static_cast<int32_t*>(take(T * K * 4));
     w.x_sorted = static_cast<uint16_t*>(take(T * K * H * 2));
     w.gate_up = static_cast<uint16_t*>(take(T * K * 2 * I * 2));
     w.act = static_cast<uint16_t*>(take(T * K * I * 2));

@@ -10,8 +10,7 @@ namespace qmoe {
 bool built_with_cuda() { return true; }
 
 namespace cuda {
-Status run(const MoeGemmParams& p, Phase phase, const Device& device) {
-  if (Status s = check_device(device.index); !s.ok()) return s;
+Status check_operands(const MoeGemmParams& p, int device) {
   const struct {
     const void* ptr;
     const char* name;
@@ -19,7 +18,13 @@ Status run(const MoeGemmParams& p, Phase phase, const Device& device) {
               {p.scales, "scales"},           {p.zeros, "zeros"},
               {p.tokens_per_expert, "num_tokens_per_expert"}, {p.out, "out"}};
   for (const auto& a : args)
-    if (Status s = check_pointer(a.ptr, a.name, device.index); !s.ok()) return s;
+    if (Status s = check_pointer(a.ptr, a.name, device); !s.ok()) return s;
+  return Status::success();
+}
+
+Status run(const MoeGemmParams& p, Phase phase, const Device& device) {
+  if (Status s = check_device(device.index); !s.ok()) return s;
+  if (Status s = check_operands(p, device.index); !s.ok()) return s;
   if (p.total_tokens == 0) return Status::success();
 
   DeviceScope scope(device.index);

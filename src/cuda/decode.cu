@@ -20,12 +20,13 @@
 // of (token g, c) is then the same four k of token g's activation row,
 // contiguous words of one 16-byte load.
 //
-// Loads. By default a warp loads a group of 2-4 macro steps into registers
-// (4 KB per warp in flight), then decodes and multiplies it. A second
-// pipeline streams weights through a per-warp ring of 4-8 groups in shared
-// memory filled by cp.async (8 KB a warp, 3-7 groups in flight); it is the
-// one used for 16-bit weights and an option for the others
-// (QMOE_DECODE_PIPE=2), but measured slower on H100 for quantized weights.
+// Loads. A warp loads a group of 2-4 macro steps into registers (4 KB per
+// warp in flight), then decodes and multiplies it ("regs"); or, with two
+// buffers of half the size, issues the next group's loads before computing
+// the current one ("prefetch"). On H100 (2026-11-27, same run) prefetch
+// streams 16-bit weights 5-15% faster and ties on quantized weights, which
+// keep regs (fewer registers). A cp.async ring in shared memory measured
+// 10-30% slower than both on every row and was removed.
 //
 // Scales. When a group spans whole macro steps ("post"), the tensor cores
 // take the integer (or fp8) values minus the zero point, exact in 16 bits,
@@ -40,6 +41,7 @@
 #include <cstdlib>
 #include <type_traits>
 
+#include "core/routing.h"
 #include "cuda/common.cuh"
 #include "cuda/decode.h"
 #include "cuda/dequant.cuh"
@@ -53,6 +55,8 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kMaxSlotsY = 65535;
 
 enum class ScaleMode { none, post, pre };
+// How a warp streams its weights (see "Loads" above).
+enum class Pipe { regs = 1, prefetch = 2 };
 
 struct DecodeArgs {
   const uint8_t* w;
@@ -69,6 +73,12 @@ struct DecodeArgs {
   int nmacro;     // macro steps per row: ceil(rb / (4 * CB))
   int nfull;      // whole macro steps per row: rb / (4 * CB)
   int wk, wn;     // warps of a block along K and along N (wk * wn == kWarps)
+  // Fused-layer options (DecodeFusion): activation row r is act_rows[r] when
+  // act_rows is set; glu = I > 0: rows n and I + n are the gate and up rows
+  // of output column n, out is [T, I] = SiLU(gate) * up.
+  const int32_t* act_rows;
+  int glu;
+  int out_cols;   // N, or glu
 };
 
 // ------------------------------------------------------------------ loads
@@ -94,22 +104,6 @@ __device__ __forceinline__ void load_stream(Raw<8>& r, const uint8_t* p) {
   asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v2.u32 {%0,%1}, [%2];"
       : "=r"(r.v[0]), "=r"(r.v[1])
       : "l"(p));
-}
-
-// The same into shared memory, asynchronously (cp.async); `ok` false writes
-// zeros without reading.
-template <int CB>
-__device__ __forceinline__ void cp_async(Raw<CB>* dst, const uint8_t* src, bool ok) {
-  const uint32_t d = uint32_t(__cvta_generic_to_shared(dst));
-  if constexpr (CB == 16)
-    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(ok ? 16 : 0));
-  else
-    asm volatile("cp.async.ca.shared.global.L2::256B [%0], [%1], 8, %2;" ::"r"(d), "l"(src), "r"(ok ? 8 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
 // Activations are re-read by every row tile: keep them in L1.
@@ -191,9 +185,8 @@ __device__ __forceinline__ int64_t covered_by_counts(const int32_t* __restrict__
 }
 
 // ------------------------------------------------------------------ kernel
-template <class Act, class Enc, int CB, ScaleMode SM, bool kSmem, int NC>
-__device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, float (*red)[16][32],
-                                            Raw<CB>* ring) {
+template <class Act, class Enc, int CB, ScaleMode SM, Pipe P, int NC>
+__device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, float (*red)[16][32]) {
   using D = Dequant<Act, Enc>;
   using H = Half<Act>;
   constexpr int kBits = Enc::kBits;
@@ -202,18 +195,14 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
   constexpr int kK = CB * 8 / kBits;         // k values per chunk
   constexpr int kSteps = kK / 4;             // mma steps per chunk
   constexpr int kActVec = kK * 2 / 16;       // 16-byte activation loads per chunk
-  // Macro steps per group (the unit of loading and of computing).
-  // Register pipeline: a group is loaded into registers, then computed; 4 KB
-  // of weights per warp in flight for NC = 1, less where the activation
-  // fragments (kK per chunk and token pass) and zero points take registers.
-  // Shared-memory pipeline: cp.async fills a ring of kStages groups per warp
-  // (8 KB), kStages - 1 groups in flight while one is computed.
-  constexpr int kU =
-      kSmem ? std::max(1, (NC == 1 ? 32 : 16) / CB)
-            : std::max(1, (NC == 1 ? 64 : 32) / CB / (kK >= 32 && kBits < 4 ? 2 : 1) / (kK > 32 ? 2 : 1) /
-                              (NC >= 3 ? 2 : 1) /
-                              (SM == ScaleMode::pre || (Enc::kAsym && CB == 8) ? 2 : 1));
-  constexpr int kStages = kSmem ? std::min(8, std::max(2, 8192 / (kU * 64 * CB))) : 1;
+  // Macro steps per group (the unit of loading and of computing): 4 KB of
+  // weights per warp in flight for NC = 1, less where the activation
+  // fragments (kK per chunk and token pass) and zero points take registers;
+  // half a group per buffer for the two buffers of the prefetch pipeline.
+  constexpr int kURegs = std::max(1, (NC == 1 ? 64 : 32) / CB / (kK >= 32 && kBits < 4 ? 2 : 1) /
+                                         (kK > 32 ? 2 : 1) / (NC >= 3 ? 2 : 1) /
+                                         (SM == ScaleMode::pre || (Enc::kAsym && CB == 8) ? 2 : 1));
+  constexpr int kU = P == Pipe::prefetch ? std::max(1, kURegs / 2) : kURegs;
   constexpr int kMacroK = kMacro * 8 / kBits;  // k values per macro step
   static_assert(kWords * D::kWordPairs == 2 * kSteps, "a chunk feeds whole mma steps");
   static_assert(kActVec >= 1, "activation chunk of at least 16 bytes");
@@ -227,10 +216,13 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, c = lane & 3;
   const int wn = warp % a.wn, kw = warp / a.wn;
-  const int n0 = (int(blockIdx.x) * a.wn + wn) * 16;
-  const bool tile_ok = n0 < a.N;
-  const int64_t row0 = int64_t(s.e) * a.N + min(n0 + g, a.N - 1);
-  const int64_t row1 = int64_t(s.e) * a.N + min(n0 + g + 8, a.N - 1);
+  // A tile is 16 rows, or (glu) 8 gate rows with their 8 up rows as rows 8-15
+  // of the mma, so a lane holds gate and up of the same outputs.
+  const int n0 = (int(blockIdx.x) * a.wn + wn) * (a.glu ? 8 : 16);
+  const int rows = a.glu ? a.glu : a.N;
+  const bool tile_ok = n0 < rows;
+  const int64_t row0 = int64_t(s.e) * a.N + min(n0 + g, rows - 1);
+  const int64_t row1 = a.glu ? row0 + a.glu : int64_t(s.e) * a.N + min(n0 + g + 8, a.N - 1);
   const uint8_t* w0 = a.w + row0 * a.rb + c * CB;
   const uint8_t* w1 = a.w + row1 * a.rb + c * CB;
   const int m_begin = int(int64_t(kw) * a.nmacro / a.wk);
@@ -247,7 +239,10 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
     // expert's last row: their columns of the product are never stored).
     const uint16_t* arow[NC];  // the row of this lane's B token in each pass chunk
 #pragma unroll
-    for (int ch = 0; ch < NC; ++ch) arow[ch] = a.act + min(tb + 8 * ch + g, s.t1 - 1) * a.K;
+    for (int ch = 0; ch < NC; ++ch) {
+      const int64_t r = min(tb + 8 * ch + g, s.t1 - 1);
+      arow[ch] = a.act + (a.act_rows ? int64_t(__ldg(a.act_rows + r)) : r) * a.K;
+    }
     // Scales (and zeros) of rows g and g+8: offsets from the tensors' bases,
     // which stay kernel parameters (few registers held across the loop).
     const int64_t so0 = row0 * a.groups;
@@ -275,23 +270,6 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
         }
       }
     };
-    // Group j of this warp into ring stage j % kStages (a commit group even
-    // when empty, so that wait counts stay uniform).
-    const auto issue_group = [&](const int j) {
-      const int m = m_begin + j * kU;
-      Raw<CB>* st = ring + (j % kStages) * (kU * 2 * 32) + lane;
-#pragma unroll
-      for (int u = 0; u < kU; ++u) {
-        const int mm = m + u;
-        if (mm < m_end) {
-          const bool ok = chunk_ok(mm);
-          cp_async<CB>(st + (2 * u) * 32, ok ? w0 + int64_t(mm) * kMacro : w0, ok);
-          cp_async<CB>(st + (2 * u + 1) * 32, ok ? w1 + int64_t(mm) * kMacro : w1, ok);
-        }
-      }
-      cp_async_commit();
-    };
-
     const auto compute_group = [&](const Raw<CB>(&raw)[kU][2], const int m) {
       const uint16_t* ab[NC];  // this lane's chunk of macro step m, per pass chunk
 #pragma unroll
@@ -378,22 +356,16 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
     };
 
     if (tile_ok && m_begin < m_end) {
-      if constexpr (kSmem) {
-        const int groups = (m_end - m_begin + kU - 1) / kU;
-#pragma unroll 1
-        for (int j = 0; j < kStages - 1; ++j) issue_group(j);
-        for (int j = 0; j < groups; ++j) {
-          cp_async_wait<kStages - 2>();  // this thread's copies of group j have landed
-          Raw<CB> raw[kU][2];
-          const Raw<CB>* st = ring + (j % kStages) * (kU * 2 * 32) + lane;
-#pragma unroll
-          for (int u = 0; u < kU; ++u) {
-            raw[u][0] = st[(2 * u) * 32];
-            raw[u][1] = st[(2 * u + 1) * 32];
-          }
-          __syncwarp();  // stage (j - 1) % kStages was read last iteration: refill it
-          issue_group(j + kStages - 1);
-          compute_group(raw, m_begin + j * kU);
+      if constexpr (P == Pipe::prefetch) {
+        // Two buffers: group m + kU is in flight while group m is computed.
+        Raw<CB> ra[kU][2], rb[kU][2];
+        load_group(ra, m_begin);
+        for (int m = m_begin; m < m_end; m += 2 * kU) {
+          load_group(rb, m + kU);  // loads nothing past m_end
+          compute_group(ra, m);
+          if (m + kU >= m_end) break;
+          load_group(ra, m + 2 * kU);
+          compute_group(rb, m + kU);
         }
       } else {
         for (int m = m_begin; m < m_end; m += kU) {
@@ -429,6 +401,13 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
         for (int j = 0; j < 2; ++j) {
           const int64_t t = tb + 8 * ch + 2 * c + j;
           if (t >= s.t1) continue;
+          if (a.glu) {  // SiLU(gate) * up of the 16-bit products, as the unfused layer
+            const int n = n0 + g;
+            const float gate = H::to_float(H::from_float(acc[ch][j]));
+            const float up = H::to_float(H::from_float(acc[ch][2 + j]));
+            if (n < a.glu) a.out[t * a.glu + n] = H::from_float(silu(gate) * up);
+            continue;
+          }
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const int n = n0 + g + 8 * h;
@@ -440,20 +419,15 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
   }
 }
 
-// Shared memory of the cp.async pipeline: 8 KB per warp.
-constexpr int kRingBytesPerWarp = 8192;
-
-template <class Act, class Enc, int CB, ScaleMode SM, bool kSmem>
+template <class Act, class Enc, int CB, ScaleMode SM, Pipe P>
 __global__ void __launch_bounds__(kThreads, 2) decode_kernel(const DecodeArgs a) {
   __shared__ float red[kWarps - 1][16][32];
-  extern __shared__ __align__(16) unsigned char dyn_smem[];
-  Raw<CB>* ring = reinterpret_cast<Raw<CB>*>(dyn_smem) + (threadIdx.x >> 5) * (kRingBytesPerWarp / CB);
 
   // Rows that no expert covers (counts summing to less than T) are zeros.
   if (blockIdx.y == 0) {
     const int64_t covered = covered_by_counts(a.counts, a.E, a.T);
-    const int64_t total = a.T * a.N;
-    for (int64_t i = covered * a.N + int64_t(blockIdx.x) * kThreads + threadIdx.x; i < total;
+    const int64_t total = a.T * a.out_cols;
+    for (int64_t i = covered * a.out_cols + int64_t(blockIdx.x) * kThreads + threadIdx.x; i < total;
          i += int64_t(gridDim.x) * kThreads)
       a.out[i] = 0;
   }
@@ -468,11 +442,11 @@ __global__ void __launch_bounds__(kThreads, 2) decode_kernel(const DecodeArgs a)
   constexpr bool kThree = SM != ScaleMode::pre && CB * 8 / Enc::kBits <= 32;
   const int64_t nt = s.t1 - s.t0;
   if (nt <= 8)
-    decode_tile<Act, Enc, CB, SM, kSmem, 1>(a, s, red, ring);
+    decode_tile<Act, Enc, CB, SM, P, 1>(a, s, red);
   else if (nt <= 16 || !kThree)
-    decode_tile<Act, Enc, CB, SM, kSmem, 2>(a, s, red, ring);
+    decode_tile<Act, Enc, CB, SM, P, 2>(a, s, red);
   else
-    decode_tile<Act, Enc, CB, SM, kSmem, kThree ? 3 : 2>(a, s, red, ring);
+    decode_tile<Act, Enc, CB, SM, P, kThree ? 3 : 2>(a, s, red);
 }
 
 // ------------------------------------------------------------------ host
@@ -506,8 +480,9 @@ int sm_count() {
   return sms;
 }
 
-template <class Act, class Enc, int CB, ScaleMode SM, bool kSmem>
-Status launch_pipe(const MoeGemmParams& p, cudaStream_t stream, int64_t rb, int per_group) {
+template <class Act, class Enc, int CB, ScaleMode SM, Pipe P>
+Status launch_pipe(const MoeGemmParams& p, const DecodeFusion& f, cudaStream_t stream, int64_t rb,
+                   int per_group) {
   constexpr int kMacro = 4 * CB;
   DecodeArgs a;
   a.w = static_cast<const uint8_t*>(p.weights);
@@ -521,6 +496,9 @@ Status launch_pipe(const MoeGemmParams& p, cudaStream_t stream, int64_t rb, int 
   a.N = int(p.n);
   a.K = int(p.k);
   a.rb = rb;
+  a.act_rows = f.act_rows;
+  a.glu = f.swiglu ? int(p.n / 2) : 0;
+  a.out_cols = f.swiglu ? a.glu : a.N;
   a.groups = Enc::kScaled ? int(p.k / p.group_size) : 1;
   a.pg_shift = __builtin_ctz(unsigned(per_group));  // a power of two (launch_typed)
   a.nmacro = int((rb + kMacro - 1) / kMacro);
@@ -530,7 +508,7 @@ Status launch_pipe(const MoeGemmParams& p, cudaStream_t stream, int64_t rb, int 
   // experts: split K among the warps of a block while the grid has fewer
   // than ~10 warps per SM and each warp keeps at least two macro steps
   // (measured on H100: more splitting than that costs more than it hides).
-  const int64_t tiles = (p.n + 15) / 16;
+  const int64_t tiles = f.swiglu ? (p.n / 2 + 7) / 8 : (p.n + 15) / 16;
   const int64_t slots = std::min(p.num_experts, p.total_tokens);
   const int64_t target = int64_t(sm_count()) * 10;
   int wk = 1;
@@ -542,46 +520,24 @@ Status launch_pipe(const MoeGemmParams& p, cudaStream_t stream, int64_t rb, int 
   a.wk = wk;
   a.wn = kWarps / wk;
   const dim3 grid(unsigned((tiles + a.wn - 1) / a.wn), unsigned(slots));
-  constexpr int kSmemBytes = kSmem ? kWarps * kRingBytesPerWarp : 0;
-  if constexpr (kSmem) {  // more than 48 KB of dynamic shared memory: opt in once per device
-    static bool opted[64] = {};
-    int dev = 0;
-    cudaGetDevice(&dev);
-    if (dev < 0 || dev >= 64 || !opted[dev]) {
-      const cudaError_t err = cudaFuncSetAttribute(decode_kernel<Act, Enc, CB, SM, kSmem>,
-                                                   cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-      if (err != cudaSuccess) {
-        cudaGetLastError();
-        return Status::runtime(std::string("decode kernel shared memory: ") + cudaGetErrorString(err));
-      }
-      if (dev >= 0 && dev < 64) opted[dev] = true;
-    }
-  }
-  decode_kernel<Act, Enc, CB, SM, kSmem><<<grid, kThreads, kSmemBytes, stream>>>(a);
+  decode_kernel<Act, Enc, CB, SM, P><<<grid, kThreads, 0, stream>>>(a);
   return launch_status("decode MoE kernel launch");
 }
 
-// Which load pipeline (measured on H100, 2026-11-27, same run): for the
-// fp32-scaled encodings the register pipeline streams 10-30 % faster than the
-// cp.async ring, so it is the default (QMOE_DECODE_PIPE=2 selects the ring);
-// small groups (16-bit scaling) always load through registers; 16-bit weights
-// take the ring (their register variant spills on sm_80 and was not
-// re-measured in this form).
+// Which load pipeline (QMOE_DECODE_PIPE / DecodeTuning::pipeline: 1 regs,
+// 2 prefetch); by default prefetch for 16-bit weights, regs for the others
+// (see "Loads" at the top).
 template <class Act, class Enc, int CB, ScaleMode SM>
-Status launch_one(const MoeGemmParams& p, cudaStream_t stream, int64_t rb, int per_group) {
-  if constexpr (SM == ScaleMode::pre) {
-    return launch_pipe<Act, Enc, CB, SM, false>(p, stream, rb, per_group);
-  } else if constexpr (SM == ScaleMode::none) {
-    return launch_pipe<Act, Enc, CB, SM, true>(p, stream, rb, per_group);
-  } else {
-    if (tuning().pipeline == 2) return launch_pipe<Act, Enc, CB, SM, true>(p, stream, rb, per_group);
-    return launch_pipe<Act, Enc, CB, SM, false>(p, stream, rb, per_group);
-  }
+Status launch_one(const MoeGemmParams& p, const DecodeFusion& f, cudaStream_t stream, int64_t rb,
+                  int per_group) {
+  int pipe = tuning().pipeline;
+  if (pipe != 1 && pipe != 2) pipe = SM == ScaleMode::none ? 2 : 1;
+  if (pipe == 2) return launch_pipe<Act, Enc, CB, SM, Pipe::prefetch>(p, f, stream, rb, per_group);
+  return launch_pipe<Act, Enc, CB, SM, Pipe::regs>(p, f, stream, rb, per_group);
 }
 
-
 template <class Act, class Enc>
-bool launch_typed(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
+bool launch_typed(const MoeGemmParams& p, const DecodeFusion& f, cudaStream_t stream, Status* status) {
   const int64_t rb = row_bytes<Enc>(p.k);
   const auto aligned = [](const void* ptr, int n) { return reinterpret_cast<uintptr_t>(ptr) % n == 0; };
   const int want = tuning().chunk_bytes;
@@ -589,7 +545,7 @@ bool launch_typed(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
 
   if constexpr (!Enc::kScaled) {
     if (rb % 16 != 0 || !aligned(p.weights, 16)) return false;
-    *status = launch_one<Act, Enc, 16, ScaleMode::none>(p, stream, rb, 1);
+    *status = launch_one<Act, Enc, 16, ScaleMode::none>(p, f, stream, rb, 1);
     return true;
   } else {
     constexpr int kBits = Enc::kBits;
@@ -603,21 +559,21 @@ bool launch_typed(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
     // only with 8-byte chunks: 64 codes a chunk leave no registers for the
     // 16-bit scaling).
     if (fits(16) && gb % 64 == 0 && pow2(gb / 64)) {
-      *status = launch_one<Act, Enc, 16, ScaleMode::post>(p, stream, rb, int(gb / 64));
+      *status = launch_one<Act, Enc, 16, ScaleMode::post>(p, f, stream, rb, int(gb / 64));
       return true;
     }
     if (fits(8) && gb % 32 == 0 && pow2(gb / 32)) {
-      *status = launch_one<Act, Enc, 8, ScaleMode::post>(p, stream, rb, int(gb / 32));
+      *status = launch_one<Act, Enc, 8, ScaleMode::post>(p, f, stream, rb, int(gb / 32));
       return true;
     }
     if constexpr (kBits >= 4) {
       if (fits(16) && gs % (16 * 8 / kBits) == 0 && pow2(gs / (16 * 8 / kBits))) {
-        *status = launch_one<Act, Enc, 16, ScaleMode::pre>(p, stream, rb, int(gs / (16 * 8 / kBits)));
+        *status = launch_one<Act, Enc, 16, ScaleMode::pre>(p, f, stream, rb, int(gs / (16 * 8 / kBits)));
         return true;
       }
     }
     if (fits(8) && gs % (8 * 8 / kBits) == 0 && pow2(gs / (8 * 8 / kBits))) {
-      *status = launch_one<Act, Enc, 8, ScaleMode::pre>(p, stream, rb, int(gs / (8 * 8 / kBits)));
+      *status = launch_one<Act, Enc, 8, ScaleMode::pre>(p, f, stream, rb, int(gs / (8 * 8 / kBits)));
       return true;
     }
     return false;
@@ -634,15 +590,16 @@ DecodeTuning decode_tuning() { return tuning(); }
 // bytes, weights aligned to that; a group size that covers whole 4-lane macro
 // steps (scale applied in fp32) or whole per-lane chunks (scale applied in
 // 16-bit). Any N, any token counts, any E up to 65535 active slots.
-bool launch_decode(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
+bool launch_decode(const MoeGemmParams& p, cudaStream_t stream, Status* status, const DecodeFusion& fusion) {
   if (p.layout != WeightLayout::ENK || p.total_tokens <= 0) return false;
+  if (fusion.swiglu && p.n % 2 != 0) return false;
   if (p.k % 8 != 0 || p.k > INT_MAX || p.n > INT_MAX || p.num_experts > INT_MAX) return false;
   if (std::min(p.num_experts, p.total_tokens) > kMaxSlotsY) return false;
   if ((p.n + 15) / 16 > int64_t(UINT_MAX)) return false;
   if (reinterpret_cast<uintptr_t>(p.activations) % 16 != 0) return false;
   bool launched = false;
   visit_encoding(p.act_type, p.weight_type, p.asym, [&](auto act, auto enc) {
-    launched = launch_typed<decltype(act), decltype(enc)>(p, stream, status);
+    launched = launch_typed<decltype(act), decltype(enc)>(p, fusion, stream, status);
   });
   return launched;
 }

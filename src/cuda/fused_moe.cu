@@ -10,6 +10,7 @@
 #include "core/fused_moe_workspace.h"
 #include "core/routing.h"
 #include "cuda/common.cuh"
+#include "cuda/kernels.h"
 
 namespace qmoe::cuda {
 namespace {
@@ -118,7 +119,8 @@ __global__ void route_warp_kernel(FusedMoeParams p, int32_t* ids, float* weights
 __global__ void __launch_bounds__(kGroupThreads)
 group_kernel(const int32_t* __restrict__ ids_in, float* __restrict__ weights, int64_t pairs, int E,
              int64_t T, int32_t* __restrict__ ids_out, int32_t* __restrict__ counts,
-             int32_t* __restrict__ slot_of, int32_t* __restrict__ all_tokens) {
+             int32_t* __restrict__ slot_of, int32_t* __restrict__ token_of,
+             int32_t* __restrict__ all_tokens, int64_t k) {
   extern __shared__ int32_t smem[];
   int32_t* warp_counts = smem;                // [32][E]
   int32_t* running = smem + 32 * E;           // [E] next free row of each expert
@@ -161,6 +163,7 @@ group_kernel(const int32_t* __restrict__ ids_in, float* __restrict__ weights, in
       int32_t slot = running[id] + rank;
       for (int w = 0; w < warp; ++w) slot += warp_counts[w * E + id];
       slot_of[i] = slot;
+      token_of[slot] = int32_t(i / k);
     }
     __syncthreads();
     for (int e = tid; e < E; e += blockDim.x) {
@@ -282,31 +285,51 @@ Status fused_moe(const FusedMoeParams& p, const Device& device) {
   if (smem > 48 * 1024)
     cudaFuncSetAttribute(group_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   group_kernel<<<1, kGroupThreads, smem, stream>>>(ids, ws.topk_weights, pairs, int(E), T, ws.topk_ids,
-                                                   ws.counts, ws.slot_of, ws.all_tokens);
+                                                   ws.counts, ws.slot_of, ws.token_of, ws.all_tokens, K);
   if (Status s = launch_status("grouping kernel"); !s.ok()) return s;
-  // 3. Token copies sorted by expert.
-  gather_kernel<<<unsigned(pairs), 128, 0, stream>>>(static_cast<const uint16_t*>(p.hidden_states), ws.slot_of,
-                                                     pairs, K, H, ws.x_sorted);
-  if (Status s = launch_status("gather kernel"); !s.ok()) return s;
 
   Status status;
   visit_act(p.act_type, [&](auto act) {
     using Act = decltype(act);
     const auto product = [&](const MoeGemmParams& q) { return run(q, choose_phase(q), device); };
-    // 4-6. gate/up product, SiLU(gate)·up, down product.
-    MoeGemmParams q = stage_params(p.act_type, p.gate_up, E, 2 * I, H, pairs, ws.x_sorted, ws.counts, ws.gate_up);
-    if (!(status = product(q)).ok()) return;
-    swiglu_kernel<Act><<<unsigned(pairs), 256, 0, stream>>>(ws.gate_up, pairs, I, ws.act);
-    if (!(status = launch_status("swiglu kernel")).ok()) return;
+    // gate/up product and SiLU(gate)·up into `act_out` [rows, inter]. Where the
+    // decode kernel takes the product, SiLU·mul is its epilogue and (rows_of)
+    // it reads the token copies through their token index; otherwise the copies
+    // are gathered (`gather`), the product written to `gate_up`, and a second
+    // kernel applies SiLU·mul.
+    const auto gate_up_swiglu = [&](MoeGemmParams q, const int32_t* rows_of, const auto& gather, void* gate_up,
+                                    int64_t inter, uint16_t* act_out) -> Status {
+      if (choose_phase(q) == Phase::decode) {
+        MoeGemmParams f = q;
+        f.out = act_out;
+        if (Status s = check_operands(f, device.index); !s.ok()) return s;
+        Status s;
+        if (launch_decode(f, stream, &s, DecodeFusion{rows_of, true})) return s;
+      }
+      if (Status s = gather(q); !s.ok()) return s;
+      q.out = gate_up;
+      if (Status s = product(q); !s.ok()) return s;
+      swiglu_kernel<Act><<<unsigned(q.total_tokens), 256, 0, stream>>>(static_cast<const uint16_t*>(gate_up),
+                                                                       q.total_tokens, inter, act_out);
+      return launch_status("swiglu kernel");
+    };
+    // Routed experts: the token copies, sorted by expert.
+    MoeGemmParams q = stage_params(p.act_type, p.gate_up, E, 2 * I, H, pairs, p.hidden_states, ws.counts, ws.gate_up);
+    const auto gather_copies = [&](MoeGemmParams& g) {
+      gather_kernel<<<unsigned(pairs), 128, 0, stream>>>(static_cast<const uint16_t*>(p.hidden_states), ws.slot_of,
+                                                         pairs, K, H, ws.x_sorted);
+      g.activations = ws.x_sorted;
+      return launch_status("gather kernel");
+    };
+    if (!(status = gate_up_swiglu(q, ws.token_of, gather_copies, ws.gate_up, I, ws.act)).ok()) return;
     q = stage_params(p.act_type, p.down, E, H, I, pairs, ws.act, ws.counts, ws.expert_out);
     if (!(status = product(q)).ok()) return;
-    // Shared experts over every token.
+    // Shared experts over every token (no gather: the tokens are in order).
     const int64_t Is = p.shared_intermediate;
     if (Is > 0) {
       q = stage_params(p.act_type, p.shared_gate_up, 1, 2 * Is, H, T, p.hidden_states, ws.all_tokens, ws.shared_gate_up);
-      if (!(status = product(q)).ok()) return;
-      swiglu_kernel<Act><<<unsigned(T), 256, 0, stream>>>(ws.shared_gate_up, T, Is, ws.shared_act);
-      if (!(status = launch_status("swiglu kernel")).ok()) return;
+      const auto no_gather = [](MoeGemmParams&) { return Status::success(); };
+      if (!(status = gate_up_swiglu(q, nullptr, no_gather, ws.shared_gate_up, Is, ws.shared_act)).ok()) return;
       q = stage_params(p.act_type, p.shared_down, 1, H, Is, T, ws.shared_act, ws.all_tokens, ws.shared_out);
       if (!(status = product(q)).ok()) return;
     }

@@ -15,7 +15,19 @@ Status launch_generic(const MoeGemmParams& p, cudaStream_t stream);
 // Fast paths. Each returns false (launching nothing) when p is outside the
 // shapes it handles, so the caller falls back to launch_generic; otherwise it
 // launches and stores the launch status in *status.
-bool launch_decode(const MoeGemmParams& p, cudaStream_t stream, Status* status);
+//
+// The decode kernel also serves the fused layer (src/cuda/fused_moe.cu) with
+// two options: activation row r read from row act_rows[r] (the gather of token
+// copies, fused), and swiglu: p.n = 2I rows, gate rows first, and p.out is
+// [T, I] = SiLU(gate) * up (the activation, fused into the epilogue).
+struct DecodeFusion {
+  const int32_t* act_rows = nullptr;
+  bool swiglu = false;
+};
+bool launch_decode(const MoeGemmParams& p, cudaStream_t stream, Status* status, const DecodeFusion& fusion = {});
+
+// The device checks of a grouped product's operands (the run() entry does them).
+Status check_operands(const MoeGemmParams& p, int device);
 bool launch_prefill(const MoeGemmParams& p, cudaStream_t stream, Status* status);
 
 }  // namespace qmoe::cuda

@@ -1,6 +1,8 @@
 // The prefill fast path's rules: which shapes take the tensor-core grouped
-// GEMM of prefill_mma.cuh. Everything else returns false (launching nothing)
-// and falls back to the decode or generic kernel, which handle any shape.
+// GEMMs -- the Hopper wgmma kernel of prefill_wgmma.cuh on sm_90 devices
+// (where the sm_90a code is built in), else the mma.sync kernel of
+// prefill_mma.cuh. Everything else returns false (launching nothing) and
+// falls back to the decode or generic kernel, which handle any shape.
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
@@ -12,10 +14,13 @@ namespace qmoe::cuda {
 namespace prefill {
 bool launch_f16(const MoeGemmParams& p, cudaStream_t stream, Status* status);
 bool launch_bf16(const MoeGemmParams& p, cudaStream_t stream, Status* status);
+bool launch_wgmma_f16(const MoeGemmParams& p, cudaStream_t stream, Status* status);
+bool launch_wgmma_bf16(const MoeGemmParams& p, cudaStream_t stream, Status* status);
 
 // Switches that restore earlier behaviour (see prefill_mma.cuh).
 namespace {
-std::atomic<int> g_scales{-1}, g_tiles{-1};
+std::atomic<int> g_scales{-1}, g_tiles{-1}, g_wgmma{-1};
+std::atomic<int> g_last_path{0};
 int env_choice(const char* name, const char* a, int va, const char* b, int vb) {
   const char* v = std::getenv(name);
   if (v && a && std::strcmp(v, a) == 0) return va;
@@ -37,6 +42,22 @@ void set_overrides(int scales, int tiles) {
   g_scales.store(scales, std::memory_order_relaxed);
   g_tiles.store(tiles, std::memory_order_relaxed);
 }
+// The Hopper wgmma kernel where the device and shape allow it (default), or
+// never: QMOE_PREFILL_WGMMA=0 (A/B runs in one build). set_wgmma_override
+// (tests) takes precedence: 0 off, 1 on, -1 the environment's choice.
+bool wgmma_enabled() {
+  static const bool env_off = env_choice("QMOE_PREFILL_WGMMA", "0", 1, nullptr, 0) == 1;
+  const int o = g_wgmma.load(std::memory_order_relaxed);
+  return o >= 0 ? o != 0 : !env_off;
+}
+void set_wgmma_override(int on) { g_wgmma.store(on, std::memory_order_relaxed); }
+// The kernel the last launch_prefill call launched: 1 mma.sync, 2 wgmma
+// (tests check that the path they force is the one that ran).
+int last_path() { return g_last_path.load(std::memory_order_relaxed); }
+
+bool launch_wgmma(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
+  return p.act_type == ActType::f16 ? launch_wgmma_f16(p, stream, status) : launch_wgmma_bf16(p, stream, status);
+}
 }  // namespace prefill
 
 namespace {
@@ -52,6 +73,8 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 //   - at most 1024 experts (their prefix sums live in shared memory), and
 //     T, N, K and the number of work items fit in int32.
 // N, T and the per-expert counts are free (tails are clamped and masked).
+// Within these rules the wgmma kernel is tried first (it declines devices
+// other than sm_90, builds without sm_90a code, and E * N >= 2^31).
 bool launch_prefill(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
   if (p.layout != WeightLayout::ENK) return false;
   if (p.num_experts < 1 || p.num_experts > 1024) return false;
@@ -62,8 +85,14 @@ bool launch_prefill(const MoeGemmParams& p, cudaStream_t stream, Status* status)
   if (!aligned16(p.activations) || !aligned16(p.weights)) return false;
   const int64_t items = (p.n + 127) / 128 * ((p.total_tokens + 63) / 64 + p.num_experts);
   if (items > INT32_MAX) return false;
-  return p.act_type == ActType::f16 ? prefill::launch_f16(p, stream, status)
-                                    : prefill::launch_bf16(p, stream, status);
+  if (prefill::wgmma_enabled() && prefill::launch_wgmma(p, stream, status)) {
+    prefill::g_last_path.store(2, std::memory_order_relaxed);
+    return true;
+  }
+  const bool launched = p.act_type == ActType::f16 ? prefill::launch_f16(p, stream, status)
+                                                   : prefill::launch_bf16(p, stream, status);
+  if (launched) prefill::g_last_path.store(1, std::memory_order_relaxed);
+  return launched;
 }
 
 }  // namespace qmoe::cuda

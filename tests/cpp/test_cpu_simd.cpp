@@ -23,8 +23,8 @@ struct ForceIsa {
 
 // Whether a fast level takes a quantized call (mirrors the levels' rules):
 // avx512 decodes units of `unit` weights spread over `vecs` vectors and
-// needs K to be whole units and each unit in one group or each group on
-// whole fp32 lanes; avx2 needs whole units (16 weights, 32 for int2) per group.
+// needs each unit in one group or each group on whole fp32 lanes (a
+// partial last unit is masked); avx2 needs whole units (16 weights, 32 for int2) per group.
 bool takes(Isa isa, const MoeGemmParams& p) {
   if (p.weight_type == WeightType::native16) return true;
   const int64_t gs = p.group_size;
@@ -34,7 +34,6 @@ bool takes(Isa isa, const MoeGemmParams& p) {
     if (p.weight_type == WeightType::int2) unit = 256, vecs = 8;
     if (p.weight_type == WeightType::fp8_e4m3 || p.weight_type == WeightType::fp8_e5m2)
       unit = 64, vecs = 2;
-    if (p.k % unit != 0) return false;
     return gs % unit == 0 || (unit % gs == 0 && gs % (2 * vecs) == 0);
   }
   return gs % (p.weight_type == WeightType::int2 ? 32 : 16) == 0;
@@ -74,7 +73,13 @@ std::vector<Shape> shapes(WeightType w, bool prefill) {
     const int64_t g = min_group(w);
     s.push_back({"min_group", 13, 8 * g, g, c});
     s.push_back({"odd_group", 11, 24 * g, 3 * g, c});
+    // K not a whole number of avx512 units (int2: 256, int4: 128 weights).
+    s.push_back({"k_1408_gs128", 23, 1408, 128, c});
+    s.push_back({"k_96_gs32", 9, 96, 32, c});
   }
+  if (!prefill)  // more rows than one result buffer (256), a row tail per step
+    s.push_back({"long_rows", 517, w == WeightType::native16 ? 1000 : 1024,
+                 w == WeightType::native16 ? 0 : 128, {1, 8, 2, 3}});
   if (prefill && w != WeightType::native16)  // K over two panel chunks (fp16 activations)
     s.push_back({"long_k", 40, 4608, 256, c});
   s.push_back({"n1", 1, w == WeightType::native16 ? 64 : 128, w == WeightType::native16 ? 0 : 128,

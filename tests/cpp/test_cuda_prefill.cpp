@@ -7,6 +7,9 @@
 //
 // The fast path is called directly (launch_prefill must take the shape, so a
 // silent fallback cannot hide a broken kernel) and through the public API.
+// Both kernels of the fast path are checked: the mma.sync kernel everywhere
+// and, on sm_90 devices, the Hopper wgmma kernel (prefill_wgmma.cuh), each
+// forced in turn, with the path that ran checked after every launch.
 #include <gtest/gtest.h>
 
 #include <numeric>
@@ -19,6 +22,8 @@
 // only 256, 2 only 128); -1 restores the environment's choice.
 namespace qmoe::cuda::prefill {
 void set_overrides(int scales, int tiles);
+void set_wgmma_override(int on);  // 0 off, 1 on (where it applies), -1 environment
+int last_path();                  // 1 mma.sync, 2 wgmma
 }  // namespace qmoe::cuda::prefill
 
 namespace qmoe::test {
@@ -32,6 +37,29 @@ struct Overrides {
   ~Overrides() { cuda::prefill::set_overrides(-1, -1); }
 };
 
+// Which kernel of the fast path runs.
+enum class Path { mma, wgmma };
+std::string path_name(Path p) { return p == Path::mma ? "mma.sync" : "wgmma"; }
+
+bool is_hopper() {
+  int major = 0;
+  return cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0) == cudaSuccess && major == 9;
+}
+// The paths this device runs: the wgmma kernel only on sm_90.
+std::vector<Path> paths() {
+  if (is_hopper()) return {Path::mma, Path::wgmma};
+  return {Path::mma};
+}
+
+// Forces one kernel for a scope.
+struct PathScope {
+  explicit PathScope(Path p) { cuda::prefill::set_wgmma_override(p == Path::wgmma ? 1 : 0); }
+  ~PathScope() { cuda::prefill::set_wgmma_override(-1); }
+};
+
+// After a launch that took the fast path: the forced kernel ran.
+void expect_path(Path p) { EXPECT_EQ(cuda::prefill::last_path(), p == Path::wgmma ? 2 : 1) << path_name(p); }
+
 struct Shape {
   const char* label;
   int64_t n, k, group_size;
@@ -39,9 +67,10 @@ struct Shape {
 };
 
 // Runs the fast path on a fresh random problem and compares with float64.
-void check_fast_path(ActType at, Encoding enc, const Shape& s, bool expect_fast = true) {
+void check_fast_path(ActType at, Encoding enc, const Shape& s, bool expect_fast = true, Path path = Path::mma) {
   const uint64_t seed = fresh_seed();
-  SCOPED_TRACE(std::string(s.label) + " " + name(at, enc) + " seed=" + std::to_string(seed));
+  SCOPED_TRACE(std::string(s.label) + " " + name(at, enc) + " " + path_name(path) + " seed=" + std::to_string(seed));
+  PathScope scope(path);
   Problem pr = Problem::random(at, enc, s.n, s.k, s.group_size, s.counts, seed);
   DeviceProblem dp(pr);
   dp.poison();
@@ -49,6 +78,7 @@ void check_fast_path(ActType at, Encoding enc, const Shape& s, bool expect_fast 
   const bool fast = cuda::launch_prefill(dp.params, nullptr, &st);
   ASSERT_EQ(fast, expect_fast);
   if (!fast) return;
+  expect_path(path);
   ASSERT_TRUE(st.ok()) << st.message;
   QMOE_CUDA_OK(cudaDeviceSynchronize());
   const Comparison c = compare(pr, dp.out.download(), pr.reference());
@@ -71,6 +101,9 @@ std::vector<Shape> shapes() {
       // group_size 96: the two k chunks of a tile straddle a group boundary
       // (groups 2j, 2j + 1 of one scale word); 4 groups, async scales.
       {"gs96", 136, 384, 96, {90, 7, 33}},
+      // Token tiles of 128 + 2 and of every wgmma token width (32, 64, 128)
+      // at its edges; N past one 256-row tile; group 64.
+      {"tok_widths", 300, 192, 64, {130, 0, 32, 33, 64, 65}},
   };
 }
 
@@ -80,9 +113,11 @@ class CudaPrefill : public ::testing::TestWithParam<Param> {};
 TEST_P(CudaPrefill, MatchesFloat64Reference) {
   QMOE_SKIP_WITHOUT_CUDA();
   const auto [at, enc] = GetParam();
-  for (const Shape& s : shapes()) check_fast_path(at, enc, s);
-  // K = 96: the last k tile is half full (int2 needs K % 64 == 0: fallback).
-  check_fast_path(at, enc, {"k_half_tile", 40, 96, 32, {5, 9}}, enc.type != WeightType::int2);
+  for (const Path path : paths()) {
+    for (const Shape& s : shapes()) check_fast_path(at, enc, s, true, path);
+    // K = 96: the last k tile is half full (int2 needs K % 64 == 0: fallback).
+    check_fast_path(at, enc, {"k_half_tile", 40, 96, 32, {5, 9}}, enc.type != WeightType::int2, path);
+  }
 }
 
 // Every schedule (256-row tiles, 128-row tiles) with both scale paths
@@ -96,28 +131,33 @@ TEST_P(CudaPrefill, EverySchedule) {
   for (const auto& [scales, tiles] : {std::pair{0, 1}, std::pair{1, 1}, std::pair{1, 2}, std::pair{0, 2}}) {
     SCOPED_TRACE("scales=" + std::to_string(scales) + " tiles=" + std::to_string(tiles));
     Overrides o(scales, tiles);
-    for (const Shape& s : shapes()) check_fast_path(at, enc, s);
+    for (const Shape& s : shapes()) check_fast_path(at, enc, s, true, Path::mma);
   }
 }
 
-// Many experts, random counts with zeros, through the public API as well.
+// Many experts, random counts with zeros, through the public API as well
+// (each kernel of the fast path).
 TEST_P(CudaPrefill, ManyExpertsPublicApi) {
   QMOE_SKIP_WITHOUT_CUDA();
   const auto [at, enc] = GetParam();
-  const uint64_t seed = fresh_seed();
-  SCOPED_TRACE(name(at, enc) + " seed=" + std::to_string(seed));
-  std::mt19937_64 rng(seed);
-  std::vector<int32_t> counts(40);
-  for (auto& c : counts) c = (rng() % 3 == 0) ? 0 : int32_t(rng() % 90);
-  Problem pr = Problem::random(at, enc, 72, 256, 128, counts, seed);
-  DeviceProblem dp(pr);
-  dp.poison();
-  const Status st = moe_gemm_prefill(dp.params, cuda_device());
-  ASSERT_TRUE(st.ok()) << st.message;
-  QMOE_CUDA_OK(cudaDeviceSynchronize());
-  const Comparison c = compare(pr, dp.out.download(), pr.reference());
-  EXPECT_EQ(c.unwritten, 0);
-  EXPECT_LT(c.rel_error, tolerance(at));
+  for (const Path path : paths()) {
+    PathScope scope(path);
+    const uint64_t seed = fresh_seed();
+    SCOPED_TRACE(name(at, enc) + " " + path_name(path) + " seed=" + std::to_string(seed));
+    std::mt19937_64 rng(seed);
+    std::vector<int32_t> counts(40);
+    for (auto& c : counts) c = (rng() % 3 == 0) ? 0 : int32_t(rng() % 90);
+    Problem pr = Problem::random(at, enc, 72, 256, 128, counts, seed);
+    DeviceProblem dp(pr);
+    dp.poison();
+    const Status st = moe_gemm_prefill(dp.params, cuda_device());
+    ASSERT_TRUE(st.ok()) << st.message;
+    expect_path(path);
+    QMOE_CUDA_OK(cudaDeviceSynchronize());
+    const Comparison c = compare(pr, dp.out.download(), pr.reference());
+    EXPECT_EQ(c.unwritten, 0);
+    EXPECT_LT(c.rel_error, tolerance(at));
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(AllEncodings, CudaPrefill,
@@ -128,14 +168,30 @@ INSTANTIATE_TEST_SUITE_P(AllEncodings, CudaPrefill,
 // T from 1 to 8192 (one expert, then eight uneven ones), a few encodings.
 TEST(CudaPrefillSizes, TokensFrom1To8192) {
   QMOE_SKIP_WITHOUT_CUDA();
-  for (int32_t t : {1, 2, 15, 16, 17, 48, 63, 64, 65, 127, 257, 1000})
-    check_fast_path(ActType::bf16, {WeightType::int4, false}, {"one_expert", 96, 256, 128, {t}});
-  const std::vector<int32_t> big{3000, 0, 1, 2047, 1024, 100, 1900, 120};  // 8192 tokens
-  ASSERT_EQ(std::accumulate(big.begin(), big.end(), 0), 8192);
-  check_fast_path(ActType::bf16, {WeightType::int4, false}, {"t8192", 128, 512, 128, big});
-  check_fast_path(ActType::f16, {WeightType::native16, false}, {"t8192", 128, 512, 0, big});
-  check_fast_path(ActType::bf16, {WeightType::fp8_e4m3, false}, {"t8192", 128, 512, 128, big});
-  check_fast_path(ActType::f16, {WeightType::int8, true}, {"t8192", 128, 512, 128, big});
+  for (const Path path : paths()) {
+    for (int32_t t : {1, 2, 15, 16, 17, 31, 32, 33, 48, 63, 64, 65, 127, 128, 129, 257, 1000})
+      check_fast_path(ActType::bf16, {WeightType::int4, false}, {"one_expert", 96, 256, 128, {t}}, true, path);
+    const std::vector<int32_t> big{3000, 0, 1, 2047, 1024, 100, 1900, 120};  // 8192 tokens
+    ASSERT_EQ(std::accumulate(big.begin(), big.end(), 0), 8192);
+    check_fast_path(ActType::bf16, {WeightType::int4, false}, {"t8192", 128, 512, 128, big}, true, path);
+    check_fast_path(ActType::f16, {WeightType::native16, false}, {"t8192", 128, 512, 0, big}, true, path);
+    check_fast_path(ActType::bf16, {WeightType::fp8_e4m3, false}, {"t8192", 128, 512, 128, big}, true, path);
+    check_fast_path(ActType::f16, {WeightType::int8, true}, {"t8192", 128, 512, 128, big}, true, path);
+    check_fast_path(ActType::bf16, {WeightType::int2, true}, {"t8192", 320, 512, 64, big}, true, path);
+  }
+}
+
+// More work items than CTAs (each CTA runs several items, the pipeline
+// wraps around its stages across items), random token widths per expert.
+TEST(CudaPrefillSizes, ManyItemsPerCta) {
+  QMOE_SKIP_WITHOUT_CUDA();
+  std::mt19937_64 rng(fresh_seed());
+  std::vector<int32_t> counts(64);
+  for (auto& c : counts) c = rng() % 5 == 0 ? 0 : int32_t(1 + rng() % 130);
+  for (const Path path : paths()) {
+    check_fast_path(ActType::bf16, {WeightType::int4, true}, {"many_items", 2048, 256, 128, counts}, true, path);
+    check_fast_path(ActType::f16, {WeightType::native16, false}, {"many_items", 2048, 256, 0, counts}, true, path);
+  }
 }
 
 // The automatic tile choice at both ends: an uneven 610-token split over
@@ -144,6 +200,7 @@ TEST(CudaPrefillSizes, TokensFrom1To8192) {
 TEST(CudaPrefillSizes, AutomaticTileChoice) {
   QMOE_SKIP_WITHOUT_CUDA();
   Overrides o(-1, 0);
+  PathScope scope(Path::mma);  // (the mma.sync kernel's schedule)
   const std::vector<int32_t> uneven{300, 0, 9, 121, 64, 1, 100, 15};  // 610 tokens
   check_fast_path(ActType::bf16, {WeightType::int4, false}, {"uneven610", 1024, 256, 128, uneven});
   check_fast_path(ActType::f16, {WeightType::int8, true}, {"uneven610", 1024, 256, 128, uneven});
@@ -157,30 +214,34 @@ TEST(CudaPrefillSizes, AutomaticTileChoice) {
 // rows no expert covers are zero.
 TEST(CudaPrefillSizes, InconsistentCounts) {
   QMOE_SKIP_WITHOUT_CUDA();
-  const uint64_t seed = fresh_seed();
-  SCOPED_TRACE(seed);
-  Problem pr = Problem::random(ActType::bf16, {WeightType::int4, true}, 64, 256, 64, {40, 30}, seed);
-  const struct {
-    std::vector<int32_t> bad, effective;
-  } cases[] = {{{50, 50}, {50, 20}},
-               {{-4, 10}, {0, 10}},
-               {{1000000, 1}, {70, 0}},
-               {{0, 0}, {0, 0}},
-               {{2147483647, 2147483647}, {70, 0}}};
-  for (const auto& cs : cases) {
-    DeviceProblem dp(pr);
-    dp.counts.upload(cs.bad);
-    dp.poison();
-    Status st;
-    ASSERT_TRUE(cuda::launch_prefill(dp.params, nullptr, &st));
-    ASSERT_TRUE(st.ok()) << st.message;
-    QMOE_CUDA_OK(cudaDeviceSynchronize());
-    Problem eff = pr;
-    eff.counts = cs.effective;
-    eff.bind();
-    const Comparison c = compare(eff, dp.out.download(), eff.reference());
-    EXPECT_EQ(c.unwritten, 0);
-    EXPECT_LT(c.rel_error, tolerance(ActType::bf16));
+  for (const Path path : paths()) {
+    PathScope scope(path);
+    const uint64_t seed = fresh_seed();
+    SCOPED_TRACE(path_name(path) + " seed=" + std::to_string(seed));
+    Problem pr = Problem::random(ActType::bf16, {WeightType::int4, true}, 64, 256, 64, {40, 30}, seed);
+    const struct {
+      std::vector<int32_t> bad, effective;
+    } cases[] = {{{50, 50}, {50, 20}},
+                 {{-4, 10}, {0, 10}},
+                 {{1000000, 1}, {70, 0}},
+                 {{0, 0}, {0, 0}},
+                 {{2147483647, 2147483647}, {70, 0}}};
+    for (const auto& cs : cases) {
+      DeviceProblem dp(pr);
+      dp.counts.upload(cs.bad);
+      dp.poison();
+      Status st;
+      ASSERT_TRUE(cuda::launch_prefill(dp.params, nullptr, &st));
+      ASSERT_TRUE(st.ok()) << st.message;
+      expect_path(path);
+      QMOE_CUDA_OK(cudaDeviceSynchronize());
+      Problem eff = pr;
+      eff.counts = cs.effective;
+      eff.bind();
+      const Comparison c = compare(eff, dp.out.download(), eff.reference());
+      EXPECT_EQ(c.unwritten, 0);
+      EXPECT_LT(c.rel_error, tolerance(ActType::bf16));
+    }
   }
 }
 
@@ -188,42 +249,47 @@ TEST(CudaPrefillSizes, InconsistentCounts) {
 // splits (empty experts, everything in one expert) in the same buffers.
 TEST(CudaPrefillSizes, GraphCaptureReplaysWithNewData) {
   QMOE_SKIP_WITHOUT_CUDA();
-  const int64_t N = 200, K = 256;
-  const int32_t T = 300;
-  const Encoding enc{WeightType::int4, true};
-  Problem pr = Problem::random(ActType::bf16, enc, N, K, 128, {T / 2, 0, T / 2, 0}, fresh_seed());
-  DeviceProblem dp(pr);
-  cudaStream_t stream;
-  QMOE_CUDA_OK(cudaStreamCreate(&stream));
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  QMOE_CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-  Status st;
-  const bool fast = cuda::launch_prefill(dp.params, stream, &st);
-  QMOE_CUDA_OK(cudaStreamEndCapture(stream, &graph));
-  ASSERT_TRUE(fast);
-  ASSERT_TRUE(st.ok()) << st.message;
-  QMOE_CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
-  const std::vector<std::vector<int32_t>> splits{{0, T, 0, 0}, {1, 2, 3, T - 6}, {T - 1, 0, 0, 1}, {100, 100, 0, 100}};
-  for (const auto& counts : splits) {
-    const uint64_t seed = fresh_seed();
-    SCOPED_TRACE(seed);
-    Problem next = Problem::random(ActType::bf16, enc, N, K, 128, counts, seed);
-    dp.act.upload(next.act);
-    dp.weights.upload(next.weights);
-    dp.scales.upload(next.scales);
-    dp.zeros.upload(next.zeros);
-    dp.counts.upload(next.counts);
-    dp.poison();
-    QMOE_CUDA_OK(cudaGraphLaunch(exec, stream));
-    QMOE_CUDA_OK(cudaStreamSynchronize(stream));
-    const Comparison c = compare(next, dp.out.download(), next.reference());
-    EXPECT_EQ(c.unwritten, 0);
-    EXPECT_LT(c.rel_error, tolerance(ActType::bf16));
+  for (const Path path : paths()) {
+    SCOPED_TRACE(path_name(path));
+    PathScope scope(path);
+    const int64_t N = 200, K = 256;
+    const int32_t T = 300;
+    const Encoding enc{WeightType::int4, true};
+    Problem pr = Problem::random(ActType::bf16, enc, N, K, 128, {T / 2, 0, T / 2, 0}, fresh_seed());
+    DeviceProblem dp(pr);
+    cudaStream_t stream;
+    QMOE_CUDA_OK(cudaStreamCreate(&stream));
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    QMOE_CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+    Status st;
+    const bool fast = cuda::launch_prefill(dp.params, stream, &st);
+    QMOE_CUDA_OK(cudaStreamEndCapture(stream, &graph));
+    ASSERT_TRUE(fast);
+    ASSERT_TRUE(st.ok()) << st.message;
+    expect_path(path);
+    QMOE_CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+    const std::vector<std::vector<int32_t>> splits{{0, T, 0, 0}, {1, 2, 3, T - 6}, {T - 1, 0, 0, 1}, {100, 100, 0, 100}};
+    for (const auto& counts : splits) {
+      const uint64_t seed = fresh_seed();
+      SCOPED_TRACE(seed);
+      Problem next = Problem::random(ActType::bf16, enc, N, K, 128, counts, seed);
+      dp.act.upload(next.act);
+      dp.weights.upload(next.weights);
+      dp.scales.upload(next.scales);
+      dp.zeros.upload(next.zeros);
+      dp.counts.upload(next.counts);
+      dp.poison();
+      QMOE_CUDA_OK(cudaGraphLaunch(exec, stream));
+      QMOE_CUDA_OK(cudaStreamSynchronize(stream));
+      const Comparison c = compare(next, dp.out.download(), next.reference());
+      EXPECT_EQ(c.unwritten, 0);
+      EXPECT_LT(c.rel_error, tolerance(ActType::bf16));
+    }
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+    cudaStreamDestroy(stream);
   }
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
-  cudaStreamDestroy(stream);
 }
 
 // Shapes outside the fast path's rules launch nothing there, and the public

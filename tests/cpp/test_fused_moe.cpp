@@ -227,6 +227,7 @@ struct LayerCase {
   RoutingParams routing;
   int64_t shared_I;
   bool gate;
+  int64_t H = 64, I = 48;
 };
 
 std::vector<LayerCase> layer_cases() {
@@ -235,7 +236,11 @@ std::vector<LayerCase> layer_cases() {
           {{WeightType::int8, false}, 40, deepseek_v3(), 32, false},
           {{WeightType::fp8_e4m3, false}, 5, softmax(false), 48, true},
           {{WeightType::int2, true}, 9, deepseek_v2(), 0, false},
-          {{WeightType::native16, false}, 6, softmax(true), 16, true}};
+          {{WeightType::native16, false}, 6, softmax(true), 16, true},
+          // Wider layers: the CUDA decode kernel's fused gather and SiLU·mul
+          // epilogue on several tiles, and (I = 44) a partial tile.
+          {{WeightType::int4, false}, 3, softmax(true), 64, true, 256, 128},
+          {{WeightType::native16, false}, 2, softmax(false), 0, false, 96, 44}};
 }
 
 TEST(FusedMoe, CpuMatchesFloat64Layer) {
@@ -243,7 +248,7 @@ TEST(FusedMoe, CpuMatchesFloat64Layer) {
     for (const LayerCase& c : layer_cases()) {
       const uint64_t seed = fresh_seed();
       SCOPED_TRACE(name(at, c.enc) + " T=" + std::to_string(c.T) + " seed=" + std::to_string(seed));
-      Layer L = Layer::make(at, c.enc, c.T, 64, 48, 16, 4, c.routing, c.shared_I, c.gate, seed);
+      Layer L = Layer::make(at, c.enc, c.T, c.H, c.I, 16, 4, c.routing, c.shared_I, c.gate, seed);
       const Status st = fused_moe(L.p);
       ASSERT_TRUE(st.ok()) << st.message;
       const Comparison cmp = L.compare_out(L.out);
@@ -308,7 +313,7 @@ TEST(FusedMoe, CudaMatchesFloat64LayerAndIsDeterministic) {
     for (const LayerCase& c : layer_cases()) {
       const uint64_t seed = fresh_seed();
       SCOPED_TRACE(name(at, c.enc) + " T=" + std::to_string(c.T) + " seed=" + std::to_string(seed));
-      Layer L = Layer::make(at, c.enc, c.T, 64, 48, 16, 4, c.routing, c.shared_I, c.gate, seed);
+      Layer L = Layer::make(at, c.enc, c.T, c.H, c.I, 16, 4, c.routing, c.shared_I, c.gate, seed);
       DeviceProblem gu(L.gate_up), dn(L.down);
       std::unique_ptr<DeviceProblem> sgu, sdn;
       DeviceArray<uint16_t> x(L.x), gate(L.shared_gate), out(L.out);

@@ -21,6 +21,7 @@
 // GCC 12 warns about the deliberately undefined upper halves in its own
 // AVX-512 headers.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 #include <type_traits>
 #include <utility>
@@ -38,6 +39,7 @@ using VI = __m512i;
 
 inline __m512bh bh(VI x) { return (__m512bh)x; }
 inline VI loadu(const void* p) { return _mm512_loadu_si512(p); }
+inline __mmask64 mask64(int64_t n) { return n >= 64 ? ~__mmask64(0) : n <= 0 ? __mmask64(0) : (__mmask64(1) << n) - 1; }
 
 template <class Enc>
 constexpr bool is_native_f16() {
@@ -75,7 +77,10 @@ struct Dec<IntEncoding<8, Asym>, void> {
   static constexpr float kOffset = 0.0f;
   explicit Dec(const float*) {}
   VI raw(const uint8_t* p) const {  // one 32-byte load (L1 loads are the scarce port)
-    const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return conv(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  VI raw_part(const uint8_t* p, int64_t n) const { return conv(_mm256_maskz_loadu_epi8(__mmask32((1ull << n) - 1), p)); }
+  static VI conv(__m256i y) {
     const __m128i y0 = _mm256_castsi256_si128(y), y1 = _mm256_extracti128_si256(y, 1);
     VI lo, hi;
     if constexpr (Asym) {  // the trait: asym codes are unsigned bytes
@@ -101,8 +106,9 @@ struct Dec<IntEncoding<Bits, Asym>, std::enable_if_t<(Bits < 8)>> {
   static constexpr int kVecs = 16 / Bits, kUnit = 32 * kVecs, kBytes = 64;
   static constexpr float kOffset = 128.0f - float(Enc::kQmin);
   explicit Dec(const float*) {}
-  VI raw(const uint8_t* p) const {
-    VI x = loadu(p);
+  VI raw(const uint8_t* p) const { return flip(loadu(p)); }
+  VI raw_part(const uint8_t* p, int64_t n) const { return flip(_mm512_maskz_loadu_epi8(mask64(n), p)); }
+  static VI flip(VI x) {
     if constexpr (!Asym) {  // flip the sign bit of every field
       constexpr int kHalf = 1 << (Bits - 1);
       int pattern = 0;
@@ -139,6 +145,7 @@ struct Dec<Fp8Encoding<Fmt, W>, void> {
     return _mm512_mask_blend_epi16(_mm512_test_epi16_mask(idx, _mm512_set1_epi16(0x40)), lo, hi);
   }
   VI raw(const uint8_t* p) const { return loadu(p); }
+  VI raw_part(const uint8_t* p, int64_t n) const { return _mm512_maskz_loadu_epi8(mask64(n), p); }
   VI vec(VI w, int f) const {  // r | (sign bit of the code)
     const VI sign = _mm512_set1_epi16(int16_t(0x8000));
     if (f == 0) return _mm512_ternarylogic_epi32(mag(w), _mm512_slli_epi16(w, 8), sign, 0xF8);
@@ -152,19 +159,19 @@ struct Dec<Native16Encoding<ActBF16>, void> {
   static constexpr float kOffset = 0.0f;
   explicit Dec(const float*) {}
   VI raw(const uint8_t* p) const { return loadu(p); }
-  VI raw_tail(const uint8_t* p, int n) const {
-    return _mm512_maskz_loadu_epi16(__mmask32((1ull << n) - 1), p);
-  }
+  VI raw_part(const uint8_t* p, int64_t n) const { return _mm512_maskz_loadu_epi8(mask64(n), p); }
   VI vec(VI x, int) const { return x; }
 };
 
-// fp16 weights are not exact in bf16: this one has no codes(), only the f32
-// path (vcvtph2ps).
+// fp16 weights are not exact in bf16: raw halves, converted by vcvtph2ps
+// and multiplied with FMA (no vec()).
 template <>
 struct Dec<Native16Encoding<ActF16>, void> {
   static constexpr int kUnit = 32, kBytes = 64, kVecs = 1;
   static constexpr float kOffset = 0.0f;
   explicit Dec(const float*) {}
+  VI raw(const uint8_t* p) const { return loadu(p); }
+  VI raw_part(const uint8_t* p, int64_t n) const { return _mm512_maskz_loadu_epi8(mask64(n), p); }
 };
 
 // ---------------------------------------------------------------- helpers
@@ -219,6 +226,10 @@ void row_scales(const uint16_t* s, const uint16_t* z, int64_t G, float offset, f
       _mm512_mask_storeu_ps(szbuf + g, m, _mm512_mul_ps(sv, zv));
     }
   }
+  // Zero slack: the lanes of a partial last unit read up to 16 groups past G
+  // (times zero activations, which must not meet a NaN).
+  _mm512_storeu_ps(sbuf + G, _mm512_setzero_ps());
+  if constexpr (kCorr) _mm512_storeu_ps(szbuf + G, _mm512_setzero_ps());
 }
 
 inline float dot_f32(const float* a, const float* b, int64_t n) {
@@ -350,10 +361,9 @@ struct Runner {
   static constexpr bool kNativeF16 = is_native_f16<Enc>();
   // Whether the dot needs sum_g s_g (kOffset + z_g) sum_{k in g} a_k taken off.
   static constexpr bool kCorr = Enc::kAsym || D::kOffset != 0.0f;
-  // Decode rows between two output stores: kRowBudget / tokens (running
-  // sums of 64 KB), so that few tokens stream long runs of rows.
-  static constexpr int64_t kRowBudget = 1024;
-  static constexpr int64_t kPrefetch = 8192;  // bytes ahead in the weight stream
+  // Decode rows between two output stores (results buffered as fp32).
+  static constexpr int64_t kResRows = 256;
+  static constexpr int64_t kPrefetchMin = 4096;
 
   // Whether this level takes the call: a unit of packed weights must lie in
   // one group, or a group must cover whole fp32 lanes of the dot product.
@@ -361,13 +371,15 @@ struct Runner {
     if (!can_run(p, 1)) return false;
     if (!Enc::kScaled) return true;
     const int64_t gs = p.group_size;
-    if (p.k % D::kUnit != 0) return false;
+    // (a partial last unit then holds whole groups: K is a multiple of gs)
     return gs % D::kUnit == 0 || (D::kUnit % gs == 0 && gs % (2 * D::kVecs) == 0);
   }
 
   const MoeGemmParams& p;
   const D dec;
   int64_t N, K, Kp, G, gs, units, row_bytes;
+  int64_t tail_bytes;  // packed bytes of a partial last unit (0: none)
+  int64_t pf_dist = 0;  // software prefetch distance of the decode weight streams
   int64_t upb = 1, gpb = 1;  // units and groups per decode block
   VI idx_dot, idx_p0, idx_p1;  // lane -> group offset within a block / unit
   const uint8_t* w;
@@ -391,6 +403,7 @@ struct Runner {
         gs(Enc::kScaled ? p.group_size : round_up(p.k, D::kUnit)),
         units(round_up(p.k, D::kUnit) / D::kUnit),
         row_bytes(qmoe::row_bytes<Enc>(p.k)),
+        tail_bytes(p.k % D::kUnit * D::kBytes / D::kUnit),
         w(static_cast<const uint8_t*>(p.weights)),
         scales(static_cast<const uint16_t*>(p.scales)),
         zeros(static_cast<const uint16_t*>(p.zeros)),
@@ -501,268 +514,137 @@ struct Runner {
   }
 
   // ------------------------------------------------------------ decode rows
-  // Rows [r0, r1) of expert e for NT tokens (a[t]: prepared activations;
-  // as[t]: per-group activation sums). K is walked in chunks whose
-  // activations fit in L1 (16 KB), each chunk over all the rows, so the
-  // activations are read from L1 while every weight byte is read once.
-  // Per-row running sums live in totbuf between chunks; res gets [NT, nr].
-  // Rows A and B over units [u0, u1) of a chunk, one scale fold per unit
-  // (see decode_rows), running sums in totA / totB.
+  // One decode step: R rows x NT tokens. A block of R consecutive rows is
+  // walked along the whole K once (each row one sequential stream; no K
+  // chunks, whose jumps cost the prefetchers more than L2-resident
+  // activations cost the loads). Each unit's packed bytes are decoded once
+  // in registers and every activation vector loaded feeds the R rows: with
+  // several tokens the L1 loads, not the weight bytes, would bound it.
+  // Accumulators are per (row, token); per block of units sharing a scale
+  // (a group, or one unit whose fp32 lanes span several groups) they fold
+  // into the running sums as tot += acc * s.
+  template <int NT>
+  static constexpr int kRows = NT <= 2 ? 4 : NT <= 4 ? 2 : 2;
+
   int64_t unit_group(int64_t u) const { return gs >= D::kUnit ? u / upb : u * gpb; }
 
-  // acc += w . a for 32 bf16 code words w against a token's prepared
-  // activations at element offset eoff: vdpbf16ps on bf16 activations, or
-  // (FMA) two fp32 FMAs on the even and odd words against fp32 activations
-  // stored as [16 even | 16 odd] per 32 elements. lo(): the lo half of fp16
-  // activations (dot mode only).
-  template <bool FMA>
-  V dot32(V acc, VI w, const uint8_t* a, int64_t eoff) const {
-    if constexpr (FMA) {
-      const float* p = reinterpret_cast<const float*>(a) + eoff;
-      acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), _mm512_loadu_ps(p), acc);
-      return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(int(0xFFFF0000u)))),
-                             _mm512_loadu_ps(p + 16), acc);
-    } else {
-      return _mm512_dpbf16_ps(acc, bh(w), bh(loadu(a + eoff * 2)));
-    }
-  }
-  V dot32lo(V acc, VI w, const uint8_t* a, int64_t eoff) const {
-    return _mm512_dpbf16_ps(acc, bh(w), bh(loadu(a + 2 * Kp + eoff * 2)));
-  }
-  // Parts per code vector: hi and lo for fp16 activations in dot mode.
-  template <bool FMA>
-  static constexpr int kParts = (kF16 && !FMA) ? 2 : 1;
-
-  template <int NT, bool FMA>
-  void pair_tight(const uint8_t* wA, const uint8_t* wB, int64_t u0, int64_t u1, int64_t g0,
-                  const uint8_t* const* a, const float* sA, const float* sB, V* totA, V* totB) const {
-    constexpr int kCh = NT <= 2 ? 4 : 2;
-    constexpr int kP = kParts<FMA>;
-    constexpr int kQ = D::kVecs * kP;
-    constexpr int kUsed = kQ < kCh ? kQ : kCh;
-    V tA[NT], tB[NT];
-    for (int t = 0; t < NT; ++t) tA[t] = totA[t], tB[t] = totB[t];
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t gi = unit_group(u) - g0;  // first group of the unit, in the chunk's scales
-      _mm_prefetch(reinterpret_cast<const char*>(wA + u * D::kBytes) + kPrefetch, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(wB + u * D::kBytes) + kPrefetch, _MM_HINT_T0);
-      const VI xA = dec.raw(wA + u * D::kBytes), xB = dec.raw(wB + u * D::kBytes);
-      V cA[kCh][NT], cB[kCh][NT];
-#pragma GCC unroll 16
-      for (int q = 0; q < kQ; ++q) {
-        const int j = q / kP;
-        const VI vA = dec.vec(xA, j), vB = dec.vec(xB, j);
-        const int64_t eo = u * D::kUnit + j * 32;
-        const int ch = q % kCh;
-        for (int t = 0; t < NT; ++t) {
-          const V zA = q < kCh ? _mm512_setzero_ps() : cA[ch][t];
-          const V zB = q < kCh ? _mm512_setzero_ps() : cB[ch][t];
-          if constexpr (FMA) {
-            cA[ch][t] = dot32<true>(zA, vA, a[t], eo);
-            cB[ch][t] = dot32<true>(zB, vB, a[t], eo);
-          } else {
-            const VI av = loadu(a[t] + eo * 2 + ((kP == 2 && q % 2) ? 2 * Kp : 0));
-            cA[ch][t] = _mm512_dpbf16_ps(zA, bh(vA), bh(av));
-            cB[ch][t] = _mm512_dpbf16_ps(zB, bh(vB), bh(av));
-          }
-        }
+  // acc[i][t] += unit u of R rows (raw registers x[i]) . token t.
+  template <int NT, int R, bool FMA>
+  inline void unit_dots(const VI* x, int64_t u, const uint8_t* const* a, V (*acc)[NT]) const {
+    if constexpr (kNativeF16) {  // fp16 weights: vcvtph2ps + FMA on fp32 activations
+      V w0[R], w1[R];
+      for (int i = 0; i < R; ++i) {
+        w0[i] = _mm512_cvtph_ps(_mm512_castsi512_si256(x[i]));
+        w1[i] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(x[i], 1));
       }
-      const V svA = _mm512_permutexvar_ps(idx_dot, _mm512_loadu_ps(sA + gi));
-      const V svB = _mm512_permutexvar_ps(idx_dot, _mm512_loadu_ps(sB + gi));
       for (int t = 0; t < NT; ++t) {
-        V dA = cA[0][t], dB = cB[0][t];
-        if constexpr (kUsed > 1) dA = _mm512_add_ps(dA, cA[1][t]), dB = _mm512_add_ps(dB, cB[1][t]);
-        if constexpr (kUsed > 2) {
-          dA = _mm512_add_ps(dA, _mm512_add_ps(cA[2][t], cA[3][t]));
-          dB = _mm512_add_ps(dB, _mm512_add_ps(cB[2][t], cB[3][t]));
+        const float* at = reinterpret_cast<const float*>(a[t]) + u * 32;
+        const V a0 = _mm512_loadu_ps(at), a1 = _mm512_loadu_ps(at + 16);
+        for (int i = 0; i < R; ++i) acc[i][t] = _mm512_fmadd_ps(w1[i], a1, _mm512_fmadd_ps(w0[i], a0, acc[i][t]));
+      }
+    } else {
+#pragma GCC unroll 8
+      for (int j = 0; j < D::kVecs; ++j) {
+        VI v[R];
+        for (int i = 0; i < R; ++i) v[i] = dec.vec(x[i], j);
+        const int64_t eo = u * D::kUnit + j * 32;  // element offset of the vector
+        if constexpr (FMA) {  // words as fp32 (even, odd) against [16 even | 16 odd] activations
+          V ev[R], od[R];
+          for (int i = 0; i < R; ++i) {
+            ev[i] = _mm512_castsi512_ps(_mm512_slli_epi32(v[i], 16));
+            od[i] = _mm512_castsi512_ps(_mm512_and_si512(v[i], _mm512_set1_epi32(int(0xFFFF0000u))));
+          }
+          for (int t = 0; t < NT; ++t) {
+            const float* p = reinterpret_cast<const float*>(a[t]) + eo;
+            const V ae = _mm512_loadu_ps(p), ao = _mm512_loadu_ps(p + 16);
+            for (int i = 0; i < R; ++i) acc[i][t] = _mm512_fmadd_ps(od[i], ao, _mm512_fmadd_ps(ev[i], ae, acc[i][t]));
+          }
+        } else {
+          for (int t = 0; t < NT; ++t) {
+            const VI ah = loadu(a[t] + eo * 2);
+            for (int i = 0; i < R; ++i) acc[i][t] = _mm512_dpbf16_ps(acc[i][t], bh(v[i]), bh(ah));
+            if constexpr (kF16) {  // lo half of fp16 activations
+              const VI al = loadu(a[t] + 2 * Kp + eo * 2);
+              for (int i = 0; i < R; ++i) acc[i][t] = _mm512_dpbf16_ps(acc[i][t], bh(v[i]), bh(al));
+            }
+          }
         }
-        tA[t] = _mm512_fmadd_ps(dA, svA, tA[t]);
-        tB[t] = _mm512_fmadd_ps(dB, svB, tB[t]);
       }
     }
-    for (int t = 0; t < NT; ++t) totA[t] = tA[t], totB[t] = tB[t];
   }
 
+  // Rows [r, r + R) of expert e (rows past r1 repeat row r1 - 1 and are not
+  // stored) for NT tokens; res[t * ldr + i] gets the results.
+  template <int NT, int R, bool FMA>
+  void decode_step(int64_t e, int64_t r, int64_t r1, const uint8_t* const* a, const float* const* as,
+                   float* sb, float* res, int64_t ldr) const {
+    const uint8_t* wr[R];
+    float* s[R];
+    for (int i = 0; i < R; ++i) {
+      const int64_t row = min64(r + i, r1 - 1);
+      wr[i] = w + (e * N + row) * row_bytes;
+      s[i] = sb + i * 2 * sstride_;
+      load_scales(e, row, 0, G, s[i], s[i] + sstride_);
+      prefetch_scales(e, row + R, 0);
+    }
+    const int64_t full = tail_bytes ? units - 1 : units;  // units read whole
+    V tot[R][NT];
+    for (int i = 0; i < R; ++i)
+      for (int t = 0; t < NT; ++t) tot[i][t] = _mm512_setzero_ps();
+    // Units [u0, u1) into acc (plus the partial last unit when u1 == units).
+    auto units_into = [&](int64_t u0, int64_t u1, V (*acc)[NT]) {
+      const int64_t ue = min64(u1, full);
+      for (int64_t u = u0; u < ue; ++u) {
+        VI x[R];
+        for (int i = 0; i < R; ++i) {
+          _mm_prefetch(reinterpret_cast<const char*>(wr[i] + u * D::kBytes) + pf_dist, _MM_HINT_T0);
+          x[i] = dec.raw(wr[i] + u * D::kBytes);
+        }
+        unit_dots<NT, R, FMA>(x, u, a, acc);
+      }
+      if (u1 > full) {
+        VI x[R];
+        for (int i = 0; i < R; ++i) x[i] = dec.raw_part(wr[i] + full * D::kBytes, tail_bytes);
+        unit_dots<NT, R, FMA>(x, full, a, acc);
+      }
+    };
+    if constexpr (!Enc::kScaled) {
+      units_into(0, units, tot);
+    } else {
+      for (int64_t u0 = 0; u0 < units; u0 += upb) {
+        V acc[R][NT];
+        for (int i = 0; i < R; ++i)
+          for (int t = 0; t < NT; ++t) acc[i][t] = _mm512_setzero_ps();
+        units_into(u0, min64(units, u0 + upb), acc);
+        const int64_t g = unit_group(u0);
+        for (int i = 0; i < R; ++i) {
+          // One scale (a group of whole units) or a scale per fp32 lane.
+          const V sv = gs >= D::kUnit ? _mm512_set1_ps(s[i][g])
+                                      : _mm512_permutexvar_ps(idx_dot, _mm512_loadu_ps(s[i] + g));
+          for (int t = 0; t < NT; ++t) tot[i][t] = _mm512_fmadd_ps(acc[i][t], sv, tot[i][t]);
+        }
+      }
+    }
+    for (int i = 0; i < R; ++i)
+      for (int t = 0; t < NT; ++t) {
+        float v = _mm512_reduce_add_ps(tot[i][t]);
+        // - sum_g s_g (kOffset + z_g) sum_{k in g} a_k
+        if constexpr (kCorr) v -= dot_f32(s[i] + sstride_, as[t], G);
+        res[t * ldr + i] = v;
+      }
+  }
+
+  // Rows [r0, r1) of expert e for its nt tokens (padded to NT), into out.
   template <int NT, bool FMA>
-  void decode_rows(int64_t e, int64_t r0, int64_t r1, const uint8_t* const* a,
-                   const float* const* as, float* sbuf, float* szbuf, float* res, V* totbuf) const {
-    const int64_t nr = r1 - r0;
-    const int64_t act_elem = ((kF16 || FMA) ? 4 : 2);
-    const int64_t chunk_elems = max64(D::kUnit, (16 << 10) / (NT * act_elem));
-    // Blocks of units summed before one scale (a group, or a unit holding
-    // several groups); for 16-bit weights (no groups) a run of about a chunk.
-    const int64_t full_units = Enc::kScaled ? units : K / D::kUnit;
-    const int64_t bu = Enc::kScaled ? upb : max64(1, chunk_elems / D::kUnit);
-    const int64_t nblocks = Enc::kScaled ? ceil_div(units, bu) : max64(1, ceil_div(units, bu));
-    const int64_t bpc = max64(1, chunk_elems / (bu * D::kUnit));
-    const bool tail = !Enc::kScaled && K % D::kUnit != 0;
-
-    for (int64_t i = 0; i < nr * NT; ++i) totbuf[i] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < nr * NT; ++i) res[i] = 0.0f;
-
-    for (int64_t b0 = 0; b0 < nblocks; b0 += bpc) {
-      const int64_t b1 = min64(nblocks, b0 + bpc);
-      const int64_t g0 = b0 * gpb, g1 = min64(G, b1 * gpb);  // groups of this chunk
-      // Rows in pairs (r0 + i, r0 + h + i): every activation vector loaded
-      // feeds both rows (L1 loads, not the arithmetic, bound this loop), and
-      // each half of the rows is one sequential stream for the prefetchers.
-      int64_t h = 0;
-      if constexpr (Enc::kScaled && NT <= 4)
-        if (bu == 1 || NT <= 2) h = nr / 2;
-      if constexpr (Enc::kScaled && NT <= 4)
-        for (int64_t i = 0; i < h; ++i) {
-          const int64_t rA = r0 + i, rB = r0 + h + i;
-          float* sB = szbuf + sstride_;
-          float* szB = sB + sstride_;
-          prefetch_scales(e, rA + 8, g0);
-          prefetch_scales(e, rB + 8, g0);
-          load_scales(e, rA, g0, g1, sbuf, szbuf);
-          load_scales(e, rB, g0, g1, sB, szB);
-          pair_tight<NT, FMA>(w + (e * N + rA) * row_bytes, w + (e * N + rB) * row_bytes, b0 * bu,
-                              min64(full_units, b1 * bu), g0, a, sbuf, sB, totbuf + (rA - r0) * NT,
-                              totbuf + (rB - r0) * NT);
-          if constexpr (kCorr)
-            for (int t = 0; t < NT; ++t) {
-              res[t * nr + (rA - r0)] -= dot_f32(szbuf, as[t] + g0, g1 - g0);
-              res[t * nr + (rB - r0)] -= dot_f32(szB, as[t] + g0, g1 - g0);
-            }
-        }
-      for (int64_t r = r0 + 2 * h; r < r1; ++r) {
-        const uint8_t* wr = w + (e * N + r) * row_bytes;
-        prefetch_scales(e, r + 8, g0);
-        load_scales(e, r, g0, g1, sbuf, szbuf);
-        V tot[NT];
-        V* tb = totbuf + (r - r0) * NT;
-        for (int t = 0; t < NT; ++t) tot[t] = tb[t];
-        bool done = false;
-        if constexpr (Enc::kScaled) if (bu == 1 || NT <= 2) {
-          done = true;
-          // One scale fold per unit (a group is one unit, or a unit holds
-          // several groups on fp32 lanes, or few tokens): a tight loop.
-          const int64_t ua = b0 * bu, ub = min64(full_units, b1 * bu);
-          const uint8_t* wp = wr + ua * D::kBytes;
-          for (int64_t u = ua; u < ub; ++u, wp += D::kBytes) {
-            const float* sp = sbuf + (unit_group(u) - g0);
-            _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetch, _MM_HINT_T0);
-            const VI x = dec.raw(wp);
-            // Independent chains: 4 for few tokens (short dependency chains
-            // keep the scheduler from filling up), else 2.
-            constexpr int kCh = NT <= 2 ? 4 : 2;
-            constexpr int kP = kParts<FMA>;
-            V c[kCh][NT];
-#pragma GCC unroll 16
-            for (int q = 0; q < D::kVecs * kP; ++q) {
-              const int j = q / kP;
-              const VI v = dec.vec(x, j);
-              const int64_t eo = u * D::kUnit + j * 32;
-              const int ch = q % kCh;
-              for (int t = 0; t < NT; ++t) {
-                const V z = q < kCh ? _mm512_setzero_ps() : c[ch][t];
-                c[ch][t] = (kP == 2 && q % 2) ? dot32lo(z, v, a[t], eo) : dot32<FMA>(z, v, a[t], eo);
-              }
-            }
-            constexpr int kUsed = D::kVecs * kP < kCh ? D::kVecs * kP : kCh;
-            const V sv = _mm512_permutexvar_ps(idx_dot, _mm512_loadu_ps(sp));
-            for (int t = 0; t < NT; ++t) {
-              V d = c[0][t];
-              if constexpr (kUsed > 1) d = _mm512_add_ps(d, c[1][t]);
-              if constexpr (kUsed > 2) d = _mm512_add_ps(d, _mm512_add_ps(c[2][t], c[3][t]));
-              tot[t] = _mm512_fmadd_ps(d, sv, tot[t]);
-            }
-          }
-        }
-        if (!done)
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t u0 = b * bu, u1 = min64(full_units, u0 + bu);
-          if constexpr (kNativeF16) {
-            // fp16 weights: vcvtph2ps + FMA with fp32 activations.
-            auto step = [&](V w0, V w1, int64_t k0) {
-              for (int t = 0; t < NT; ++t) {
-                const float* at = reinterpret_cast<const float*>(a[t]) + k0;
-                tot[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(at), tot[t]);
-                tot[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(at + 16), tot[t]);
-              }
-            };
-            const __m256i* wp = reinterpret_cast<const __m256i*>(wr);
-            for (int64_t u = u0; u < u1; ++u, _mm_prefetch(reinterpret_cast<const char*>(wp + 2 * u) + kPrefetch, _MM_HINT_T0))
-              step(_mm512_cvtph_ps(_mm256_loadu_si256(wp + 2 * u)),
-                   _mm512_cvtph_ps(_mm256_loadu_si256(wp + 2 * u + 1)), u * 32);
-            if (tail && b == nblocks - 1) {
-              const int64_t n = K % 32;
-              const uint16_t* tp = reinterpret_cast<const uint16_t*>(wr) + full_units * 32;
-              step(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask16(n), tp)),
-                   _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask16(n - 16), tp + 16)), full_units * 32);
-            }
-          } else {
-            // Two accumulator chains per token (vdpbf16ps has a 6-cycle
-            // latency): units alternate between them (the lo half of fp16
-            // activations goes to the other chain). Vectors are decoded one
-            // at a time from the raw unit, so few registers are live.
-            V acc0[NT], acc1[NT];
-            for (int t = 0; t < NT; ++t) acc0[t] = acc1[t] = _mm512_setzero_ps();
-            int64_t u = u0;
-            for (; u + 1 < u1; u += 2) {
-              _mm_prefetch(reinterpret_cast<const char*>(wr + u * D::kBytes) + kPrefetch, _MM_HINT_T0);
-              if constexpr (D::kBytes == 32)
-                _mm_prefetch(reinterpret_cast<const char*>(wr + u * D::kBytes) + kPrefetch + 32, _MM_HINT_T0);
-              else
-                _mm_prefetch(reinterpret_cast<const char*>(wr + u * D::kBytes) + kPrefetch + 64, _MM_HINT_T0);
-              const VI x0 = dec.raw(wr + u * D::kBytes), x1 = dec.raw(wr + (u + 1) * D::kBytes);
-#pragma GCC unroll 8
-              for (int j = 0; j < D::kVecs; ++j) {
-                const VI v0 = dec.vec(x0, j), v1 = dec.vec(x1, j);
-                const int64_t e0 = u * D::kUnit + j * 32, e1 = e0 + D::kUnit;  // elements
-                for (int t = 0; t < NT; ++t) {
-                  acc0[t] = dot32<FMA>(acc0[t], v0, a[t], e0);
-                  acc1[t] = dot32<FMA>(acc1[t], v1, a[t], e1);
-                  if constexpr (kParts<FMA> == 2) {
-                    acc1[t] = dot32lo(acc1[t], v0, a[t], e0);
-                    acc0[t] = dot32lo(acc0[t], v1, a[t], e1);
-                  }
-                }
-              }
-            }
-            // One unit: vectors alternate between the chains (bf16), or the
-            // hi and lo halves take one chain each (fp16).
-            auto single = [&](VI x, int64_t uu) {
-#pragma GCC unroll 8
-              for (int j = 0; j < D::kVecs; ++j) {
-                const VI v = dec.vec(x, j);
-                const int64_t eo = uu * D::kUnit + j * 32;
-                for (int t = 0; t < NT; ++t) {
-                  if constexpr (kParts<FMA> == 2) {
-                    acc0[t] = dot32<FMA>(acc0[t], v, a[t], eo);
-                    acc1[t] = dot32lo(acc1[t], v, a[t], eo);
-                  } else if (j % 2 == 0) {
-                    acc0[t] = dot32<FMA>(acc0[t], v, a[t], eo);
-                  } else {
-                    acc1[t] = dot32<FMA>(acc1[t], v, a[t], eo);
-                  }
-                }
-              }
-            };
-            if (u < u1) single(dec.raw(wr + u * D::kBytes), u);
-            if constexpr (!Enc::kScaled) {
-              if (tail && b == nblocks - 1)
-                single(dec.raw_tail(wr + full_units * D::kBytes, int(K % D::kUnit)), full_units);
-              for (int t = 0; t < NT; ++t) tot[t] = _mm512_add_ps(tot[t], _mm512_add_ps(acc0[t], acc1[t]));
-            } else {
-              // The block's scale per fp32 lane (one group, or lane groups).
-              const V sv = _mm512_permutexvar_ps(idx_dot, _mm512_loadu_ps(sbuf + (b * gpb - g0)));
-              for (int t = 0; t < NT; ++t)
-                tot[t] = _mm512_fmadd_ps(_mm512_add_ps(acc0[t], acc1[t]), sv, tot[t]);
-            }
-          }
-        }
-        for (int t = 0; t < NT; ++t) tb[t] = tot[t];
-        if constexpr (kCorr)  // - sum_g s_g (kOffset + z_g) sum_{k in g} a_k
-          for (int t = 0; t < NT; ++t) res[t * nr + (r - r0)] -= dot_f32(szbuf, as[t] + g0, g1 - g0);
-      }
+  void decode_rows(int64_t e, int64_t r0, int64_t r1, int64_t t0, int64_t nt, const uint8_t* const* a,
+                   const float* const* as, float* sb, float* res) const {
+    constexpr int R = kRows<NT>;
+    for (int64_t c0 = r0; c0 < r1; c0 += kResRows) {
+      const int64_t c1 = min64(r1, c0 + kResRows);
+      for (int64_t r = c0; r < c1; r += R) decode_step<NT, R, FMA>(e, r, c1, a, as, sb, res + (r - c0), kResRows);
+      for (int64_t t = 0; t < nt; ++t) store_act<Act>(res + t * kResRows, out + (t0 + t) * N + c0, c1 - c0);
     }
-    for (int64_t r = 0; r < nr; ++r)
-      for (int t = 0; t < NT; ++t) res[t * nr + r] += _mm512_reduce_add_ps(totbuf[r * NT + t]);
   }
-
   // ------------------------------------------------------------ prefill
   // Layouts (dwords: a bf16 pair for bf16 activations, an fp32 for fp16):
   //   packed activations of a prefill expert: blocks of MR tokens,
@@ -835,7 +717,8 @@ struct Runner {
         z0 = _mm512_permutexvar_ps(idx_p0, _mm512_loadu_ps(szbuf + g));
         z1 = _mm512_permutexvar_ps(idx_p1, _mm512_loadu_ps(szbuf + g));
       }
-      const VI x = dec.raw(wr + u * D::kBytes);
+      const VI x = tail_bytes && u == units - 1 ? dec.raw_part(wr + u * D::kBytes, tail_bytes)
+                                                : dec.raw(wr + u * D::kBytes);
       for (int j = 0; j < D::kVecs; ++j) {
         const VI v = dec.vec(x, j);
         // (value + kOffset) * s - s * (kOffset + z) = (value - z) * s
@@ -999,15 +882,22 @@ struct Runner {
       parallel(ceil_div(T, 16), prep);
     }
 
-    // Per-worker scratch. Decode: running sums, scales (+16 floats of slack
-    // for full-vector loads), outputs. Prefill: panel, unit buffer, scales
-    // of 16 rows, running tiles when K takes several chunks.
-    const int64_t res_elems = kRowBudget;  // rows x tokens <= kRowBudget
-    const int64_t tot_bytes = kRowBudget * 64;
+    // Decode weight streams are prefetched this far ahead: the same place
+    // of the row a few decode steps (R consecutive rows each) later, at
+    // least kPrefetchMin bytes on.
+    {
+      const int64_t step = 4 * row_bytes;  // R <= 4
+      pf_dist = ceil_div(kPrefetchMin, step) * step;
+    }
+    // Per-worker scratch. Decode: scales and s * (offset + z) of the R rows
+    // of a step (+16 floats of slack for full-vector loads), results.
+    // Prefill: panel, unit buffer, scales of 16 rows, running tiles when K
+    // takes several chunks.
+    const int64_t res_elems = kResRows * kDecodeMaxTokens;
     const int64_t sc_elems = round_up(G + 16, 16);
     sstride_ = sc_elems;
-    // scales and s*(offset+z) of two rows: sbuf, szbuf, then [s, sz] of row B
-    const int64_t small = round_up((4 * sc_elems + res_elems) * 4, 64);
+    const int64_t tot_bytes = 0;
+    const int64_t small = round_up((8 * sc_elems + res_elems) * 4, 64);
     int64_t pre_bytes = 0, panel_bytes = 0, tmp_bytes = 0, srow_bytes = 0;
     if (plan.prefill_tokens > 0) {
       panel_bytes = kc_dw * PNR * 4;
@@ -1021,10 +911,8 @@ struct Runner {
     auto body = [&](int64_t i, int wk) {
       const Item& it = plan.items[i];
       uint8_t* s = scratch.as<uint8_t>() + wk * per;
-      V* totbuf = reinterpret_cast<V*>(s);
       float* sbuf = reinterpret_cast<float*>(s + tot_bytes);
-      float* szbuf = sbuf + sc_elems;
-      float* res = szbuf + 3 * sc_elems;
+      float* res = sbuf + 8 * sc_elems;
       const int64_t e = it.expert, t0 = plan.offsets[e], nt = plan.tokens(e);
       if (!it.decode) {
         uint8_t* q = s + tot_bytes + small;
@@ -1045,17 +933,18 @@ struct Runner {
         a[t] = act_row(tt);
         as[t] = asum ? asum + tt * G : nullptr;
       }
-      const int64_t nr = it.r1 - it.r0;
-      const int64_t chunk = kRowBudget / padded_tokens(nt);
-      for (int64_t c0 = 0; c0 < nr; c0 += chunk) {
-        const int64_t r0 = it.r0 + c0, r1 = it.r0 + min64(nr, c0 + chunk);
-        switch (padded_tokens(nt)) {
-          case 1: dfma ? decode_rows<1, true>(e, r0, r1, a, as, sbuf, szbuf, res, totbuf) : decode_rows<1, false>(e, r0, r1, a, as, sbuf, szbuf, res, totbuf); break;
-          case 2: dfma ? decode_rows<2, true>(e, r0, r1, a, as, sbuf, szbuf, res, totbuf) : decode_rows<2, false>(e, r0, r1, a, as, sbuf, szbuf, res, totbuf); break;
-          case 4: dfma ? decode_rows<4, true>(e, r0, r1, a, as, sbuf, szbuf, res, totbuf) : decode_rows<4, false>(e, r0, r1, a, as, sbuf, szbuf, res, totbuf); break;
-          default: dfma ? decode_rows<8, true>(e, r0, r1, a, as, sbuf, szbuf, res, totbuf) : decode_rows<8, false>(e, r0, r1, a, as, sbuf, szbuf, res, totbuf); break;
-        }
-        for (int64_t t = 0; t < nt; ++t) store_act<Act>(res + t * (r1 - r0), out + (t0 + t) * N + r0, r1 - r0);
+      auto rows = [&](auto nt_c) {
+        constexpr int NT = decltype(nt_c)::value;
+        if (dfma)
+          decode_rows<NT, true>(e, it.r0, it.r1, t0, nt, a, as, sbuf, res);
+        else
+          decode_rows<NT, false>(e, it.r0, it.r1, t0, nt, a, as, sbuf, res);
+      };
+      switch (padded_tokens(nt)) {
+        case 1: rows(std::integral_constant<int, 1>{}); break;
+        case 2: rows(std::integral_constant<int, 2>{}); break;
+        case 4: rows(std::integral_constant<int, 4>{}); break;
+        default: rows(std::integral_constant<int, 8>{}); break;
       }
     };
     parallel(plan.n_items, body);

@@ -1,0 +1,640 @@
+// The Hopper (sm_90a) prefill path: a persistent, warp-specialized grouped
+// GEMM on wgmma.mma_async with the weight decode fused into the main loop.
+// One kernel template on <Act, Enc>; the per-encoding parts are the register
+// decode of prefill_decode.cuh (shared with the mma.sync path) and a small
+// gather (WGather below) that picks a lane's codes out of shared memory.
+//
+// Orientation. out^T = W * X^T per expert, like prefill_mma.cuh: the decoded
+// weights are the wgmma A operand, from registers (per warp of a warpgroup,
+// A is the m16n8k16 A-fragment layout: 4 warps cover 64 weight rows), and
+// the tokens the B operand, read by the tensor cores straight from shared
+// memory through a matrix descriptor (K-major, 128-byte swizzle).
+//
+// CTA: 3 warpgroups (384 threads), one CTA per SM, persistent.
+//  - warpgroup 0, the producer (setmaxnreg 40): thread 0 brings each stage
+//    in with two bulk tensor copies (TMA): 64 k x up to 128 tokens
+//    (box rows 128, 64 or 32: the item's token width, so small experts do
+//    not fetch 128 rows) and 64 k x 256 packed weight rows; all 128 threads
+//    load the 16-bit scales / zero points of their two weight rows for the
+//    stage's two 32-wide k chunks (one iteration ahead, in registers),
+//    convert them into the words the decoders want (scale pair, asym bias),
+//    store them into the stage, and arrive on the stage's `full` mbarrier
+//    (128 arrivals + the TMA bytes).
+//  - warpgroups 1 and 2, the consumers (setmaxnreg 232): each owns 128 of
+//    the item's 256 weight rows (two m64 blocks) and every token of the
+//    item: accumulators 2 x m64nN (N = 32, 64 or 128: 16..64 fp32 each).
+//    Per stage and 32-wide k chunk: gather + decode the A fragments of both
+//    m64 blocks (16 registers), wgmma.fence, 4 wgmma (2 k16 steps x 2
+//    blocks); after the stage, commit + wait 0 and one arrival per warp on
+//    the stage's `empty` mbarrier. The two consumer warpgroups run
+//    independently, so one decodes while the other's wgmmas run.
+//
+// k order. wgmma reads B (tokens) in natural k order from shared memory, so
+// the A fragments must be too: lane (g, c) holds, per k16 step, weight k
+// pairs (2c, 2c+1) and (2c+8, 2c+9). In the packed codes those are the c-th
+// k pair of every 8-wide k group: one byte of each 4-byte word (int4), one
+// 16-bit half of each 8 bytes (int8 / fp8), one nibble of each 16-bit word
+// (int2). WGather loads the row's chunk (16-byte loads, shared by the 4 lanes
+// of a row) and gathers the lane's pairs into the raw word that
+// PrefillDecode::decode takes, whose four outputs are then exactly the A
+// registers (k groups 0..3 of the 32-wide chunk = (step 0, low), (step 0,
+// high), (step 1, low), (step 1, high)). 16-bit weights use ldmatrix from a
+// 128-byte-swizzled layout (conflict-free, no gather).
+//
+// B descriptor (K-major, SWIZZLE_128B): a token's 64-k stage row is one
+// 128-byte row; 8 rows form a 1024-byte swizzle atom (the TMA writes 16-byte
+// chunk j of row r at r*128 + 16 (j ^ (r & 7))); start address >> 4,
+// leading byte offset 1 (unused for swizzled K-major), stride byte offset
+// 1024 >> 4, layout type 1 (128B swizzle) in bits 62-63; the k16 step s adds
+// 32 s bytes to the start address inside the atom (the hardware applies the
+// swizzle to the final address bits, so the stage buffers are 1024-aligned).
+//
+// Schedule: the device-side counts -> clamped token ranges and work-item
+// prefix sums in shared memory (as prefill_mma.cuh), items (expert, 256-row
+// n tile, 128-token tile), n tile major and token tile minor within an
+// expert; CTAs stride over the items; producer and consumers walk the same
+// item list, the pipeline runs across items. No host sync, no allocation
+// (the tensor maps are kernel parameters): graph-capturable. Rows that no
+// expert covers are written as zeros.
+//
+// Rules (besides prefill.cu's): an sm_90 device with the sm_90a kernel
+// compiled in, E * N < 2^31 (rows of the weight tensor map). The K tail
+// (K % 64 == 32) and rows past N / T are zero-filled by the TMA; the group
+// of the last chunk is clamped.
+#pragma once
+
+#include <cuda.h>  // CUtensorMap and its enums (the encoder comes through the runtime)
+#include <cuda_runtime.h>
+
+#include <mutex>
+
+#include "cuda/prefill_mma.cuh"
+#include "cuda/prefill_wgmma_ops.cuh"
+
+namespace qmoe::cuda::prefill::hopper {
+
+template <class Act, class Enc>
+struct WCfg {
+  static constexpr int kBits = Enc::kBits;
+  static constexpr bool kScaled = Enc::kScaled;
+  static constexpr bool kBias = Enc::kAsym;
+  static constexpr bool kNative = kBits == 16;
+  static constexpr int BK = 64;                    // k per stage (one 128-byte token row)
+  static constexpr int BM = 128;                   // tokens per item (decode_item)
+  static constexpr int BN = 256;                   // weight rows per item
+  static constexpr int KPB = BK * kBits / 8;       // packed bytes per weight row per stage
+  static constexpr int TOK_BYTES = BM * 128;
+  static constexpr int W_BYTES = BN * KPB;
+  static constexpr int S_BYTES = kScaled ? 2 * BN * 4 : 0;  // word per (chunk, row)
+  static constexpr int Z_BYTES = kBias ? 2 * BN * 4 : 0;
+  static constexpr int STAGE = (TOK_BYTES + W_BYTES + S_BYTES + Z_BYTES + 1023) / 1024 * 1024;
+  static constexpr int STAGES_RAW = (208 * 1024) / STAGE;
+  static constexpr int STAGES = STAGES_RAW > 8 ? 8 : STAGES_RAW;
+  static constexpr int kThreads = 384;
+  static_assert(STAGES >= 3, "pipeline depth");
+  static_assert((TOK_BYTES + W_BYTES) % 1024 == 0, "scale words after 1024-aligned buffers");
+  using Dec = PrefillDecode<Act, Enc>;
+  using raw_t = typename Dec::raw_t;
+};
+
+struct WArgs {
+  const uint16_t* scales;
+  const uint16_t* zeros;
+  const int32_t* counts;
+  uint16_t* out;
+  int E, N, K, T;
+  int groups, group_size;
+  int n_tiles, k_tiles;
+};
+
+// Tensor maps: activations with box rows 128, 64, 32 (index by token
+// width), and the packed weights [E * N, K_packed].
+struct WMaps {
+  CUtensorMap act[3];
+  CUtensorMap w;
+};
+
+// ---------------------------------------------------------------------------
+// PTX helpers (sm_90).
+// ---------------------------------------------------------------------------
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::
+          "r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Keeps the compiler from moving accumulator reads / writes across the
+// asynchronous wgmma (which it cannot see through).
+template <int R>
+__device__ __forceinline__ void fence_regs(float (&d)[R]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// Matrix descriptor of a K-major, 128-byte-swizzled B tile at shared
+// address `addr` (see the top of the file).
+__device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
+  return uint64_t((addr >> 4) & 0x3fff) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+}
+
+// ---------------------------------------------------------------------------
+// Gather: the raw codes of lane c (= lane % 4) for weight row `row` (shared
+// address of the row's stage bytes) and 32-wide k chunk q, in the order
+// PrefillDecode::decode takes: k group i (k 8i..8i+7 of the chunk) gives
+// the lane's pair (8i + 2c, 8i + 2c + 1).
+// ---------------------------------------------------------------------------
+template <class Enc, int Bits = Enc::kBits>
+struct WGather;
+
+// int4: 16 bytes per chunk; byte c of each 4-byte word.
+template <class Enc>
+struct WGather<Enc, 4> {
+  __device__ static __forceinline__ uint32_t get(const unsigned char* row, int q, int c) {
+    const uint4 v = *reinterpret_cast<const uint4*>(row + 16 * q);
+    const uint32_t sel = uint32_t(c) | (uint32_t(c + 4) << 4);
+    return __byte_perm(__byte_perm(v.x, v.y, sel), __byte_perm(v.z, v.w, sel), 0x5410u);
+  }
+};
+
+// int8 / fp8: 32 bytes per chunk; the c-th 16-bit half of each 8 bytes.
+template <class Enc>
+struct WGather<Enc, 8> {
+  __device__ static __forceinline__ uint2 get(const unsigned char* row, int q, int c) {
+    const uint4 u = *reinterpret_cast<const uint4*>(row + 32 * q);
+    const uint4 v = *reinterpret_cast<const uint4*>(row + 32 * q + 16);
+    const bool hi = (c & 2) != 0;
+    const uint32_t sel = (c & 1) ? 0x7632u : 0x5410u;
+    return make_uint2(__byte_perm(hi ? u.y : u.x, hi ? u.w : u.z, sel),
+                      __byte_perm(hi ? v.y : v.x, hi ? v.w : v.z, sel));
+  }
+};
+
+// int2: 8 bytes per chunk; nibble c of each 16-bit word.
+template <class Enc>
+struct WGather<Enc, 2> {
+  __device__ static __forceinline__ uint16_t get(const unsigned char* row, int q, int c) {
+    const uint2 w = *reinterpret_cast<const uint2*>(row + 8 * q);
+    const uint32_t x = (w.x >> (4 * c)) & 0x000f000fu;   // words 0, 1: bits 0..3, 16..19
+    const uint32_t y = (w.y >> (4 * c)) & 0x000f000fu;   // words 2, 3
+    const uint32_t z = x | (y << 8);                     // 0..3 w0, 8..11 w2, 16..19 w1, 24..27 w3
+    return uint16_t(z | (z >> 12));                      // nibbles w0, w1, w2, w3
+  }
+};
+
+// ---------------------------------------------------------------------------
+// The kernel.
+// ---------------------------------------------------------------------------
+// Token width of an item (the wgmma N and the TMA box rows).
+__device__ __forceinline__ int tok_width(int rows) { return rows <= 32 ? 32 : rows <= 64 ? 64 : 128; }
+
+template <class Act, class Enc>
+struct WKernel {
+  using C = WCfg<Act, Enc>;
+  using Dec = typename C::Dec;
+  using P = Pair<Act>;
+
+  struct Smem {
+    unsigned char* base;  // stage 0 (1024-aligned)
+    uint32_t full, empty;  // shared addresses of the barrier arrays
+  };
+
+  __device__ static __forceinline__ uint32_t full_bar(const Smem& s, int st) { return s.full + 8 * st; }
+  __device__ static __forceinline__ uint32_t empty_bar(const Smem& s, int st) { return s.empty + 8 * st; }
+
+  // ---- producer ----------------------------------------------------------
+  struct Fill {
+    int item, kt;
+    Item it;
+  };
+
+  // Raw 16-bit scales (zeros) of rows 2t, 2t + 1 for both k chunks of k tile
+  // kt: bits 16 (2 q + j) hold chunk q, row j.
+  __device__ static __forceinline__ void load_scales(const WArgs& a, const Fill& f, int t, uint2& rs, uint2& rz) {
+    if constexpr (C::kScaled) {
+      const int g0 = (f.kt * C::BK) / a.group_size;
+      const int g1 = min((f.kt * C::BK + 32) / a.group_size, a.groups - 1);
+      uint32_t s[4], z[4] = {0, 0, 0, 0};
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int row = min(f.it.n0 + 2 * t + j, a.N - 1);
+        const int64_t off = (int64_t(f.it.e) * a.N + row) * a.groups;
+        s[j] = __ldg(a.scales + off + g0);
+        s[2 + j] = __ldg(a.scales + off + g1);
+        if constexpr (C::kBias) {
+          z[j] = __ldg(a.zeros + off + g0);
+          z[2 + j] = __ldg(a.zeros + off + g1);
+        }
+      }
+      rs = make_uint2(s[0] | (s[1] << 16), s[2] | (s[3] << 16));
+      rz = make_uint2(z[0] | (z[1] << 16), z[2] | (z[3] << 16));
+    }
+  }
+
+  __device__ static __forceinline__ void advance(const WArgs& a, Fill& f, int total, const int* s_tok,
+                                                 const int* s_items) {
+    if (++f.kt == a.k_tiles) {
+      f.kt = 0;
+      f.item += gridDim.x;
+      if (f.item < total) f.it = decode_item<C>(f.item, s_tok, s_items, a.E);
+    }
+  }
+
+  __device__ static void producer(const WArgs& a, const WMaps& maps, const Smem& sm, int total, const int* s_tok,
+                                  const int* s_items) {
+    const int t = threadIdx.x;  // 0..127
+    Fill f;
+    f.item = blockIdx.x;
+    f.kt = 0;
+    if (f.item >= total) return;
+    f.it = decode_item<C>(f.item, s_tok, s_items, a.E);
+    uint2 rs = make_uint2(0, 0), rz = make_uint2(0, 0);
+    load_scales(a, f, t, rs, rz);
+#pragma unroll 1
+    for (int fill = 0; f.item < total; ++fill) {
+      Fill nx = f;
+      advance(a, nx, total, s_tok, s_items);
+      uint2 ns = make_uint2(0, 0), nz = make_uint2(0, 0);
+      if (nx.item < total) load_scales(a, nx, t, ns, nz);  // in flight during the wait below
+      const int st = fill % C::STAGES;
+      mbar_wait(empty_bar(sm, st), ((fill / C::STAGES) & 1) ^ 1);
+      unsigned char* stage = sm.base + st * C::STAGE;
+      if constexpr (C::kScaled) {
+        uint32_t* sS = reinterpret_cast<uint32_t*>(stage + C::TOK_BYTES + C::W_BYTES);
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          const uint32_t v = q ? rs.y : rs.x;
+          *reinterpret_cast<uint2*>(sS + q * C::BN + 2 * t) = make_uint2(dup16(uint16_t(v)), dup16(uint16_t(v >> 16)));
+          if constexpr (C::kBias) {
+            const uint32_t z = q ? rz.y : rz.x;
+            *reinterpret_cast<uint2*>(sS + 2 * C::BN + q * C::BN + 2 * t) =
+                make_uint2(Dec::bias_word(P::to_float(uint16_t(z))), Dec::bias_word(P::to_float(uint16_t(z >> 16))));
+          }
+        }
+      }
+      const uint32_t fb = full_bar(sm, st);
+      if (t == 0) {
+        // Scale words of this thread are written before its arrival; the
+        // phase completes once all 128 threads arrived and the bytes landed.
+        const int tw = tok_width(f.it.rows);
+        mbar_arrive_tx(fb, uint32_t(tw * 128 + C::W_BYTES));
+        const uint32_t dst = smem_addr(stage);
+        tma_load_2d(dst, &maps.act[tw == 128 ? 0 : tw == 64 ? 1 : 2], f.kt * C::BK, f.it.tok0, fb);
+        const int wk = C::kNative ? f.kt * C::BK : f.kt * C::KPB;  // elements of the weight map
+        tma_load_2d(dst + C::TOK_BYTES, &maps.w, wk, f.it.e * a.N + f.it.n0, fb);
+      } else {
+        mbar_arrive(fb);
+      }
+      f = nx;
+      rs = ns;
+      rz = nz;
+    }
+  }
+
+  // ---- consumers ---------------------------------------------------------
+  template <int NT>
+  __device__ static __forceinline__ void mma(float (&d)[NT / 2], const uint32_t (&x)[4], uint64_t desc) {
+    if constexpr (Act::type == ActType::f16) {
+      if constexpr (NT == 128) wgmma::mma_f16_n128(d, x, desc);
+      if constexpr (NT == 64) wgmma::mma_f16_n64(d, x, desc);
+      if constexpr (NT == 32) wgmma::mma_f16_n32(d, x, desc);
+    } else {
+      if constexpr (NT == 128) wgmma::mma_bf16_n128(d, x, desc);
+      if constexpr (NT == 64) wgmma::mma_bf16_n64(d, x, desc);
+      if constexpr (NT == 32) wgmma::mma_bf16_n32(d, x, desc);
+    }
+  }
+
+  // The A registers of 32-wide k chunk q for m64 block mb of this warp:
+  // x[s][.] = k16 step 2q + s. Weight rows of the lane: rbase + 8h + g.
+  __device__ static __forceinline__ void a_frags(const unsigned char* stage, int q, int rbase,
+                                                 uint32_t (&x)[2][4]) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    if constexpr (C::kNative) {
+      // ldmatrix x4 per k16 step: matrix m = lane / 8 -> fragment rows
+      // 8 (m & 1) .. +7, k chunk 2 step + (m >> 1); swizzled 128-byte rows.
+      const int m = lane >> 3;
+      const int r = rbase + 8 * (m & 1) + (lane & 7);
+      const uint32_t rowaddr = smem_addr(stage + C::TOK_BYTES) + uint32_t(r) * 128;
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
+        const int j = 2 * (2 * q + s) + (m >> 1);
+        ldmatrix_x4(x[s], rowaddr + uint32_t(16 * (j ^ (r & 7))));
+      }
+    } else {
+      const unsigned char* sw = stage + C::TOK_BYTES;
+      const uint32_t* sS = reinterpret_cast<const uint32_t*>(stage + C::TOK_BYTES + C::W_BYTES) + q * C::BN;
+      const uint32_t* sZ = sS + 2 * C::BN;
+      uint32_t b[2][4];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = rbase + 8 * h + g;
+        const auto raw = WGather<Enc>::get(sw + r * C::KPB, q, c);
+        const uint32_t s2 = C::kScaled ? sS[r] : 0u;
+        const uint32_t bias = C::kBias ? sZ[r] : Dec::kSymBias;
+        Dec::decode(raw, s2, bias, b[h]);
+      }
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
+        x[s][0] = b[0][2 * s];
+        x[s][1] = b[1][2 * s];
+        x[s][2] = b[0][2 * s + 1];
+        x[s][3] = b[1][2 * s + 1];
+      }
+    }
+  }
+
+  template <int NT>
+  __device__ static __forceinline__ void run_item(const WArgs& a, const Item& it, const Smem& sm, int& fill) {
+    const int wg = (threadIdx.x >> 7) - 1, warp = (threadIdx.x >> 5) & 3;
+    float acc[2][NT / 2];
+#pragma unroll
+    for (int mb = 0; mb < 2; ++mb)
+#pragma unroll
+      for (int i = 0; i < NT / 2; ++i) acc[mb][i] = 0.0f;
+#pragma unroll 1
+    for (int kt = 0; kt < a.k_tiles; ++kt, ++fill) {
+      const int st = fill % C::STAGES;
+      mbar_wait(full_bar(sm, st), (fill / C::STAGES) & 1);
+      const unsigned char* stage = sm.base + st * C::STAGE;
+      const uint32_t tok = smem_addr(stage);
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        uint32_t x[2][2][4];  // [mb][k16 step][register]
+#pragma unroll
+        for (int mb = 0; mb < 2; ++mb) a_frags(stage, q, wg * 128 + mb * 64 + warp * 16, x[mb]);
+        fence_regs(acc[0]);
+        fence_regs(acc[1]);
+        wgmma_fence();
+#pragma unroll
+        for (int s = 0; s < 2; ++s) {
+          const uint64_t desc = desc_sw128(tok + 32 * (2 * q + s));
+#pragma unroll
+          for (int mb = 0; mb < 2; ++mb) mma<NT>(acc[mb], x[mb][s], desc);
+        }
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(acc[0]);
+      fence_regs(acc[1]);
+      __syncwarp();
+      if ((threadIdx.x & 31) == 0) mbar_arrive(empty_bar(sm, st));
+    }
+    // Accumulator d[4j + 2h + i] of block mb: weight row rbase + 8h + g,
+    // token 8j + 2c + i.
+    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+#pragma unroll
+    for (int mb = 0; mb < 2; ++mb)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int n = it.n0 + wg * 128 + mb * 64 + warp * 16 + 8 * h + g;
+        if (n >= a.N) continue;
+#pragma unroll
+        for (int j = 0; j < NT / 8; ++j)
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            const int r = 8 * j + 2 * c + i;
+            if (r < it.rows) a.out[int64_t(it.tok0 + r) * a.N + n] = P::from_float(acc[mb][4 * j + 2 * h + i]);
+          }
+      }
+  }
+
+  __device__ static void consumer(const WArgs& a, const Smem& sm, int total, const int* s_tok, const int* s_items) {
+    int fill = 0;
+#pragma unroll 1
+    for (int item = blockIdx.x; item < total; item += gridDim.x) {
+      const Item it = decode_item<C>(item, s_tok, s_items, a.E);
+      const int tw = tok_width(it.rows);
+      if (tw == 128)
+        run_item<128>(a, it, sm, fill);
+      else if (tw == 64)
+        run_item<64>(a, it, sm, fill);
+      else
+        run_item<32>(a, it, sm, fill);
+    }
+  }
+};
+
+template <class Act, class Enc>
+__global__ void __launch_bounds__(384, 1) wgmma_kernel(const WArgs a, const __grid_constant__ WMaps maps) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using K = WKernel<Act, Enc>;
+  using C = typename K::C;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  // Stage buffers 1024-aligned (128-byte swizzle atoms), then the barriers
+  // and the schedule arrays.
+  // (Pointer arithmetic on the shared array keeps the address space known:
+  // shared loads, not generic ones.)
+  unsigned char* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + C::STAGES * C::STAGE);  // full[STAGES], empty[STAGES]
+  int* s_tok = reinterpret_cast<int*>(bars + 2 * C::STAGES);                  // [E + 1]
+  int* s_items = s_tok + (a.E + 1);                                            // [E + 3]
+  long long* scratch = reinterpret_cast<long long*>(smem);                    // stage 0 is free until the loop
+  const int tid = threadIdx.x;
+
+  typename K::Smem sm;
+  sm.base = smem;
+  sm.full = smem_addr(bars);
+  sm.empty = smem_addr(bars + C::STAGES);
+  if (tid == 0) {
+    for (int s = 0; s < C::STAGES; ++s) {
+      mbar_init(sm.full + 8 * s, 128);  // the producer's 128 threads (+ TMA bytes)
+      mbar_init(sm.empty + 8 * s, 8);   // one arrival per consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  if (tid == 32) {
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&maps.w)) : "memory");
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&maps.act[0])) : "memory");
+  }
+
+  // ---- schedule: clamped token ranges and item prefix sums (as prefill_mma.cuh).
+  {
+    const int per = (a.E + C::kThreads - 1) / C::kThreads;
+    const int i0 = min(a.E, tid * per), i1 = min(a.E, i0 + per);
+    long long sum = 0;
+    for (int i = i0; i < i1; ++i) sum += max(a.counts[i], 0);
+    long long off = block_exclusive_scan<long long>(sum, scratch);
+    for (int i = i0; i < i1; ++i) {
+      s_tok[i] = int(min(off, (long long)a.T));
+      off += max(a.counts[i], 0);
+    }
+    if (tid == C::kThreads - 1) s_tok[a.E] = int(min(off, (long long)a.T));
+    __syncthreads();
+    int isum = 0;
+    for (int i = i0; i < i1; ++i) isum += (s_tok[i + 1] - s_tok[i] + C::BM - 1) / C::BM;
+    int ioff = block_exclusive_scan<int>(isum, reinterpret_cast<int*>(scratch));
+    for (int i = i0; i < i1; ++i) {
+      s_items[i] = ioff;
+      ioff += (s_tok[i + 1] - s_tok[i] + C::BM - 1) / C::BM;
+    }
+    if (tid == C::kThreads - 1) {
+      s_items[a.E] = ioff;
+      s_items[a.E + 1] = a.n_tiles;
+      s_items[a.E + 2] = C::BN;
+    }
+    __syncthreads();  // also publishes the barrier initialisation
+  }
+  const int total = s_items[a.E] * s_items[a.E + 1];
+  const int covered = s_tok[a.E];
+
+  if (tid < 128) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    K::producer(a, maps, sm, total, s_tok, s_items);
+  } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    K::consumer(a, sm, total, s_tok, s_items);
+    // Rows no expert covers are zero.
+    if (covered < a.T) {
+      const int64_t n_zero = int64_t(a.T - covered) * a.N;
+      uint16_t* base = a.out + int64_t(covered) * a.N;
+      for (int64_t i = int64_t(blockIdx.x) * 256 + (tid - 128); i < n_zero; i += int64_t(gridDim.x) * 256) base[i] = 0;
+    }
+  }
+#endif
+}
+
+// ---------------------------------------------------------------------------
+// Host side.
+// ---------------------------------------------------------------------------
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+// The driver's cuTensorMapEncodeTiled through the runtime (no link against
+// libcuda), looked up once; null where the driver lacks it.
+inline EncodeTiledFn encode_tiled() {
+  static const EncodeTiledFn fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) !=
+            cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      f = nullptr;
+    cudaGetLastError();
+    return reinterpret_cast<EncodeTiledFn>(f);
+  }();
+  return fn;
+}
+
+// A 2-D map over a row-major [rows, cols] matrix of `elem`-byte elements
+// (row stride `stride` bytes), box [box_rows, box_cols]; out-of-range
+// elements read as zero.
+inline bool make_map(CUtensorMap* m, const void* ptr, CUtensorMapDataType type, uint64_t cols, uint64_t rows,
+                     uint64_t stride, uint32_t box_cols, uint32_t box_rows, CUtensorMapSwizzle swz) {
+  const EncodeTiledFn enc = encode_tiled();
+  if (!enc) return false;
+  const cuuint64_t dims[2] = {cols, rows};
+  const cuuint64_t strides[1] = {stride};
+  const cuuint32_t box[2] = {box_cols, box_rows};
+  const cuuint32_t estr[2] = {1, 1};
+  return enc(m, type, 2, const_cast<void*>(ptr), dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE, swz,
+             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <class Act, class Enc>
+bool launch(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
+  using C = WCfg<Act, Enc>;
+  const auto kernel = wgmma_kernel<Act, Enc>;
+
+  constexpr int kMaxDevices = 64;
+  struct DeviceInfo {
+    int sms = 0, smem_optin = 0, major = 0;
+    bool ok = false;  // sm_90 with the sm_90a kernel compiled in, attributes set
+  };
+  static DeviceInfo info[kMaxDevices];
+  static std::once_flag once[kMaxDevices];
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) {
+    cudaGetLastError();
+    return false;
+  }
+  std::call_once(once[dev], [&] {
+    DeviceInfo d;
+    cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev);
+    cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev);
+    if (d.major == 9) {
+      // The kernel's body exists only in the sm_90a binary; a build without
+      // it (e.g. sm_90 without 'a') has an empty stub with a handful of
+      // registers: never launch that.
+      cudaFuncAttributes fa{};
+      d.ok = cudaFuncGetAttributes(&fa, kernel) == cudaSuccess && fa.binaryVersion == 90 && fa.numRegs >= 64 &&
+             cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, d.smem_optin) == cudaSuccess;
+    }
+    cudaGetLastError();
+    info[dev] = d;
+  });
+  const DeviceInfo& d = info[dev];
+  if (!d.ok || d.sms <= 0) return false;
+  const int64_t smem_bytes = 1024 + int64_t(C::STAGES) * C::STAGE + 16 * C::STAGES + 8 * (p.num_experts + 2) + 8;
+  if (smem_bytes > d.smem_optin) return false;
+  if (p.num_experts * p.n >= (int64_t(1) << 31)) return false;
+
+  const int64_t kp = packed_k(p.weight_type, p.k) * (Enc::kBits == 16 ? 2 : 1);  // bytes per weight row
+  WMaps maps;
+  for (int i = 0; i < 3; ++i)
+    if (!make_map(&maps.act[i], p.activations, CU_TENSOR_MAP_DATA_TYPE_UINT16, uint64_t(p.k), uint64_t(p.total_tokens),
+                  uint64_t(p.k) * 2, C::BK, uint32_t(128 >> i), CU_TENSOR_MAP_SWIZZLE_128B))
+      return false;
+  const uint64_t wrows = uint64_t(p.num_experts * p.n);
+  const bool wok = C::kNative ? make_map(&maps.w, p.weights, CU_TENSOR_MAP_DATA_TYPE_UINT16, uint64_t(p.k), wrows,
+                                         uint64_t(kp), C::BK, C::BN, CU_TENSOR_MAP_SWIZZLE_128B)
+                              : make_map(&maps.w, p.weights, CU_TENSOR_MAP_DATA_TYPE_UINT8, uint64_t(kp), wrows,
+                                         uint64_t(kp), C::KPB, C::BN, CU_TENSOR_MAP_SWIZZLE_NONE);
+  if (!wok) return false;
+
+  WArgs a;
+  a.scales = static_cast<const uint16_t*>(p.scales);
+  a.zeros = static_cast<const uint16_t*>(p.zeros);
+  a.counts = p.tokens_per_expert;
+  a.out = static_cast<uint16_t*>(p.out);
+  a.E = int(p.num_experts);
+  a.N = int(p.n);
+  a.K = int(p.k);
+  a.T = int(p.total_tokens);
+  a.group_size = C::kScaled ? int(p.group_size) : 1;
+  a.groups = C::kScaled ? int(p.k / p.group_size) : 1;
+  a.n_tiles = ceil_div(p.n, C::BN);
+  a.k_tiles = ceil_div(p.k, C::BK);
+  const int64_t max_items = int64_t(a.n_tiles) * ((p.total_tokens + C::BM - 1) / C::BM + p.num_experts);
+  const int grid = int(std::max<int64_t>(1, std::min<int64_t>(max_items, d.sms)));
+  kernel<<<grid, C::kThreads, size_t(smem_bytes), stream>>>(a, maps);
+  *status = launch_status("prefill MoE kernel launch (wgmma)");
+  return true;
+}
+
+template <class Act>
+bool launch_for_act(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
+  bool launched = false;
+  visit_encoding(p.act_type, p.weight_type, p.asym, [&](auto act, auto enc) {
+    if constexpr (std::is_same_v<decltype(act), Act>) launched = launch<Act, decltype(enc)>(p, stream, status);
+  });
+  return launched;
+}
+
+}  // namespace qmoe::cuda::prefill::hopper

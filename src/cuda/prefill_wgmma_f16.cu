@@ -1,0 +1,9 @@
+// Hopper (sm_90a) prefill kernels for float16 activations; see prefill_wgmma.cuh.
+// (One translation unit per activation type, so they compile in parallel.)
+#include "cuda/prefill_wgmma.cuh"
+
+namespace qmoe::cuda::prefill {
+bool launch_wgmma_f16(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
+  return hopper::launch_for_act<ActF16>(p, stream, status);
+}
+}  // namespace qmoe::cuda::prefill
