@@ -97,7 +97,7 @@ if want variants; then
       --backend shim --lib "$BUILD/libqmoe.a" --no-anchors "${sel[@]}" --out "$OUT/raw/pipe$pipe" \
       --tag "QMOE_DECODE_PIPE=$pipe" >>"$LOG" 2>&1 || status=1
   done
-  if command -v ncu >/dev/null; then
+  if [ "${QMOE_NCU:-1}" = 1 ] && command -v ncu >/dev/null; then
     for pipe in ${QMOE_PIPES:-1 2}; do
       QMOE_DECODE_PIPE=$pipe timeout 180 ncu --kernel-name regex:decode_kernel --launch-skip 3 --launch-count 1 \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \

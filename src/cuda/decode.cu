@@ -210,7 +210,7 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
   // operand in 16-bit ("pre"). Passes of 24 tokens scale in 16-bit even when
   // groups allow post-scaling: their fp32 partial sums would not fit the
   // registers.
-  constexpr bool kPost = SM == ScaleMode::post && NC < 3;
+  constexpr bool kPost = SM == ScaleMode::post;
   constexpr bool kPre = SM == ScaleMode::pre || (SM == ScaleMode::post && !kPost);
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
