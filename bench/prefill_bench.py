@@ -20,7 +20,13 @@ activations in + output out (DESIGN.md).
 A/B against earlier kernel paths (environment, read once per process, so
 one run per setting): QMOE_PREFILL_SCALES=ldg (scales by plain loads instead
 of cp.async), QMOE_PREFILL_TILES=256 (no 128-row small-tile schedule) or =128
-(always 128-row tiles). The settings are printed and stored in the JSON.
+(always 128-row tiles), QMOE_PREFILL_WGMMA=0 (no Hopper wgmma kernel). The
+settings are printed and stored in the JSON.
+
+The two tensor-core kernels in one run, row by row on the same card:
+    --paths wgmma,mma     (wgmma: the sm_90a kernel where it applies; mma: the
+                           mma.sync kernel; forced through the library's test
+                           switch, so the environment's choice is overridden)
 """
 import argparse
 import ctypes
@@ -51,6 +57,8 @@ extern "C" int qmoe_prefill_c(int act, int wtype, int asym, long long E, long lo
   if (!st.ok()) { std::fprintf(stderr, "qmoe: %s\n", st.message.c_str()); return int(st.code); }
   return 0;
 }
+namespace qmoe::cuda::prefill { void set_wgmma_override(int on); }
+extern "C" void qmoe_prefill_path_c(int on) { qmoe::cuda::prefill::set_wgmma_override(on); }
 """
 
 WTYPES = {"native16": 0, "int8": 1, "int4": 2, "int2": 3, "fp8_e4m3": 4, "fp8_e5m2": 5}
@@ -71,6 +79,7 @@ def build_shim(lib):
     dll = ctypes.CDLL(so)
     dll.qmoe_prefill_c.restype = ctypes.c_int
     dll.qmoe_prefill_c.argtypes = [ctypes.c_int] * 3 + [ctypes.c_longlong] * 5 + [ctypes.c_void_p] * 7 + [ctypes.c_int]
+    dll.qmoe_prefill_path_c.argtypes = [ctypes.c_int]
     return dll
 
 
@@ -170,6 +179,7 @@ def main():
     ap.add_argument("--encodings", default="native16,int4,int4a,int8,fp8_e4m3,int2a")
     ap.add_argument("--shapes", default="", help="comma-separated substrings of shape labels to run")
     ap.add_argument("--profile", default="", help="E,N,K,T,enc: three plain calls (for ncu), no timing")
+    ap.add_argument("--paths", default="", help="comma list of wgmma,mma: time each kernel (default: the library's choice)")
     args = ap.parse_args()
     dll = build_shim(args.lib)
     if args.profile:
@@ -190,7 +200,8 @@ def main():
     name = torch.cuda.get_device_name()
     props = torch.cuda.get_device_properties(0)
     print(f"card: {name}, {props.multi_processor_count} SMs, torch {torch.__version__}")
-    switches = {k: os.environ.get(k, "") for k in ("QMOE_PREFILL_SCALES", "QMOE_PREFILL_TILES")}
+    switches = {k: os.environ.get(k, "") for k in ("QMOE_PREFILL_SCALES", "QMOE_PREFILL_TILES", "QMOE_PREFILL_WGMMA")}
+    paths = [p for p in args.paths.split(",") if p] or ["auto"]
     print("kernel switches: " + ", ".join(f"{k}={v or 'auto'}" for k, v in switches.items()))
 
     # Ceilings: copy bandwidth and dense bf16 rate.
@@ -240,7 +251,7 @@ def main():
         shapes = [sh for sh in shapes if any(k in sh[0] for k in keys)]
     encs = args.encodings.split(",")
     rows = []
-    print(f"{'shape':24s} {'enc':9s} {'qmoe us':>9s} {'TFLOP/s':>8s} {'%dense':>7s} {'%floor':>7s} "
+    print(f"{'shape':24s} {'enc':9s} {'path':6s} {'qmoe us':>9s} {'TFLOP/s':>8s} {'%dense':>7s} {'%floor':>7s} "
           f"{'gmm us':>8s} {'x gmm':>6s} {'loop us':>8s} {'dense us':>9s}", flush=True)
     for label, E, N, K, T, split in shapes:
         counts = split_tokens(T, E, split, cpu_gen)
@@ -284,16 +295,19 @@ def main():
                 for pr in probs:
                     pr.call(dll)
 
-            ms = timed_graph(run_all) / R
-            moved = one.nbytes_weights(active) + T * K * 2 + T * N * 2
-            floor_s = max(moved / copy_bw, flops / dense_rate)
-            r = dict(shape=label, enc=encname, us=ms * 1e3, tflops=flops / (ms * 1e-3) / 1e12,
-                     pct_dense=100 * (flops / (ms * 1e-3)) / dense_here, pct_floor=100 * floor_s / (ms * 1e-3),
-                     gmm_us=ms_gmm * 1e3, x_gmm=ms_gmm / ms, loop_us=ms_loop * 1e3, dense_us=ms_dense * 1e3)
-            rows.append(r)
-            print(f"{label:24s} {encname:9s} {r['us']:9.1f} {r['tflops']:8.1f} {r['pct_dense']:6.1f}% "
-                  f"{r['pct_floor']:6.1f}% {r['gmm_us']:8.1f} {r['x_gmm']:6.2f} {r['loop_us']:8.1f} "
-                  f"{r['dense_us']:9.1f}", flush=True)
+            for path in paths:
+                dll.qmoe_prefill_path_c({"auto": -1, "wgmma": 1, "mma": 0}[path])
+                ms = timed_graph(run_all) / R
+                moved = one.nbytes_weights(active) + T * K * 2 + T * N * 2
+                floor_s = max(moved / copy_bw, flops / dense_rate)
+                r = dict(shape=label, enc=encname, path=path, us=ms * 1e3, tflops=flops / (ms * 1e-3) / 1e12,
+                         pct_dense=100 * (flops / (ms * 1e-3)) / dense_here, pct_floor=100 * floor_s / (ms * 1e-3),
+                         gmm_us=ms_gmm * 1e3, x_gmm=ms_gmm / ms, loop_us=ms_loop * 1e3, dense_us=ms_dense * 1e3)
+                rows.append(r)
+                print(f"{label:24s} {encname:9s} {path:6s} {r['us']:9.1f} {r['tflops']:8.1f} {r['pct_dense']:6.1f}% "
+                      f"{r['pct_floor']:6.1f}% {r['gmm_us']:8.1f} {r['x_gmm']:6.2f} {r['loop_us']:8.1f} "
+                      f"{r['dense_us']:9.1f}", flush=True)
+            dll.qmoe_prefill_path_c(-1)
             del probs, one
             torch.cuda.empty_cache()
     out = os.environ.get("OUT")

@@ -42,13 +42,16 @@ void set_overrides(int scales, int tiles) {
   g_scales.store(scales, std::memory_order_relaxed);
   g_tiles.store(tiles, std::memory_order_relaxed);
 }
-// The Hopper wgmma kernel where the device and shape allow it (default), or
-// never: QMOE_PREFILL_WGMMA=0 (A/B runs in one build). set_wgmma_override
-// (tests) takes precedence: 0 off, 1 on, -1 the environment's choice.
+// The Hopper wgmma kernel where the device and shape allow it, or never.
+// Default: off until validated on a GPU (QMOE_PREFILL_WGMMA=1 turns it on,
+// =0 off: A/B runs in one build). set_wgmma_override (tests) takes
+// precedence: 0 off, 1 on, -1 the environment's choice.
+constexpr bool kWgmmaDefault = false;
 bool wgmma_enabled() {
-  static const bool env_off = env_choice("QMOE_PREFILL_WGMMA", "0", 1, nullptr, 0) == 1;
+  static const int env = env_choice("QMOE_PREFILL_WGMMA", "0", 1, "1", 2);
   const int o = g_wgmma.load(std::memory_order_relaxed);
-  return o >= 0 ? o != 0 : !env_off;
+  if (o >= 0) return o != 0;
+  return env == 0 ? kWgmmaDefault : env == 2;
 }
 void set_wgmma_override(int on) { g_wgmma.store(on, std::memory_order_relaxed); }
 // The kernel the last launch_prefill call launched: 1 mma.sync, 2 wgmma
@@ -73,7 +76,7 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 //   - at most 1024 experts (their prefix sums live in shared memory), and
 //     T, N, K and the number of work items fit in int32.
 // N, T and the per-expert counts are free (tails are clamped and masked).
-// Within these rules the wgmma kernel is tried first (it declines devices
+// Within these rules the wgmma kernel, where enabled, is tried first (it declines devices
 // other than sm_90, builds without sm_90a code, and E * N >= 2^31).
 bool launch_prefill(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
   if (p.layout != WeightLayout::ENK) return false;
