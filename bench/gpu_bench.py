@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """qmoe on a CUDA GPU: decode (or prefill) tables against the floor and PyTorch.
 
-    python3 bench/gpu_bench.py --out DIR [--phase decode|prefill] [--quick]
+    python3 bench/gpu_bench.py --out DIR [--phase decode|prefill|crossover] [--quick]
         [--encodings int4,int8,int2,fp8,bf16] [--models mixtral-8x7b,...]
         [--batches 1,8,64] [--check] [--backend auto|package|shim --lib libqmoe.a]
 
@@ -26,6 +26,11 @@ moe_gemm_prefill on torch CUDA tensors); when the package cannot be imported
 (or --backend shim), through a small C shim compiled against the static
 library given by --lib. Output: a markdown table on stdout and, under --out,
 <phase>.json (every measurement) and <phase>.md.
+
+--phase crossover: for each MoE layer shape, every expert given m tokens
+(m = --tokens-per-expert), the decode and the prefill kernel timed on the same
+inputs; the table gives the smallest m where prefill is the faster, which is
+what `moe(..., phase="auto")`'s decode_threshold should be.
 
 Routing of the MoE layers (DESIGN.md section 5): batch B tokens each pick
 top_k distinct experts with a fixed seed; the gate/up product is
@@ -401,7 +406,9 @@ def fmt(x, digits=1):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="gpu-bench-out")
-    ap.add_argument("--phase", choices=["decode", "prefill"], default="decode")
+    ap.add_argument("--phase", choices=["decode", "prefill", "crossover"], default="decode")
+    ap.add_argument("--tokens-per-expert", default="1,2,4,6,8,12,16,24,32,48,64",
+                    help="crossover: tokens each expert gets")
     ap.add_argument("--encodings", default="int4,int8,int2,fp8,bf16")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--batches", default="1,8,64", help="decode batches (tokens before top-k)")
@@ -447,6 +454,8 @@ def main():
           (f", dense bf16 {rate / 1e12:.0f} TFLOP/s" if rate else "") + f", L2 {l2 >> 20} MB; {backend.name}",
           flush=True)
 
+    if args.phase == "crossover":
+        return crossover(args, backend, meta, encs, dtype, l2, products)
     shapes = decode_rows(args) if args.phase == "decode" else prefill_rows(args)
     shapes = [s for s in shapes if s["product"] in products]
     mem_cap = args.mem_gib * (1 << 30)
@@ -514,6 +523,70 @@ def main():
         json.dump(dict(meta=meta, rows=results), f, indent=1, default=str)
     md = markdown(meta, results, args.phase)
     with open(os.path.join(args.out, f"{args.phase}.md"), "w") as f:
+        f.write(md)
+    print()
+    print(md)
+
+
+def crossover(args, backend, meta, encs, dtype, l2, products):
+    """Decode vs prefill kernel on the same inputs, m tokens on every expert."""
+    ms_list = [int(m) for m in args.tokens_per_expert.split(",") if m]
+    mem_cap = args.mem_gib * (1 << 30)
+    rows = []
+    for model in args.models:
+        H, I, E, k = MODELS[model]
+        for prod, (N, K) in (("gate_up", (2 * I, H)), ("down", (H, I))):
+            if prod not in products:
+                continue
+            for enc in encs:
+                for m in ms_list:
+                    counts = torch.full((E,), m, dtype=torch.int32)
+                    probe = Problem(E, N, K, counts, enc, dtype, args.group_size, 1, seed=7)
+                    copies = copies_for(E * probe.expert_bytes(), E * probe.expert_bytes() + probe.T * K * 2, l2,
+                                        mem_cap)
+                    del probe
+                    prob = Problem(E, N, K, counts, enc, dtype, args.group_size, copies, seed=11)
+                    row = dict(card=meta["card"], model=model, product=prod, encoding=enc, E=E, N=N, K=K,
+                               tokens_per_expert=m, T=prob.T)
+                    for phase in ("decode", "prefill"):
+                        try:
+                            row[f"{phase}_ms"], _ = timed(lambda i: backend.call(phase, prob, i), copies)
+                        except Exception as ex:
+                            row[f"{phase}_ms"], row[f"{phase}_error"] = None, str(ex).splitlines()[0][:160]
+                    rows.append(row)
+                    print(f"{model:<18} {prod:<8} {enc:<5} m={m:<3} decode {fmt(row['decode_ms'] and row['decode_ms'] * 1e3)} us"
+                          f"  prefill {fmt(row['prefill_ms'] and row['prefill_ms'] * 1e3)} us", flush=True)
+                    del prob
+                    torch.cuda.empty_cache()
+    # The crossover of each (model, product, encoding): the smallest m from
+    # which prefill stays at least as fast for every larger m measured.
+    summary = {}
+    for r in rows:
+        summary.setdefault((r["model"], r["product"], r["encoding"]), []).append(r)
+    lines = [f"## decode / prefill crossover on {meta['card']} ({meta['date']})", "",
+             f"Every expert gets m tokens; activations {meta['act']}, group size {meta['group_size']}; "
+             f"times in us (CUDA-graph replays, inputs rotated past the L2); {meta['backend']}.", "",
+             "| layer | product | enc | " + " | ".join(f"m={m}" for m in ms_list) + " | prefill from m |",
+             "|---|---|---|" + "---|" * len(ms_list) + "---|"]
+    for (model, prod, enc), rs in summary.items():
+        cells, cross = [], None
+        for r in sorted(rs, key=lambda r: r["tokens_per_expert"]):
+            d, p = r.get("decode_ms"), r.get("prefill_ms")
+            cells.append(f"{fmt(d and d * 1e3)} / {fmt(p and p * 1e3)}")
+        for r in sorted(rs, key=lambda r: -r["tokens_per_expert"]):
+            d, p = r.get("decode_ms"), r.get("prefill_ms")
+            if d and p and p <= d:
+                cross = r["tokens_per_expert"]
+            else:
+                break
+        lines.append(f"| {model} | {prod} | {enc} | " + " | ".join(cells) + f" | {cross if cross else '-'} |")
+    lines.append("")
+    lines.append("Cells: decode us / prefill us.")
+    md = "\n".join(lines) + "\n"
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "crossover.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1, default=str)
+    with open(os.path.join(args.out, "crossover.md"), "w") as f:
         f.write(md)
     print()
     print(md)

@@ -76,9 +76,11 @@ if want bench; then
 fi
 
 if want pybench; then
-  say "bench/gpu_bench.py: decode and prefill vs torch"
+  say "bench/gpu_bench.py: decode and prefill vs torch, decode/prefill crossover"
   timeout "${QMOE_BENCH_TIMEOUT:-240}" python3 bench/gpu_bench.py --phase decode --out "$OUT/raw" >>"$LOG" 2>&1 || status=1
   timeout "${QMOE_BENCH_TIMEOUT:-240}" python3 bench/gpu_bench.py --phase prefill --out "$OUT/raw" >>"$LOG" 2>&1 || status=1
+  timeout "${QMOE_BENCH_TIMEOUT:-240}" python3 bench/gpu_bench.py --phase crossover --encodings int4,bf16 \
+    --tokens-per-expert 1,2,4,8,12,16,24,32,64 --out "$OUT/raw" >>"$LOG" 2>&1 || status=1
 fi
 
 if want model && [ -f bench/model_bench.py ]; then
