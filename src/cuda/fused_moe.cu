@@ -38,10 +38,8 @@ __global__ void route_kernel(FusedMoeParams p, int32_t* ids, float* weights) {
 constexpr int kRoutePerLane = (kMaxRoutedExperts + 31) / 32;
 
 template <class Act>
-__global__ void route_warp_kernel(FusedMoeParams p, int32_t* ids, float* weights) {
-  const int64_t t = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+__device__ void route_token_warp(const FusedMoeParams& p, int64_t t, int32_t* ids, float* weights) {
   const int lane = threadIdx.x % 32;
-  if (t >= p.num_tokens) return;
   const int E = int(p.num_experts), k = int(p.top_k);
   const RoutingParams& r = p.routing;
   float score[kRoutePerLane], choice[kRoutePerLane];
@@ -110,17 +108,39 @@ __global__ void route_warp_kernel(FusedMoeParams p, int32_t* ids, float* weights
   }
 }
 
+template <class Act>
+__global__ void route_warp_kernel(FusedMoeParams p, int32_t* ids, float* weights) {
+  const int64_t t = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  if (t < p.num_tokens) route_token_warp<Act>(p, t, ids, weights);
+}
+
 // Counts token copies per expert and gives each copy its row in the
 // expert-sorted order, stable (copies of an expert keep their (t, j) order),
 // so the layer is deterministic. One block; pairs are taken in chunks of
 // 1024; inside a chunk a warp ranks equal ids with __match_any_sync, and
 // per-warp counts in shared memory order the warps. Ids outside [0, E) are
 // sent to expert 0 and get weight 0 (never out of bounds).
-__global__ void __launch_bounds__(kGroupThreads)
-group_kernel(const int32_t* __restrict__ ids_in, float* __restrict__ weights, int64_t pairs, int E,
-             int64_t T, int32_t* __restrict__ ids_out, int32_t* __restrict__ counts,
-             int32_t* __restrict__ slot_of, int32_t* __restrict__ token_of,
-             int32_t* __restrict__ all_tokens, int64_t k) {
+struct GroupArgs {
+  const int32_t* ids_in;
+  float* weights;
+  int64_t pairs;
+  int E;
+  int64_t T, k;
+  int32_t *ids_out, *counts, *slot_of, *token_of, *all_tokens;
+};
+
+__device__ void group_pairs(const GroupArgs& a) {
+  // No __restrict__ / read-only loads on ids and weights: the ids are sorted
+  // in place, and route_group_kernel wrote both earlier in the same kernel.
+  const int32_t* ids_in = a.ids_in;
+  float* weights = a.weights;
+  const int64_t pairs = a.pairs, T = a.T, k = a.k;
+  const int E = a.E;
+  int32_t* ids_out = a.ids_out;
+  int32_t* __restrict__ counts = a.counts;
+  int32_t* __restrict__ slot_of = a.slot_of;
+  int32_t* __restrict__ token_of = a.token_of;
+  int32_t* __restrict__ all_tokens = a.all_tokens;
   extern __shared__ int32_t smem[];
   int32_t* warp_counts = smem;                // [32][E]
   int32_t* running = smem + 32 * E;           // [E] next free row of each expert
@@ -173,6 +193,20 @@ group_kernel(const int32_t* __restrict__ ids_in, float* __restrict__ weights, in
     }
     __syncthreads();
   }
+}
+
+__global__ void __launch_bounds__(kGroupThreads) group_kernel(GroupArgs a) { group_pairs(a); }
+
+// Routing and grouping in one block for a few tokens (one launch less in a
+// decode step): warp w routes tokens w, w + 32, ...; then the block groups.
+constexpr int64_t kRouteGroupMaxTokens = 64;
+
+template <class Act>
+__global__ void __launch_bounds__(kGroupThreads) route_group_kernel(FusedMoeParams p, GroupArgs a) {
+  for (int64_t t = threadIdx.x / 32; t < p.num_tokens; t += kGroupThreads / 32)
+    route_token_warp<Act>(p, t, const_cast<int32_t*>(a.ids_in), a.weights);
+  __syncthreads();  // the block's global writes are visible to it after the barrier
+  group_pairs(a);
 }
 
 // x_sorted[slot_of[i]] = x[i / k], 16 bytes at a time where H allows.
@@ -272,21 +306,30 @@ Status fused_moe(const FusedMoeParams& p, const Device& device) {
   const int64_t T = p.num_tokens, K = p.top_k, H = p.hidden, I = p.intermediate, E = p.num_experts;
   const int64_t pairs = T * K;
 
-  // 1. Routing (or the caller's top-k, copied so grouping may sanitise it).
-  const int32_t* ids = ws.topk_ids;
-  if (p.topk_ids) {
-    cudaMemcpyAsync(ws.topk_weights, p.topk_weights, size_t(pairs) * 4, cudaMemcpyDeviceToDevice, stream);
-    ids = p.topk_ids;
-  } else if (Status s = route(p, ws.topk_ids, ws.topk_weights, device); !s.ok()) {
-    return s;
-  }
-  // 2. Grouping.
+  // 1-2. Routing (or the caller's top-k, copied so grouping may sanitise
+  // it) and grouping; one kernel for both where a block can route the tokens.
+  GroupArgs ga{ws.topk_ids, ws.topk_weights, pairs, int(E), T, K, ws.topk_ids, ws.counts,
+               ws.slot_of, ws.token_of, ws.all_tokens};
   const size_t smem = size_t(33 * E) * 4;
-  if (smem > 48 * 1024)
-    cudaFuncSetAttribute(group_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  group_kernel<<<1, kGroupThreads, smem, stream>>>(ids, ws.topk_weights, pairs, int(E), T, ws.topk_ids,
-                                                   ws.counts, ws.slot_of, ws.token_of, ws.all_tokens, K);
-  if (Status s = launch_status("grouping kernel"); !s.ok()) return s;
+  const bool one_kernel = !p.topk_ids && p.routing.num_groups <= 1 && T <= kRouteGroupMaxTokens;
+  if (one_kernel) {
+    visit_act(p.act_type, [&](auto act) {
+      const auto kernel = route_group_kernel<decltype(act)>;
+      if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+      kernel<<<1, kGroupThreads, smem, stream>>>(p, ga);
+    });
+    if (Status s = launch_status("routing and grouping kernel"); !s.ok()) return s;
+  } else {
+    if (p.topk_ids) {
+      cudaMemcpyAsync(ws.topk_weights, p.topk_weights, size_t(pairs) * 4, cudaMemcpyDeviceToDevice, stream);
+      ga.ids_in = p.topk_ids;
+    } else if (Status s = route(p, ws.topk_ids, ws.topk_weights, device); !s.ok()) {
+      return s;
+    }
+    if (smem > 48 * 1024) cudaFuncSetAttribute(group_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    group_kernel<<<1, kGroupThreads, smem, stream>>>(ga);
+    if (Status s = launch_status("grouping kernel"); !s.ok()) return s;
+  }
 
   Status status;
   visit_act(p.act_type, [&](auto act) {

@@ -240,7 +240,9 @@ std::vector<LayerCase> layer_cases() {
           // Wider layers: the CUDA decode kernel's fused gather and SiLU·mul
           // epilogue on several tiles, and (I = 44) a partial tile.
           {{WeightType::int4, false}, 3, softmax(true), 64, true, 256, 128},
-          {{WeightType::native16, false}, 2, softmax(false), 0, false, 96, 44}};
+          {{WeightType::native16, false}, 2, softmax(false), 0, false, 96, 44},
+          // More tokens than the CUDA layer routes and groups in one kernel.
+          {{WeightType::int8, true}, 100, softmax(true), 0, false}};
 }
 
 TEST(FusedMoe, CpuMatchesFloat64Layer) {
