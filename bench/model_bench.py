@@ -53,7 +53,6 @@ with --out DIR, model_bench.md and model_bench.json (written as rows finish).
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
 import math
@@ -471,6 +470,35 @@ def touched_bytes(ids_list, q, shape) -> float:
     return statistics.mean(n) * per_expert + shared
 
 
+KERNEL_NAMES = (  # short names of qmoe's kernels in the profiler's (demangled) names
+    ("route_group_kernel", "route+group"), ("route_warp_kernel", "route"), ("route_kernel", "route"),
+    ("group_kernel", "group"), ("gather_kernel", "gather"), ("swiglu_kernel", "swiglu"),
+    ("combine_kernel", "combine"), ("decode_kernel", "decode product"), ("prefill", "prefill product"),
+    ("generic_kernel", "generic product"))
+
+
+def kernel_breakdown(fn, calls: int = 10) -> dict:
+    """Mean device time (us) of each qmoe kernel kind in one call of fn, from
+    torch.profiler's CUDA kernel records (graph-free eager calls)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    out: dict = {}
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        short = next((s for key, s in KERNEL_NAMES if key in ev.name), None)
+        if short is None:
+            short = "other (" + ev.name[:40] + ")"
+        out[short] = out.get(short, 0.0) + ev.device_time / calls
+    return out
+
+
 def layer_rows(args, device, clock, bw, rows, sink):
     """Appends the rows of table 2 to `rows`, calling sink() after each."""
     has_grouped = hasattr(torch, "_grouped_mm")
@@ -524,6 +552,11 @@ def layer_rows(args, device, clock, bw, rows, sink):
                         log(f"[layer] {name} B={B} {iname}: {type(e).__name__}: {e}")
                 if row.get("qmoe_ms"):
                     row["qmoe_x_floor"] = row["qmoe_ms"] / row["floor_ms"]
+                if device.type == "cuda" and B in (1, 64, 4096):
+                    try:  # where the layer's time goes, kernel by kernel
+                        row["kernels_us"] = kernel_breakdown(lambda: qmoe_layer(xs[0], ls[0], q, w16, shape))
+                    except Exception as e:
+                        log(f"[layer] {name} B={B}: no kernel breakdown ({type(e).__name__}: {e})")
                 rows.append(row)
                 sink()
                 log(f"[layer] {name} {enc} B={B}: " + ", ".join(
@@ -586,6 +619,18 @@ def markdown(meta, mrows, lrows) -> str:
                 f"{f(lp / q) + '×' if q and lp else '—'} | {f(gm / q) + '×' if q and gm else '—'} | "
                 f"{f(r['rel_err_vs_bf16'], 4)} |")
         out.append("")
+        brk = [r for r in lrows if r.get("kernels_us")]
+        if brk:
+            out += ["## Where the qmoe layer's time goes (CUDA, device time per call, us)", "",
+                    "From torch.profiler's kernel records of eager calls (the sum can differ from the "
+                    "graph-replay time above: launch gaps are not in it).", "",
+                    "| layer | enc. | batch | kernels (us each kind) | sum |", "|---|---|---:|---|---:|"]
+            for r in brk:
+                k = r["kernels_us"]
+                out.append(f"| {r['layer']} | {r['encoding']} | {r['batch']} | " +
+                           ", ".join(f"{n} {v:.1f}" for n, v in sorted(k.items(), key=lambda kv: -kv[1])) +
+                           f" | {sum(k.values()):.1f} |")
+            out.append("")
     return "\n".join(out)
 
 
