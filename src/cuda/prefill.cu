@@ -42,11 +42,11 @@ void set_overrides(int scales, int tiles) {
   g_scales.store(scales, std::memory_order_relaxed);
   g_tiles.store(tiles, std::memory_order_relaxed);
 }
-// The Hopper wgmma kernel where the device and shape allow it, or never.
-// Default: off until validated on a GPU (QMOE_PREFILL_WGMMA=1 turns it on,
-// =0 off: A/B runs in one build). set_wgmma_override (tests) takes
-// precedence: 0 off, 1 on, -1 the environment's choice.
-constexpr bool kWgmmaDefault = false;
+// The Hopper wgmma kernel where the device and shape allow it (default; the
+// tests of both kernels passed on an H100, 2026-11-27), or never:
+// QMOE_PREFILL_WGMMA=0 (A/B runs in one build). set_wgmma_override (tests)
+// takes precedence: 0 off, 1 on, -1 the environment's choice.
+constexpr bool kWgmmaDefault = true;
 bool wgmma_enabled() {
   static const int env = env_choice("QMOE_PREFILL_WGMMA", "0", 1, "1", 2);
   const int o = g_wgmma.load(std::memory_order_relaxed);
