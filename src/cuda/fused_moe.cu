@@ -3,6 +3,7 @@
 // deterministic weighted sum. Everything is queued on the caller's stream,
 // sized from host-known shapes only, and writes only into the workspace and
 // `out`: no host synchronisation, no allocation, graph-capturable.
+#include <algorithm>
 #include <climits>
 #include <utility>
 
@@ -116,10 +117,16 @@ __global__ void route_warp_kernel(FusedMoeParams p, int32_t* ids, float* weights
 
 // Counts token copies per expert and gives each copy its row in the
 // expert-sorted order, stable (copies of an expert keep their (t, j) order),
-// so the layer is deterministic. One block; pairs are taken in chunks of
-// 1024; inside a chunk a warp ranks equal ids with __match_any_sync, and
-// per-warp counts in shared memory order the warps. Ids outside [0, E) are
-// sent to expert 0 and get weight 0 (never out of bounds).
+// so the layer is deterministic. One block of 32 warps; warp w owns the
+// contiguous pairs [w * per, (w + 1) * per), walked 32 at a time in order.
+// Pass 1: __match_any_sync groups equal ids of a step and the lowest lane of
+// each group adds the group's size to hist[w][id] (a row per warp: no
+// atomics). Then thread e turns column e into the row where warp w's first
+// copy of e goes (offset of e from a block scan of the totals, plus copies
+// of e in warps before w). Pass 2 walks the same pairs again: a copy goes to
+// hist[w][id] + its rank in the step, and the group's leader advances
+// hist[w][id]. Ids outside [0, E) are sent to expert 0 with weight 0 (never
+// out of bounds). E <= kMaxRoutedExperts (512) <= the block's threads.
 struct GroupArgs {
   const int32_t* ids_in;
   float* weights;
@@ -134,64 +141,79 @@ __device__ void group_pairs(const GroupArgs& a) {
   // in place, and route_group_kernel wrote both earlier in the same kernel.
   const int32_t* ids_in = a.ids_in;
   float* weights = a.weights;
-  const int64_t pairs = a.pairs, T = a.T, k = a.k;
-  const int E = a.E;
   int32_t* ids_out = a.ids_out;
-  int32_t* __restrict__ counts = a.counts;
-  int32_t* __restrict__ slot_of = a.slot_of;
-  int32_t* __restrict__ token_of = a.token_of;
-  int32_t* __restrict__ all_tokens = a.all_tokens;
+  const int64_t pairs = a.pairs;
+  const int E = a.E;
   extern __shared__ int32_t smem[];
-  int32_t* warp_counts = smem;                // [32][E]
-  int32_t* running = smem + 32 * E;           // [E] next free row of each expert
+  int32_t* hist = smem;            // [32][E]
+  int32_t* warp_sums = smem + 32 * E;  // [32] block-scan scratch
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  for (int e = tid; e < E; e += blockDim.x) running[e] = 0;
-  if (tid == 0) all_tokens[0] = int32_t(T);
+  const unsigned lanes_below = (1u << lane) - 1u;
+  const int64_t per = (pairs + 31) / 32;
+  const int64_t begin = min(pairs, warp * per), end = min(pairs, begin + per);
+
+  for (int i = tid; i < 32 * E; i += blockDim.x) hist[i] = 0;
+  if (tid == 0) a.all_tokens[0] = int32_t(a.T);
   __syncthreads();
-  // Totals first, so that `running` can start at each expert's offset.
-  for (int64_t i = tid; i < pairs; i += blockDim.x) {
-    int32_t id = ids_in[i];
-    if (id < 0 || id >= E) {
-      id = 0;
-      weights[i] = 0.0f;
+  for (int64_t b = begin; b < end; b += 32) {  // pass 1: per-warp counts
+    const int64_t i = b + lane;
+    int32_t id = -1;
+    if (i < end) {
+      id = ids_in[i];
+      if (id < 0 || id >= E) {
+        id = 0;
+        weights[i] = 0.0f;
+      }
+      ids_out[i] = id;
     }
-    ids_out[i] = id;
-    atomicAdd(&running[id], 1);
-  }
-  __syncthreads();
-  if (tid == 0) {
-    int32_t off = 0;
-    for (int e = 0; e < E; ++e) {
-      const int32_t c = running[e];
-      counts[e] = c;
-      running[e] = off;
-      off += c;
-    }
-  }
-  __syncthreads();
-  for (int64_t base = 0; base < pairs; base += blockDim.x) {
-    for (int i = tid; i < 32 * E; i += blockDim.x) warp_counts[i] = 0;
-    __syncthreads();
-    const int64_t i = base + tid;
-    const bool live = i < pairs;
-    const int32_t id = live ? ids_out[i] : -1;
     const unsigned peers = __match_any_sync(0xffffffffu, id);
-    const int rank = __popc(peers & ((1u << lane) - 1));
-    if (live && rank == 0) warp_counts[warp * E + id] = __popc(peers);
-    __syncthreads();
-    if (live) {
-      int32_t slot = running[id] + rank;
-      for (int w = 0; w < warp; ++w) slot += warp_counts[w * E + id];
-      slot_of[i] = slot;
-      token_of[slot] = int32_t(i / k);
+    if (id >= 0 && (peers & lanes_below) == 0) hist[warp * E + id] += __popc(peers);
+    __syncwarp();
+  }
+  __syncthreads();
+  // Column e: totals, exclusive scan over experts, then per-warp starts.
+  int32_t total = 0;
+  if (tid < E)
+    for (int w = 0; w < 32; ++w) total += hist[w * E + tid];
+  int32_t incl = total;
+  for (int o = 1; o < 32; o <<= 1) {
+    const int32_t v = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += v;
+  }
+  if (lane == 31) warp_sums[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    const int32_t v = warp_sums[lane];
+    int32_t x = v;
+    for (int o = 1; o < 32; o <<= 1) {
+      const int32_t y = __shfl_up_sync(0xffffffffu, x, o);
+      if (lane >= o) x += y;
     }
-    __syncthreads();
-    for (int e = tid; e < E; e += blockDim.x) {
-      int32_t add = 0;
-      for (int w = 0; w < 32; ++w) add += warp_counts[w * E + e];
-      running[e] += add;
+    warp_sums[lane] = x - v;  // exclusive: rows before this warp's experts
+  }
+  __syncthreads();
+  if (tid < E) {
+    a.counts[tid] = total;
+    int32_t row = warp_sums[warp] + incl - total;
+    for (int w = 0; w < 32; ++w) {
+      const int32_t c = hist[w * E + tid];
+      hist[w * E + tid] = row;
+      row += c;
     }
-    __syncthreads();
+  }
+  __syncthreads();
+  for (int64_t b = begin; b < end; b += 32) {  // pass 2: rows
+    const int64_t i = b + lane;
+    const int32_t id = i < end ? ids_out[i] : -1;
+    const unsigned peers = __match_any_sync(0xffffffffu, id);
+    if (id >= 0) {
+      const int32_t slot = hist[warp * E + id] + __popc(peers & lanes_below);
+      a.slot_of[i] = slot;
+      a.token_of[slot] = int32_t(i / a.k);
+    }
+    __syncwarp();
+    if (id >= 0 && (peers & lanes_below) == 0) hist[warp * E + id] += __popc(peers);
+    __syncwarp();
   }
 }
 
@@ -224,18 +246,54 @@ __global__ void gather_kernel(const uint16_t* __restrict__ x, const int32_t* __r
   }
 }
 
+// Eight 16-bit values in a 16-byte vector.
+template <class Act>
+__device__ __forceinline__ void unpack8(const uint4& v, float (&f)[8]) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    f[2 * i] = Act::to_float(uint16_t(w[i] & 0xffffu));
+    f[2 * i + 1] = Act::to_float(uint16_t(w[i] >> 16));
+  }
+}
+template <class Act>
+__device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) w[i] = uint32_t(Act::from_float(f[2 * i])) | uint32_t(Act::from_float(f[2 * i + 1])) << 16;
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// out[r, i] = SiLU(gu[r, i]) * gu[r, inter + i]; 16-byte vectors where
+// `inter` allows (blockIdx.y strides the row).
 template <class Act>
 __global__ void swiglu_kernel(const uint16_t* __restrict__ gu, int64_t rows, int64_t inter,
                               uint16_t* __restrict__ out) {
   const int64_t r = blockIdx.x;
   if (r >= rows) return;
-  for (int64_t i = threadIdx.x; i < inter; i += blockDim.x)
+  const int64_t start = int64_t(blockIdx.y) * blockDim.x + threadIdx.x, stride = int64_t(gridDim.y) * blockDim.x;
+  if (inter % 8 == 0) {
+    const auto* g = reinterpret_cast<const uint4*>(gu + r * 2 * inter);
+    const auto* u = reinterpret_cast<const uint4*>(gu + r * 2 * inter + inter);
+    auto* o = reinterpret_cast<uint4*>(out + r * inter);
+    for (int64_t i = start; i < inter / 8; i += stride) {
+      float a[8], b[8];
+      unpack8<Act>(g[i], a);
+      unpack8<Act>(u[i], b);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) a[j] = silu(a[j]) * b[j];
+      o[i] = pack8<Act>(a);
+    }
+    return;
+  }
+  for (int64_t i = start; i < inter; i += stride)
     out[r * inter + i] = Act::from_float(silu(Act::to_float(gu[r * 2 * inter + i])) *
                                          Act::to_float(gu[r * 2 * inter + inter + i]));
 }
 
 // out[t] = sum_j w[t, j] * y[slot_of[t, j]] in j order (+ shared expert,
-// scaled by sigmoid(x·g) when a gate is given). One block a token.
+// scaled by sigmoid(x·g) when a gate is given). One block a token; 16-byte
+// vectors where H and `out` allow (the same arithmetic in the same order).
 template <class Act>
 __global__ void combine_kernel(FusedMoeParams p, const float* __restrict__ weights,
                                const int32_t* __restrict__ slot_of, const uint16_t* __restrict__ y,
@@ -243,7 +301,13 @@ __global__ void combine_kernel(FusedMoeParams p, const float* __restrict__ weigh
   const int64_t t = blockIdx.x;
   const int64_t H = p.hidden, K = p.top_k;
   __shared__ float shared_scale;
+  __shared__ int32_t rows[32];  // top_k <= 32
+  __shared__ float wts[32];
   if (threadIdx.x == 0) shared_scale = 1.0f;
+  if (threadIdx.x < K) {
+    rows[threadIdx.x] = slot_of[t * K + threadIdx.x];
+    wts[threadIdx.x] = weights[t * K + threadIdx.x];
+  }
   if (p.shared_intermediate > 0 && p.shared_gate) {
     const auto* x = static_cast<const uint16_t*>(p.hidden_states) + t * H;
     const auto* g = static_cast<const uint16_t*>(p.shared_gate);
@@ -260,12 +324,29 @@ __global__ void combine_kernel(FusedMoeParams p, const float* __restrict__ weigh
     }
   }
   __syncthreads();
+  const bool shared = p.shared_intermediate > 0;
   auto* out = static_cast<uint16_t*>(p.out) + t * H;
+  if (H % 8 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0) {
+    for (int64_t h = threadIdx.x; h < H / 8; h += blockDim.x) {
+      float acc[8] = {}, v[8];
+      for (int64_t j = 0; j < K; ++j) {
+        unpack8<Act>(reinterpret_cast<const uint4*>(y + int64_t(rows[j]) * H)[h], v);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i] += wts[j] * v[i];
+      }
+      if (shared) {
+        unpack8<Act>(reinterpret_cast<const uint4*>(shared_out + t * H)[h], v);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i] += shared_scale * v[i];
+      }
+      reinterpret_cast<uint4*>(out)[h] = pack8<Act>(acc);
+    }
+    return;
+  }
   for (int64_t h = threadIdx.x; h < H; h += blockDim.x) {
     float acc = 0.0f;
-    for (int64_t j = 0; j < K; ++j)
-      acc += weights[t * K + j] * Act::to_float(y[int64_t(slot_of[t * K + j]) * H + h]);
-    if (p.shared_intermediate > 0) acc += shared_scale * Act::to_float(shared_out[t * H + h]);
+    for (int64_t j = 0; j < K; ++j) acc += wts[j] * Act::to_float(y[int64_t(rows[j]) * H + h]);
+    if (shared) acc += shared_scale * Act::to_float(shared_out[t * H + h]);
     out[h] = Act::from_float(acc);
   }
 }
@@ -310,7 +391,7 @@ Status fused_moe(const FusedMoeParams& p, const Device& device) {
   // it) and grouping; one kernel for both where a block can route the tokens.
   GroupArgs ga{ws.topk_ids, ws.topk_weights, pairs, int(E), T, K, ws.topk_ids, ws.counts,
                ws.slot_of, ws.token_of, ws.all_tokens};
-  const size_t smem = size_t(33 * E) * 4;
+  const size_t smem = size_t(32 * E + 32) * 4;
   const bool one_kernel = !p.topk_ids && p.routing.num_groups <= 1 && T <= kRouteGroupMaxTokens;
   if (one_kernel) {
     visit_act(p.act_type, [&](auto act) {
@@ -352,8 +433,9 @@ Status fused_moe(const FusedMoeParams& p, const Device& device) {
       if (Status s = gather(q); !s.ok()) return s;
       q.out = gate_up;
       if (Status s = product(q); !s.ok()) return s;
-      swiglu_kernel<Act><<<unsigned(q.total_tokens), 256, 0, stream>>>(static_cast<const uint16_t*>(gate_up),
-                                                                       q.total_tokens, inter, act_out);
+      const dim3 grid(unsigned(q.total_tokens), unsigned(std::min<int64_t>(8, (inter / 8 + 255) / 256)));
+      swiglu_kernel<Act><<<grid, 256, 0, stream>>>(static_cast<const uint16_t*>(gate_up), q.total_tokens, inter,
+                                                   act_out);
       return launch_status("swiglu kernel");
     };
     // Routed experts: the token copies, sorted by expert.

@@ -242,7 +242,9 @@ std::vector<LayerCase> layer_cases() {
           {{WeightType::int4, false}, 3, softmax(true), 64, true, 256, 128},
           {{WeightType::native16, false}, 2, softmax(false), 0, false, 96, 44},
           // More tokens than the CUDA layer routes and groups in one kernel.
-          {{WeightType::int8, true}, 100, softmax(true), 0, false}};
+          {{WeightType::int8, true}, 100, softmax(true), 0, false},
+          // Grouping: several steps of 32 copies per warp, shared expert in prefill.
+          {{WeightType::int4, false}, 700, softmax(true), 32, true}};
 }
 
 TEST(FusedMoe, CpuMatchesFloat64Layer) {
