@@ -514,23 +514,27 @@ struct Runner {
   }
 
   // ------------------------------------------------------------ decode rows
-  // One decode step: R rows x NT tokens. A block of R consecutive rows is
-  // walked along the whole K once (each row one sequential stream; no K
-  // chunks, whose jumps cost the prefetchers more than L2-resident
-  // activations cost the loads). Each unit's packed bytes are decoded once
-  // in registers and every activation vector loaded feeds the R rows: with
-  // several tokens the L1 loads, not the weight bytes, would bound it.
-  // Accumulators are per (row, token); per block of units sharing a scale
-  // (a group, or one unit whose fp32 lanes span several groups) they fold
-  // into the running sums as tot += acc * s.
+  // One decode step: R rows x NT tokens, each row walked along the whole K
+  // once as one sequential stream (no K chunks: their jumps cost the
+  // prefetchers more than L2-resident activations cost the loads). A unit's
+  // packed bytes are decoded once in registers; every activation vector
+  // loaded feeds the R rows (with several tokens the L1 loads, not the
+  // weight bytes, would bound it). C accumulator chains per (row, token)
+  // hide vdpbf16ps' latency where there are few; per block of units that
+  // share a scale (a group, or one unit whose fp32 lanes span several
+  // groups) they fold into the running sums as tot += (sum of chains) * s.
+  // Rows per step: 4 for few tokens (more independent work per weight
+  // stream; measured faster than 1 or 2 rows in and out of cache), 2 for
+  // more (R x NT accumulators and running sums fill the 32 registers).
   template <int NT>
-  static constexpr int kRows = NT <= 2 ? 4 : NT <= 4 ? 2 : 2;
+  static constexpr int kRows = NT <= 2 ? 4 : 2;
+  template <int NT>
+  static constexpr int kChains = NT <= 2 ? 2 : 1;
 
-  int64_t unit_group(int64_t u) const { return gs >= D::kUnit ? u / upb : u * gpb; }
-
-  // acc[i][t] += unit u of R rows (raw registers x[i]) . token t.
-  template <int NT, int R, bool FMA>
-  inline void unit_dots(const VI* x, int64_t u, const uint8_t* const* a, V (*acc)[NT]) const {
+  // acc[(j + P) % C][i][t] += vector j of unit u of R rows (raw registers
+  // x[i]) . token t.
+  template <int NT, int R, int C, int P, bool FMA>
+  inline void unit_dots(const VI* x, int64_t u, const uint8_t* const* a, V (*acc)[R][NT]) const {
     if constexpr (kNativeF16) {  // fp16 weights: vcvtph2ps + FMA on fp32 activations
       V w0[R], w1[R];
       for (int i = 0; i < R; ++i) {
@@ -540,11 +544,15 @@ struct Runner {
       for (int t = 0; t < NT; ++t) {
         const float* at = reinterpret_cast<const float*>(a[t]) + u * 32;
         const V a0 = _mm512_loadu_ps(at), a1 = _mm512_loadu_ps(at + 16);
-        for (int i = 0; i < R; ++i) acc[i][t] = _mm512_fmadd_ps(w1[i], a1, _mm512_fmadd_ps(w0[i], a0, acc[i][t]));
+        for (int i = 0; i < R; ++i) {
+          acc[P % C][i][t] = _mm512_fmadd_ps(w0[i], a0, acc[P % C][i][t]);
+          acc[(P + 1) % C][i][t] = _mm512_fmadd_ps(w1[i], a1, acc[(P + 1) % C][i][t]);
+        }
       }
     } else {
 #pragma GCC unroll 8
       for (int j = 0; j < D::kVecs; ++j) {
+        const int c = (j + P) % C;
         VI v[R];
         for (int i = 0; i < R; ++i) v[i] = dec.vec(x[i], j);
         const int64_t eo = u * D::kUnit + j * 32;  // element offset of the vector
@@ -557,19 +565,46 @@ struct Runner {
           for (int t = 0; t < NT; ++t) {
             const float* p = reinterpret_cast<const float*>(a[t]) + eo;
             const V ae = _mm512_loadu_ps(p), ao = _mm512_loadu_ps(p + 16);
-            for (int i = 0; i < R; ++i) acc[i][t] = _mm512_fmadd_ps(od[i], ao, _mm512_fmadd_ps(ev[i], ae, acc[i][t]));
+            for (int i = 0; i < R; ++i) acc[c][i][t] = _mm512_fmadd_ps(od[i], ao, _mm512_fmadd_ps(ev[i], ae, acc[c][i][t]));
           }
         } else {
           for (int t = 0; t < NT; ++t) {
             const VI ah = loadu(a[t] + eo * 2);
-            for (int i = 0; i < R; ++i) acc[i][t] = _mm512_dpbf16_ps(acc[i][t], bh(v[i]), bh(ah));
+            for (int i = 0; i < R; ++i) acc[c][i][t] = _mm512_dpbf16_ps(acc[c][i][t], bh(v[i]), bh(ah));
             if constexpr (kF16) {  // lo half of fp16 activations
               const VI al = loadu(a[t] + 2 * Kp + eo * 2);
-              for (int i = 0; i < R; ++i) acc[i][t] = _mm512_dpbf16_ps(acc[i][t], bh(v[i]), bh(al));
+              for (int i = 0; i < R; ++i) acc[c][i][t] = _mm512_dpbf16_ps(acc[c][i][t], bh(v[i]), bh(al));
             }
           }
         }
       }
+    }
+  }
+
+  // Units [u0, u1) of the R rows at wr into acc (whole units; unit pairs
+  // alternate chains where a unit is one vector).
+  template <int NT, int R, int C, bool FMA>
+  inline void units_into(const uint8_t* const* wr, int64_t u0, int64_t u1, const uint8_t* const* a,
+                         V (*acc)[R][NT]) const {
+    auto load = [&](int64_t u, VI* x) {
+      for (int i = 0; i < R; ++i) {
+        _mm_prefetch(reinterpret_cast<const char*>(wr[i] + u * D::kBytes) + pf_dist, _MM_HINT_T0);
+        x[i] = dec.raw(wr[i] + u * D::kBytes);
+      }
+    };
+    int64_t u = u0;
+    if constexpr (C > 1 && D::kVecs == 1)
+      for (; u + 1 < u1; u += 2) {
+        VI x0[R], x1[R];
+        load(u, x0);
+        load(u + 1, x1);
+        unit_dots<NT, R, C, 0, FMA>(x0, u, a, acc);
+        unit_dots<NT, R, C, 1, FMA>(x1, u + 1, a, acc);
+      }
+    for (; u < u1; ++u) {
+      VI x[R];
+      load(u, x);
+      unit_dots<NT, R, C, 0, FMA>(x, u, a, acc);
     }
   }
 
@@ -578,51 +613,63 @@ struct Runner {
   template <int NT, int R, bool FMA>
   void decode_step(int64_t e, int64_t r, int64_t r1, const uint8_t* const* a, const float* const* as,
                    float* sb, float* res, int64_t ldr) const {
+    constexpr int C = kChains<NT>;
     const uint8_t* wr[R];
-    float* s[R];
+    const float* s[R];
     for (int i = 0; i < R; ++i) {
       const int64_t row = min64(r + i, r1 - 1);
       wr[i] = w + (e * N + row) * row_bytes;
-      s[i] = sb + i * 2 * sstride_;
-      load_scales(e, row, 0, G, s[i], s[i] + sstride_);
-      prefetch_scales(e, row + R, 0);
+      float* si = sb + i * 2 * sstride_;
+      load_scales(e, row, 0, G, si, si + sstride_);
+      prefetch_scales(e, row + 4 * R, 0);
+      s[i] = si;
     }
     const int64_t full = tail_bytes ? units - 1 : units;  // units read whole
-    V tot[R][NT];
-    for (int i = 0; i < R; ++i)
-      for (int t = 0; t < NT; ++t) tot[i][t] = _mm512_setzero_ps();
-    // Units [u0, u1) into acc (plus the partial last unit when u1 == units).
-    auto units_into = [&](int64_t u0, int64_t u1, V (*acc)[NT]) {
-      const int64_t ue = min64(u1, full);
-      for (int64_t u = u0; u < ue; ++u) {
-        VI x[R];
-        for (int i = 0; i < R; ++i) {
-          _mm_prefetch(reinterpret_cast<const char*>(wr[i] + u * D::kBytes) + pf_dist, _MM_HINT_T0);
-          x[i] = dec.raw(wr[i] + u * D::kBytes);
+    V tot[R][NT], acc[C][R][NT];
+    auto zero = [&] {
+      for (int c = 0; c < C; ++c)
+        for (int i = 0; i < R; ++i)
+          for (int t = 0; t < NT; ++t) acc[c][i][t] = _mm512_setzero_ps();
+    };
+    // tot += (sum of chains) * scale of block g: one scale (a group of
+    // whole units), or a scale per fp32 lane.
+    auto fold = [&](int64_t g) {
+      for (int i = 0; i < R; ++i) {
+        const V sv = gs >= D::kUnit ? _mm512_set1_ps(s[i][g])
+                                    : _mm512_permutexvar_ps(idx_dot, _mm512_loadu_ps(s[i] + g));
+        for (int t = 0; t < NT; ++t) {
+          V d = acc[0][i][t];
+          for (int c = 1; c < C; ++c) d = _mm512_add_ps(d, acc[c][i][t]);
+          tot[i][t] = _mm512_fmadd_ps(d, sv, tot[i][t]);
         }
-        unit_dots<NT, R, FMA>(x, u, a, acc);
-      }
-      if (u1 > full) {
-        VI x[R];
-        for (int i = 0; i < R; ++i) x[i] = dec.raw_part(wr[i] + full * D::kBytes, tail_bytes);
-        unit_dots<NT, R, FMA>(x, full, a, acc);
       }
     };
+    auto tail = [&] {  // the partial last unit (masked bytes, zero activations past K)
+      VI x[R];
+      for (int i = 0; i < R; ++i) x[i] = dec.raw_part(wr[i] + full * D::kBytes, tail_bytes);
+      unit_dots<NT, R, C, 0, FMA>(x, full, a, acc);
+    };
+    for (int i = 0; i < R; ++i)
+      for (int t = 0; t < NT; ++t) tot[i][t] = _mm512_setzero_ps();
     if constexpr (!Enc::kScaled) {
-      units_into(0, units, tot);
+      zero();
+      units_into<NT, R, C, FMA>(wr, 0, full, a, acc);
+      if (tail_bytes) tail();
+      for (int i = 0; i < R; ++i)
+        for (int t = 0; t < NT; ++t)
+          for (int c = 0; c < C; ++c) tot[i][t] = _mm512_add_ps(tot[i][t], acc[c][i][t]);
     } else {
-      for (int64_t u0 = 0; u0 < units; u0 += upb) {
-        V acc[R][NT];
-        for (int i = 0; i < R; ++i)
-          for (int t = 0; t < NT; ++t) acc[i][t] = _mm512_setzero_ps();
-        units_into(u0, min64(units, u0 + upb), acc);
-        const int64_t g = unit_group(u0);
-        for (int i = 0; i < R; ++i) {
-          // One scale (a group of whole units) or a scale per fp32 lane.
-          const V sv = gs >= D::kUnit ? _mm512_set1_ps(s[i][g])
-                                      : _mm512_permutexvar_ps(idx_dot, _mm512_loadu_ps(s[i] + g));
-          for (int t = 0; t < NT; ++t) tot[i][t] = _mm512_fmadd_ps(acc[i][t], sv, tot[i][t]);
-        }
+      const int64_t gstep = gs >= D::kUnit ? 1 : gpb;  // groups per block
+      int64_t g = 0;
+      for (int64_t u0 = 0; u0 < full; u0 += upb, g += gstep) {
+        zero();
+        units_into<NT, R, C, FMA>(wr, u0, u0 + upb, a, acc);
+        fold(g);
+      }
+      if (tail_bytes) {  // (only where a unit holds several groups: upb == 1)
+        zero();
+        tail();
+        fold(g);
       }
     }
     for (int i = 0; i < R; ++i)
@@ -638,10 +685,10 @@ struct Runner {
   template <int NT, bool FMA>
   void decode_rows(int64_t e, int64_t r0, int64_t r1, int64_t t0, int64_t nt, const uint8_t* const* a,
                    const float* const* as, float* sb, float* res) const {
-    constexpr int R = kRows<NT>;
     for (int64_t c0 = r0; c0 < r1; c0 += kResRows) {
       const int64_t c1 = min64(r1, c0 + kResRows);
-      for (int64_t r = c0; r < c1; r += R) decode_step<NT, R, FMA>(e, r, c1, a, as, sb, res + (r - c0), kResRows);
+      for (int64_t r = c0; r < c1; r += kRows<NT>)
+        decode_step<NT, kRows<NT>, FMA>(e, r, c1, a, as, sb, res + (r - c0), kResRows);
       for (int64_t t = 0; t < nt; ++t) store_act<Act>(res + t * kResRows, out + (t0 + t) * N + c0, c1 - c0);
     }
   }
