@@ -351,6 +351,33 @@ __global__ void combine_kernel(FusedMoeParams p, const float* __restrict__ weigh
   }
 }
 
+// A second stream and two events per device and host thread, made on first
+// use and kept for the process: the shared expert runs beside the routed
+// experts (fork and join through events, which a CUDA graph capture records
+// as two parallel branches). Where they cannot be made, the shared expert
+// runs after the routed experts on the caller's stream.
+struct SideStream {
+  cudaStream_t stream = nullptr;
+  cudaEvent_t fork = nullptr, join = nullptr;
+  bool tried = false;
+};
+
+SideStream* side_stream(int device) {
+  thread_local SideStream side[64];
+  if (device < 0 || device >= 64) return nullptr;
+  SideStream& s = side[device];
+  if (!s.tried) {
+    s.tried = true;
+    if (cudaStreamCreateWithFlags(&s.stream, cudaStreamNonBlocking) != cudaSuccess ||
+        cudaEventCreateWithFlags(&s.fork, cudaEventDisableTiming) != cudaSuccess ||
+        cudaEventCreateWithFlags(&s.join, cudaEventDisableTiming) != cudaSuccess) {
+      cudaGetLastError();
+      s.stream = nullptr;
+    }
+  }
+  return s.stream ? &s : nullptr;
+}
+
 unsigned blocks(int64_t n, int per) { return unsigned((n + per - 1) / per); }
 
 }  // namespace
@@ -412,32 +439,53 @@ Status fused_moe(const FusedMoeParams& p, const Device& device) {
     if (Status s = launch_status("grouping kernel"); !s.ok()) return s;
   }
 
+  // The shared expert (no routing needed) forks off to the side stream.
+  const int64_t Is = p.shared_intermediate;
+  SideStream* side = Is > 0 ? side_stream(device.index) : nullptr;
+  if (side && (cudaEventRecord(side->fork, stream) != cudaSuccess ||
+               cudaStreamWaitEvent(side->stream, side->fork, 0) != cudaSuccess)) {
+    cudaGetLastError();
+    side = nullptr;
+  }
+  const Device shared_device{device.type, device.index, side ? side->stream : device.stream};
+
   Status status;
   visit_act(p.act_type, [&](auto act) {
     using Act = decltype(act);
-    const auto product = [&](const MoeGemmParams& q) { return run(q, choose_phase(q), device); };
+    const auto product = [&](const MoeGemmParams& q, const Device& dev) { return run(q, choose_phase(q), dev); };
     // gate/up product and SiLU(gate)·up into `act_out` [rows, inter]. Where the
     // decode kernel takes the product, SiLU·mul is its epilogue and (rows_of)
     // it reads the token copies through their token index; otherwise the copies
     // are gathered (`gather`), the product written to `gate_up`, and a second
     // kernel applies SiLU·mul.
     const auto gate_up_swiglu = [&](MoeGemmParams q, const int32_t* rows_of, const auto& gather, void* gate_up,
-                                    int64_t inter, uint16_t* act_out) -> Status {
+                                    int64_t inter, uint16_t* act_out, const Device& dev) -> Status {
+      const auto st = static_cast<cudaStream_t>(dev.stream);
       if (choose_phase(q) == Phase::decode) {
         MoeGemmParams f = q;
         f.out = act_out;
-        if (Status s = check_operands(f, device.index); !s.ok()) return s;
+        if (Status s = check_operands(f, dev.index); !s.ok()) return s;
         Status s;
-        if (launch_decode(f, stream, &s, DecodeFusion{rows_of, true})) return s;
+        if (launch_decode(f, st, &s, DecodeFusion{rows_of, true})) return s;
       }
       if (Status s = gather(q); !s.ok()) return s;
       q.out = gate_up;
-      if (Status s = product(q); !s.ok()) return s;
+      if (Status s = product(q, dev); !s.ok()) return s;
       const dim3 grid(unsigned(q.total_tokens), unsigned(std::min<int64_t>(8, (inter / 8 + 255) / 256)));
-      swiglu_kernel<Act><<<grid, 256, 0, stream>>>(static_cast<const uint16_t*>(gate_up), q.total_tokens, inter,
-                                                   act_out);
+      swiglu_kernel<Act><<<grid, 256, 0, st>>>(static_cast<const uint16_t*>(gate_up), q.total_tokens, inter,
+                                               act_out);
       return launch_status("swiglu kernel");
     };
+    // Shared experts over every token (no gather: the tokens are in order).
+    if (Is > 0) {
+      MoeGemmParams q = stage_params(p.act_type, p.shared_gate_up, 1, 2 * Is, H, T, p.hidden_states, ws.all_tokens,
+                                     ws.shared_gate_up);
+      const auto no_gather = [](MoeGemmParams&) { return Status::success(); };
+      if (!(status = gate_up_swiglu(q, nullptr, no_gather, ws.shared_gate_up, Is, ws.shared_act, shared_device)).ok())
+        return;
+      q = stage_params(p.act_type, p.shared_down, 1, H, Is, T, ws.shared_act, ws.all_tokens, ws.shared_out);
+      if (!(status = product(q, shared_device)).ok()) return;
+    }
     // Routed experts: the token copies, sorted by expert.
     MoeGemmParams q = stage_params(p.act_type, p.gate_up, E, 2 * I, H, pairs, p.hidden_states, ws.counts, ws.gate_up);
     const auto gather_copies = [&](MoeGemmParams& g) {
@@ -446,19 +494,16 @@ Status fused_moe(const FusedMoeParams& p, const Device& device) {
       g.activations = ws.x_sorted;
       return launch_status("gather kernel");
     };
-    if (!(status = gate_up_swiglu(q, ws.token_of, gather_copies, ws.gate_up, I, ws.act)).ok()) return;
+    if (!(status = gate_up_swiglu(q, ws.token_of, gather_copies, ws.gate_up, I, ws.act, device)).ok()) return;
     q = stage_params(p.act_type, p.down, E, H, I, pairs, ws.act, ws.counts, ws.expert_out);
-    if (!(status = product(q)).ok()) return;
-    // Shared experts over every token (no gather: the tokens are in order).
-    const int64_t Is = p.shared_intermediate;
-    if (Is > 0) {
-      q = stage_params(p.act_type, p.shared_gate_up, 1, 2 * Is, H, T, p.hidden_states, ws.all_tokens, ws.shared_gate_up);
-      const auto no_gather = [](MoeGemmParams&) { return Status::success(); };
-      if (!(status = gate_up_swiglu(q, nullptr, no_gather, ws.shared_gate_up, Is, ws.shared_act)).ok()) return;
-      q = stage_params(p.act_type, p.shared_down, 1, H, Is, T, ws.shared_act, ws.all_tokens, ws.shared_out);
-      if (!(status = product(q)).ok()) return;
+    if (!(status = product(q, device)).ok()) return;
+    // Join the shared expert's branch, then the weighted sum.
+    if (side && (cudaEventRecord(side->join, side->stream) != cudaSuccess ||
+                 cudaStreamWaitEvent(stream, side->join, 0) != cudaSuccess)) {
+      status = launch_status("joining the shared expert's stream");
+      if (status.ok()) status = Status::runtime("joining the shared expert's stream failed");
+      return;
     }
-    // 7. Weighted sum.
     combine_kernel<Act><<<unsigned(T), 256, 0, stream>>>(p, ws.topk_weights, ws.slot_of, ws.expert_out, ws.shared_out);
     status = launch_status("combine kernel");
   });
