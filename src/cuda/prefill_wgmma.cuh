@@ -11,23 +11,24 @@
 // memory through a matrix descriptor (K-major, 128-byte swizzle).
 //
 // CTA: 3 warpgroups (384 threads), one CTA per SM, persistent.
-//  - warpgroup 0, the producer (setmaxnreg 40): thread 0 brings each stage
-//    in with two bulk tensor copies (TMA): 64 k x up to 128 tokens
-//    (box rows 128, 64 or 32: the item's token width, so small experts do
-//    not fetch 128 rows) and 64 k x 256 packed weight rows; all 128 threads
-//    load the 16-bit scales / zero points of their two weight rows for the
-//    stage's two 32-wide k chunks (one iteration ahead, in registers),
-//    convert them into the words the decoders want (scale pair, asym bias),
-//    store them into the stage, and arrive on the stage's `full` mbarrier
-//    (128 arrivals + the TMA bytes).
+//  - warpgroup 0, the producer (setmaxnreg 40): thread 0 announces each
+//    stage's bytes (expect_tx) and brings the stage in with two bulk tensor
+//    copies (TMA): 64 k x up to 128 tokens (box rows 128, 64 or 32: the
+//    item's token width, so small experts do not fetch 128 rows) and 64 k x
+//    256 packed weight rows; all 128 threads load the 16-bit scales / zero
+//    points of their two weight rows for the stage's two 32-wide k chunks
+//    (one stage ahead, in registers), convert them into the words the
+//    decoders want (scale pair, asym bias), store them into the stage and
+//    arrive on the stage's `full` mbarrier (128 arrivals + the TMA bytes).
 //  - warpgroups 1 and 2, the consumers (setmaxnreg 232): each owns 128 of
 //    the item's 256 weight rows (two m64 blocks) and every token of the
 //    item: accumulators 2 x m64nN (N = 32, 64 or 128: 16..64 fp32 each).
-//    Per stage and 32-wide k chunk: gather + decode the A fragments of both
-//    m64 blocks (16 registers), wgmma.fence, 4 wgmma (2 k16 steps x 2
-//    blocks); after the stage, commit + wait 0 and one arrival per warp on
-//    the stage's `empty` mbarrier. The two consumer warpgroups run
-//    independently, so one decodes while the other's wgmmas run.
+//    Per 32-wide k chunk: gather + decode the A fragments of both m64
+//    blocks (16 registers), wgmma.fence, 4 wgmma (2 k16 steps x 2 blocks),
+//    commit, wait until at most one group is in flight, so the decode of
+//    the next chunk overlaps this chunk's wgmmas; one arrival per warp on
+//    a stage's `empty` mbarrier once both its groups completed. The two
+//    consumer warpgroups run independently as well.
 //
 // k order. wgmma reads B (tokens) in natural k order from shared memory, so
 // the A fragments must be too: lane (g, c) holds, per k16 step, weight k
@@ -123,8 +124,8 @@ __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
-__device__ __forceinline__ void mbar_arrive_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 }
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   uint32_t done;
@@ -284,6 +285,19 @@ struct WKernel {
       const int st = fill % C::STAGES;
       mbar_wait(empty_bar(sm, st), ((fill / C::STAGES) & 1) ^ 1);
       unsigned char* stage = sm.base + st * C::STAGE;
+      const uint32_t fb = full_bar(sm, st);
+      if (t == 0) {
+        // The bytes are announced without an arrival, so the copies start
+        // before this thread's scale words (whose loads may still be in
+        // flight) are stored; the phase completes once all 128 threads
+        // arrived (after their stores) and the bytes landed.
+        const int tw = tok_width(f.it.rows);
+        mbar_expect_tx(fb, uint32_t(tw * 128 + C::W_BYTES));
+        const uint32_t dst = smem_addr(stage);
+        tma_load_2d(dst, &maps.act[tw == 128 ? 0 : tw == 64 ? 1 : 2], f.kt * C::BK, f.it.tok0, fb);
+        const int wk = C::kNative ? f.kt * C::BK : f.kt * C::KPB;  // elements of the weight map
+        tma_load_2d(dst + C::TOK_BYTES, &maps.w, wk, f.it.e * a.N + f.it.n0, fb);
+      }
       if constexpr (C::kScaled) {
         uint32_t* sS = reinterpret_cast<uint32_t*>(stage + C::TOK_BYTES + C::W_BYTES);
 #pragma unroll
@@ -297,19 +311,7 @@ struct WKernel {
           }
         }
       }
-      const uint32_t fb = full_bar(sm, st);
-      if (t == 0) {
-        // Scale words of this thread are written before its arrival; the
-        // phase completes once all 128 threads arrived and the bytes landed.
-        const int tw = tok_width(f.it.rows);
-        mbar_arrive_tx(fb, uint32_t(tw * 128 + C::W_BYTES));
-        const uint32_t dst = smem_addr(stage);
-        tma_load_2d(dst, &maps.act[tw == 128 ? 0 : tw == 64 ? 1 : 2], f.kt * C::BK, f.it.tok0, fb);
-        const int wk = C::kNative ? f.kt * C::BK : f.kt * C::KPB;  // elements of the weight map
-        tma_load_2d(dst + C::TOK_BYTES, &maps.w, wk, f.it.e * a.N + f.it.n0, fb);
-      } else {
-        mbar_arrive(fb);
-      }
+      mbar_arrive(fb);
       f = nx;
       rs = ns;
       rz = nz;
@@ -377,6 +379,13 @@ struct WKernel {
     for (int mb = 0; mb < 2; ++mb)
 #pragma unroll
       for (int i = 0; i < NT / 2; ++i) acc[mb][i] = 0.0f;
+    // One commit group per 32-wide k chunk, at most one group left in
+    // flight (wait 1): the decode of chunk c + 1 overlaps the wgmmas of chunk
+    // c. The A registers of chunk parity q are rewritten only after the
+    // group that read them (two groups back) completed; the stage of k tile
+    // kt is released once its second group completed, i.e. after the wait
+    // that follows the first group of tile kt + 1 (or at the item's end).
+    int prev = -1;  // stage of the previous k tile, not yet released
 #pragma unroll 1
     for (int kt = 0; kt < a.k_tiles; ++kt, ++fill) {
       const int st = fill % C::STAGES;
@@ -397,14 +406,20 @@ struct WKernel {
 #pragma unroll
           for (int mb = 0; mb < 2; ++mb) mma<NT>(acc[mb], x[mb][s], desc);
         }
+        wgmma_commit();
+        wgmma_wait<1>();
+        if (q == 0 && prev >= 0) {
+          __syncwarp();
+          if ((threadIdx.x & 31) == 0) mbar_arrive(empty_bar(sm, prev));
+        }
       }
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_regs(acc[0]);
-      fence_regs(acc[1]);
-      __syncwarp();
-      if ((threadIdx.x & 31) == 0) mbar_arrive(empty_bar(sm, st));
+      prev = st;
     }
+    wgmma_wait<0>();
+    fence_regs(acc[0]);
+    fence_regs(acc[1]);
+    __syncwarp();
+    if ((threadIdx.x & 31) == 0 && prev >= 0) mbar_arrive(empty_bar(sm, prev));
     // Accumulator d[4j + 2h + i] of block mb: weight row rbase + 8h + g,
     // token 8j + 2c + i.
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
@@ -501,7 +516,6 @@ __global__ void __launch_bounds__(384, 1) wgmma_kernel(const WArgs a, const __gr
     __syncthreads();  // also publishes the barrier initialisation
   }
   const int total = s_items[a.E] * s_items[a.E + 1];
-  const int covered = s_tok[a.E];
 
   if (tid < 128) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
@@ -509,7 +523,8 @@ __global__ void __launch_bounds__(384, 1) wgmma_kernel(const WArgs a, const __gr
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
     K::consumer(a, sm, total, s_tok, s_items);
-    // Rows no expert covers are zero.
+    // Rows no expert covers are zero (read again: nothing kept live across the loop).
+    const int covered = *reinterpret_cast<volatile int*>(s_tok + a.E);
     if (covered < a.T) {
       const int64_t n_zero = int64_t(a.T - covered) * a.N;
       uint16_t* base = a.out + int64_t(covered) * a.N;
@@ -594,6 +609,7 @@ bool launch(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
   const int64_t smem_bytes = 1024 + int64_t(C::STAGES) * C::STAGE + 16 * C::STAGES + 8 * (p.num_experts + 2) + 8;
   if (smem_bytes > d.smem_optin) return false;
   if (p.num_experts * p.n >= (int64_t(1) << 31)) return false;
+  if (C::kScaled && p.n * (p.k / p.group_size) >= (int64_t(1) << 31)) return false;
 
   const int64_t kp = packed_k(p.weight_type, p.k) * (Enc::kBits == 16 ? 2 : 1);  // bytes per weight row
   WMaps maps;
