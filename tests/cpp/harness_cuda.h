@@ -7,6 +7,7 @@
 
 #include <memory>
 #include <stdexcept>
+#include <string>
 
 #include "harness.h"
 
@@ -70,6 +71,46 @@ struct DeviceProblem {
   }
   void poison() {
     if (out.count) cudaMemset(out.ptr, 0xff, out.count * sizeof(uint16_t));  // 0xffff: NaN
+  }
+  // New inputs of the same sizes into the same buffers (graph replays), output poisoned.
+  void load(const Problem& next) {
+    act.upload(next.act);
+    weights.upload(next.weights);
+    scales.upload(next.scales);
+    zeros.upload(next.zeros);
+    counts.upload(next.counts);
+    poison();
+  }
+};
+
+// A CUDA graph captured on a stream of its own from one call of
+// `launch(stream)` (which returns a Status), replayed by replay().
+struct CapturedGraph {
+  cudaStream_t stream = nullptr;
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  CapturedGraph() { cudaStreamCreate(&stream); }
+  CapturedGraph(const CapturedGraph&) = delete;
+  CapturedGraph& operator=(const CapturedGraph&) = delete;
+  ~CapturedGraph() {
+    if (exec) cudaGraphExecDestroy(exec);
+    if (graph) cudaGraphDestroy(graph);
+    cudaStreamDestroy(stream);
+  }
+  template <class Launch>
+  Status capture(const Launch& launch) {
+    if (cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal) != cudaSuccess)
+      return Status::runtime("cudaStreamBeginCapture failed");
+    const Status st = launch(stream);
+    const cudaError_t end = cudaStreamEndCapture(stream, &graph);
+    if (!st.ok()) return st;
+    if (end != cudaSuccess) return Status::runtime(std::string("capture: ") + cudaGetErrorString(end));
+    if (cudaGraphInstantiate(&exec, graph, 0) != cudaSuccess) return Status::runtime("cudaGraphInstantiate failed");
+    return Status::success();
+  }
+  cudaError_t replay() {
+    const cudaError_t e = cudaGraphLaunch(exec, stream);
+    return e != cudaSuccess ? e : cudaStreamSynchronize(stream);
   }
 };
 

@@ -79,7 +79,7 @@ std::vector<Shape> shapes(WeightType w, bool prefill) {
   }
   if (!prefill)  // more rows than one result buffer (256), a row tail per step
     s.push_back({"long_rows", 517, w == WeightType::native16 ? 1000 : 1024,
-                 w == WeightType::native16 ? 0 : 128, {1, 8, 2, 3}});
+                 w == WeightType::native16 ? 0 : 128, {1, 8, 2, 3, 6, 7, 4}});
   if (prefill && w != WeightType::native16)  // K over two panel chunks (fp16 activations)
     s.push_back({"long_k", 40, 4608, 256, c});
   s.push_back({"n1", 1, w == WeightType::native16 ? 64 : 128, w == WeightType::native16 ? 0 : 128,

@@ -185,37 +185,26 @@ TEST(CudaDecodeEdges, GraphReplayMovesActiveExperts) {
       sparse_counts(E, {{7, 9}, {8, 3}})};
   Problem pr = Problem::random(ActType::bf16, {WeightType::int8, true}, N, K, 128, rounds[0], fresh_seed());
   DeviceProblem dp(pr);
-  cudaStream_t stream;
-  QMOE_CUDA_OK(cudaStreamCreate(&stream));
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  Status st;
-  QMOE_CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-  const bool launched = cuda::launch_decode(dp.params, stream, &st);
-  QMOE_CUDA_OK(cudaStreamEndCapture(stream, &graph));
+  CapturedGraph g;
+  bool launched = false;
+  const Status st = g.capture([&](cudaStream_t stream) {
+    Status s;
+    launched = cuda::launch_decode(dp.params, stream, &s);
+    return s;
+  });
   ASSERT_TRUE(launched);
   ASSERT_TRUE(st.ok()) << st.message;
-  QMOE_CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
   for (const auto& counts : rounds) {
     const uint64_t seed = fresh_seed();
     SCOPED_TRACE(seed);
     Problem next = Problem::random(ActType::bf16, {WeightType::int8, true}, N, K, 128, counts, seed);
     ASSERT_EQ(next.params.total_tokens, T);
-    dp.act.upload(next.act);
-    dp.weights.upload(next.weights);
-    dp.scales.upload(next.scales);
-    dp.zeros.upload(next.zeros);
-    dp.counts.upload(next.counts);
-    dp.poison();
-    QMOE_CUDA_OK(cudaGraphLaunch(exec, stream));
-    QMOE_CUDA_OK(cudaStreamSynchronize(stream));
+    dp.load(next);
+    QMOE_CUDA_OK(g.replay());
     const Comparison c = compare(next, dp.out.download(), next.reference());
     EXPECT_EQ(c.unwritten, 0);
     EXPECT_LT(c.rel_error, tolerance(ActType::bf16));
   }
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
-  cudaStreamDestroy(stream);
 }
 
 // A small mixed set for compute-sanitizer (memcheck, racecheck): every

@@ -95,36 +95,20 @@ TEST(CudaKernels, GraphCaptureReplaysWithNewData) {
     const std::vector<int32_t> first{T / 2, 0, T / 2, 0};
     Problem pr = Problem::random(ActType::f16, {WeightType::int4, true}, N, K, 128, first, fresh_seed());
     DeviceProblem dp(pr);
-    cudaStream_t stream;
-    QMOE_CUDA_OK(cudaStreamCreate(&stream));
-    cudaGraph_t graph;
-    cudaGraphExec_t exec;
-    QMOE_CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-    const Status st = moe(dp.params, cuda_device(stream), phase);
-    QMOE_CUDA_OK(cudaStreamEndCapture(stream, &graph));
+    CapturedGraph g;
+    const Status st = g.capture([&](cudaStream_t stream) { return moe(dp.params, cuda_device(stream), phase); });
     ASSERT_TRUE(st.ok()) << st.message;
-    QMOE_CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
-
     for (int round = 0; round < 3; ++round) {
       const uint64_t seed = fresh_seed();
       SCOPED_TRACE(seed);
       std::vector<int32_t> counts = {round, T - 2 * round, 0, round};  // same T, new split
       Problem next = Problem::random(ActType::f16, {WeightType::int4, true}, N, K, 128, counts, seed);
-      dp.act.upload(next.act);
-      dp.weights.upload(next.weights);
-      dp.scales.upload(next.scales);
-      dp.zeros.upload(next.zeros);
-      dp.counts.upload(next.counts);
-      dp.poison();
-      QMOE_CUDA_OK(cudaGraphLaunch(exec, stream));
-      QMOE_CUDA_OK(cudaStreamSynchronize(stream));
+      dp.load(next);
+      QMOE_CUDA_OK(g.replay());
       const Comparison c = compare(next, dp.out.download(), next.reference());
       EXPECT_EQ(c.unwritten, 0);
       EXPECT_LT(c.rel_error, tolerance(ActType::f16));
     }
-    cudaGraphExecDestroy(exec);
-    cudaGraphDestroy(graph);
-    cudaStreamDestroy(stream);
   }
 }
 

@@ -356,22 +356,12 @@ TEST(FusedMoe, CudaMatchesFloat64LayerAndIsDeterministic) {
       EXPECT_EQ(first, out.download()) << "not deterministic";
 
       // Graph capture and replay gives the same bits.
-      cudaStream_t s;
-      QMOE_CUDA_OK(cudaStreamCreate(&s));
-      cudaGraph_t g;
-      cudaGraphExec_t ge;
-      QMOE_CUDA_OK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-      st = fused_moe(p, Device{DeviceType::cuda, 0, s});
-      QMOE_CUDA_OK(cudaStreamEndCapture(s, &g));
+      CapturedGraph g;
+      st = g.capture([&](cudaStream_t s) { return fused_moe(p, Device{DeviceType::cuda, 0, s}); });
       ASSERT_TRUE(st.ok()) << st.message;
-      QMOE_CUDA_OK(cudaGraphInstantiate(&ge, g, 0));
       cudaMemset(out.ptr, 0xff, out.count * 2);
-      QMOE_CUDA_OK(cudaGraphLaunch(ge, s));
-      QMOE_CUDA_OK(cudaStreamSynchronize(s));
+      QMOE_CUDA_OK(g.replay());
       EXPECT_EQ(first, out.download()) << "graph replay differs";
-      cudaGraphExecDestroy(ge);
-      cudaGraphDestroy(g);
-      cudaStreamDestroy(s);
     }
 }
 
