@@ -26,6 +26,7 @@
 #include <unistd.h>
 
 #include "bench_anchors.h"
+#include "cpu_anchors.h"
 #include "core/encoding.h"
 #include "qmoe/qmoe.h"
 
@@ -218,6 +219,12 @@ double sampled_error(const Problem& pr, const std::vector<uint16_t>& out, int sa
   return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
 }
 
+std::string fmt1(double v) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.1f", v);
+  return b;
+}
+
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v.empty() ? 0 : v[v.size() / 2];
@@ -325,9 +332,15 @@ int main(int argc, char** argv) {
   std::printf("# qmoe-bench — %s, %s, qmoe %s, activations %s\n", anchors.device_name.c_str(),
               opt.cuda ? "CUDA" : "CPU", version(), to_string(opt.act));
   std::printf("# anchors: %s\n", anchors.describe().c_str());
+  // CPU: the read bandwidth of this machine drifts by 2x over minutes (a
+  // shared host), so each decode row's floor uses the all-threads read
+  // bandwidth measured just before and after it (the larger), shown in its
+  // own column.
+  const bool row_bw = !opt.cuda;
   std::string table =
-      "| phase | shape | E | N | K | T | active experts | weights | ms | GFLOP/s | weight GB/s | floor ms | % of floor | rel err |\n"
-      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+      "| phase | shape | E | N | K | T | active experts | weights | ms | GFLOP/s | weight GB/s | floor ms | % of floor | rel err |" +
+      std::string(row_bw ? " read GB/s (row) |" : "") + "\n" +
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + (row_bw ? "---|" : "") + "\n";
   std::printf("%s", table.c_str());
   const size_t total = jobs.size() * opt.encodings.size();
   const bool progress_tty = isatty(2);
@@ -341,8 +354,13 @@ int main(int argc, char** argv) {
       const uint64_t seed = 0x9e3779b97f4a7c15ull * done + uint64_t(std::time(nullptr));
       Problem pr = make_problem(job.shape, enc, opt.act, seed);
       const Phase phase = std::strcmp(job.phase, "decode") == 0 ? Phase::decode : Phase::prefill;
+      bench::Anchors row_anchors = anchors;
+      const bool bw_row = row_bw && phase == Phase::decode;
+      const double bw_before = bw_row ? bench::cpu_read_bandwidth_gbs(size_t(1) << 30, 0, 3) : 0;
       bench::Timing tm = opt.cuda ? bench::time_cuda(pr.p, phase, pr.out, opt.quick)
                                   : bench::time_cpu(pr.p, phase, opt.quick);
+      if (bw_row)
+        row_anchors.bandwidth_gbps = std::max(bw_before, bench::cpu_read_bandwidth_gbs(size_t(1) << 30, 0, 3));
       if (!tm.status.ok()) {
         std::fprintf(stderr, "\nerror: %s\n", tm.status.message.c_str());
         all_ok = false;
@@ -354,16 +372,17 @@ int main(int argc, char** argv) {
       const MoeGemmParams& p = pr.p;
       const double flops = 2.0 * double(p.total_tokens) * double(p.n) * double(p.k);
       const double io_bytes = double(pr.active_weight_bytes) + 2.0 * double(p.total_tokens) * double(p.k + p.n);
-      const double floor_ms = anchors.floor_ms(io_bytes, flops);
+      const double floor_ms = row_anchors.floor_ms(io_bytes, flops);
       int active = 0;
       for (int32_t c : pr.counts) active += c > 0;
       char line[512];
       std::snprintf(line, sizeof line,
-                    "| %s | %s | %lld | %lld | %lld | %lld | %d | %s | %.4f | %.1f | %.1f | %.4f | %.0f%% | %.1e%s |\n",
+                    "| %s | %s | %lld | %lld | %lld | %lld | %d | %s | %.4f | %.1f | %.1f | %.4f | %.0f%% | %.1e%s |%s\n",
                     job.phase, job.shape.label.c_str(), (long long)p.num_experts, (long long)p.n,
                     (long long)p.k, (long long)p.total_tokens, active, enc.name, tm.ms, flops / tm.ms * 1e-6,
                     double(pr.active_weight_bytes) / tm.ms * 1e-6, floor_ms, 100.0 * floor_ms / tm.ms, err,
-                    err < tol ? "" : " FAIL");
+                    err < tol ? "" : " FAIL",
+                    !row_bw ? "" : bw_row ? (" " + fmt1(row_anchors.bandwidth_gbps) + " |").c_str() : " |");
       if (progress_tty) std::fprintf(stderr, "\r");
       std::printf("%s", line);
       std::fflush(stdout);
