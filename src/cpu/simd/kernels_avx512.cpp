@@ -109,6 +109,9 @@ struct Dec<IntEncoding<Bits, Asym>, std::enable_if_t<(Bits < 8)>> {
   VI raw(const uint8_t* p) const { return flip(loadu(p)); }
   VI raw_part(const uint8_t* p, int64_t n) const { return flip(_mm512_maskz_loadu_epi8(mask64(n), p)); }
   static VI flip(VI x) {
+    // Asym: keep the loaded bytes in a register (else GCC folds the load
+    // into each of the kVecs shifts: kVecs loads a unit, load-port bound).
+    if constexpr (Asym) __asm__("" : "+v"(x));
     if constexpr (!Asym) {  // flip the sign bit of every field
       constexpr int kHalf = 1 << (Bits - 1);
       int pattern = 0;
