@@ -117,7 +117,7 @@ __global__ void route_warp_kernel(FusedMoeParams p, int32_t* ids, float* weights
 
 // Counts token copies per expert and gives each copy its row in the
 // expert-sorted order, stable (copies of an expert keep their (t, j) order),
-// so the layer is deterministic. One block of 32 warps; warp w owns the
+// so the layer is deterministic. One block (up to 32 warps); warp w owns the
 // contiguous pairs [w * per, (w + 1) * per), walked 32 at a time in order.
 // Pass 1: __match_any_sync groups equal ids of a step and the lowest lane of
 // each group adds the group's size to hist[w][id] (a row per warp: no
@@ -127,6 +127,7 @@ __global__ void route_warp_kernel(FusedMoeParams p, int32_t* ids, float* weights
 // hist[w][id] + its rank in the step, and the group's leader advances
 // hist[w][id]. Ids outside [0, E) are sent to expert 0 with weight 0 (never
 // out of bounds). E <= kMaxRoutedExperts (512) <= the block's threads.
+static_assert(kMaxRoutedExperts <= 512, "group_pairs: one thread an expert in a block of 512");
 struct GroupArgs {
   const int32_t* ids_in;
   float* weights;
@@ -147,34 +148,45 @@ __device__ void group_pairs(const GroupArgs& a) {
   extern __shared__ int32_t smem[];
   int32_t* hist = smem;            // [32][E]
   int32_t* warp_sums = smem + 32 * E;  // [32] block-scan scratch
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, warps = int(blockDim.x / 32);
   const unsigned lanes_below = (1u << lane) - 1u;
-  const int64_t per = (pairs + 31) / 32;
+  const int64_t per = (pairs + warps - 1) / warps;
   const int64_t begin = min(pairs, warp * per), end = min(pairs, begin + per);
 
-  for (int i = tid; i < 32 * E; i += blockDim.x) hist[i] = 0;
+  for (int i = tid; i < warps * E; i += blockDim.x) hist[i] = 0;
   if (tid == 0) a.all_tokens[0] = int32_t(a.T);
   __syncthreads();
-  for (int64_t b = begin; b < end; b += 32) {  // pass 1: per-warp counts
-    const int64_t i = b + lane;
-    int32_t id = -1;
-    if (i < end) {
-      id = ids_in[i];
-      if (id < 0 || id >= E) {
-        id = 0;
-        weights[i] = 0.0f;
-      }
-      ids_out[i] = id;
+  // Ids are loaded kBatch steps at a time, so that the loads' latency is
+  // paid once per batch and not once per step.
+  constexpr int kBatch = 4;
+  for (int64_t b0 = begin; b0 < end; b0 += 32 * kBatch) {  // pass 1: per-warp counts
+    int32_t ids[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int64_t i = b0 + 32 * u + lane;
+      ids[u] = i < end ? ids_in[i] : -1;
     }
-    const unsigned peers = __match_any_sync(0xffffffffu, id);
-    if (id >= 0 && (peers & lanes_below) == 0) hist[warp * E + id] += __popc(peers);
-    __syncwarp();
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int64_t i = b0 + 32 * u + lane;
+      int32_t id = ids[u];
+      if (i < end) {
+        if (id < 0 || id >= E) {
+          id = 0;
+          weights[i] = 0.0f;
+        }
+        ids_out[i] = id;
+      }
+      const unsigned peers = __match_any_sync(0xffffffffu, id);
+      if (id >= 0 && (peers & lanes_below) == 0) hist[warp * E + id] += __popc(peers);
+      __syncwarp();
+    }
   }
   __syncthreads();
   // Column e: totals, exclusive scan over experts, then per-warp starts.
   int32_t total = 0;
   if (tid < E)
-    for (int w = 0; w < 32; ++w) total += hist[w * E + tid];
+    for (int w = 0; w < warps; ++w) total += hist[w * E + tid];
   int32_t incl = total;
   for (int o = 1; o < 32; o <<= 1) {
     const int32_t v = __shfl_up_sync(0xffffffffu, incl, o);
@@ -183,7 +195,7 @@ __device__ void group_pairs(const GroupArgs& a) {
   if (lane == 31) warp_sums[warp] = incl;
   __syncthreads();
   if (warp == 0) {
-    const int32_t v = warp_sums[lane];
+    const int32_t v = lane < warps ? warp_sums[lane] : 0;
     int32_t x = v;
     for (int o = 1; o < 32; o <<= 1) {
       const int32_t y = __shfl_up_sync(0xffffffffu, x, o);
@@ -195,25 +207,34 @@ __device__ void group_pairs(const GroupArgs& a) {
   if (tid < E) {
     a.counts[tid] = total;
     int32_t row = warp_sums[warp] + incl - total;
-    for (int w = 0; w < 32; ++w) {
+    for (int w = 0; w < warps; ++w) {
       const int32_t c = hist[w * E + tid];
       hist[w * E + tid] = row;
       row += c;
     }
   }
   __syncthreads();
-  for (int64_t b = begin; b < end; b += 32) {  // pass 2: rows
-    const int64_t i = b + lane;
-    const int32_t id = i < end ? ids_out[i] : -1;
-    const unsigned peers = __match_any_sync(0xffffffffu, id);
-    if (id >= 0) {
-      const int32_t slot = hist[warp * E + id] + __popc(peers & lanes_below);
-      a.slot_of[i] = slot;
-      a.token_of[slot] = int32_t(i / a.k);
+  for (int64_t b0 = begin; b0 < end; b0 += 32 * kBatch) {  // pass 2: rows
+    int32_t ids[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int64_t i = b0 + 32 * u + lane;
+      ids[u] = i < end ? ids_out[i] : -1;  // this thread's own writes of pass 1
     }
-    __syncwarp();
-    if (id >= 0 && (peers & lanes_below) == 0) hist[warp * E + id] += __popc(peers);
-    __syncwarp();
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int64_t i = b0 + 32 * u + lane;
+      const int32_t id = ids[u];
+      const unsigned peers = __match_any_sync(0xffffffffu, id);
+      if (id >= 0) {
+        const int32_t slot = hist[warp * E + id] + __popc(peers & lanes_below);
+        a.slot_of[i] = slot;
+        a.token_of[slot] = int32_t(i / a.k);
+      }
+      __syncwarp();
+      if (id >= 0 && (peers & lanes_below) == 0) hist[warp * E + id] += __popc(peers);
+      __syncwarp();
+    }
   }
 }
 
@@ -223,9 +244,12 @@ __global__ void __launch_bounds__(kGroupThreads) group_kernel(GroupArgs a) { gro
 // decode step): warp w routes tokens w, w + 32, ...; then the block groups.
 constexpr int64_t kRouteGroupMaxTokens = 64;
 
+// 512 threads: routing takes registers that 1024 threads would not have.
+constexpr int kRouteGroupThreads = 512;
+
 template <class Act>
-__global__ void __launch_bounds__(kGroupThreads) route_group_kernel(FusedMoeParams p, GroupArgs a) {
-  for (int64_t t = threadIdx.x / 32; t < p.num_tokens; t += kGroupThreads / 32)
+__global__ void __launch_bounds__(kRouteGroupThreads) route_group_kernel(FusedMoeParams p, GroupArgs a) {
+  for (int64_t t = threadIdx.x / 32; t < p.num_tokens; t += kRouteGroupThreads / 32)
     route_token_warp<Act>(p, t, const_cast<int32_t*>(a.ids_in), a.weights);
   __syncthreads();  // the block's global writes are visible to it after the barrier
   group_pairs(a);
@@ -424,7 +448,7 @@ Status fused_moe(const FusedMoeParams& p, const Device& device) {
     visit_act(p.act_type, [&](auto act) {
       const auto kernel = route_group_kernel<decltype(act)>;
       if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-      kernel<<<1, kGroupThreads, smem, stream>>>(p, ga);
+      kernel<<<1, kRouteGroupThreads, smem, stream>>>(p, ga);
     });
     if (Status s = launch_status("routing and grouping kernel"); !s.ok()) return s;
   } else {
