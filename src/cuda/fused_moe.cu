@@ -402,6 +402,14 @@ SideStream* side_stream(int device) {
   return s.stream ? &s : nullptr;
 }
 
+// The layer's decode/prefill choice: decode up to 8 token copies per expert
+// on average. Measured on H100 (bench/gpu_bench.py --phase crossover,
+// docs/PERFORMANCE.md): int4 decode beats the wgmma prefill by 25-35% at 4-8
+// tokens per expert and loses from 16; 16-bit weights are within 6% either
+// way. (moe()'s public default stays ARK's 4.)
+constexpr int64_t kLayerDecodeThreshold = 8;
+Phase layer_phase(const MoeGemmParams& q) { return choose_phase(q, kLayerDecodeThreshold); }
+
 unsigned blocks(int64_t n, int per) { return unsigned((n + per - 1) / per); }
 
 }  // namespace
@@ -476,7 +484,7 @@ Status fused_moe(const FusedMoeParams& p, const Device& device) {
   Status status;
   visit_act(p.act_type, [&](auto act) {
     using Act = decltype(act);
-    const auto product = [&](const MoeGemmParams& q, const Device& dev) { return run(q, choose_phase(q), dev); };
+    const auto product = [&](const MoeGemmParams& q, const Device& dev) { return run(q, layer_phase(q), dev); };
     // gate/up product and SiLU(gate)·up into `act_out` [rows, inter]. Where the
     // decode kernel takes the product, SiLU·mul is its epilogue and (rows_of)
     // it reads the token copies through their token index; otherwise the copies
@@ -485,7 +493,7 @@ Status fused_moe(const FusedMoeParams& p, const Device& device) {
     const auto gate_up_swiglu = [&](MoeGemmParams q, const int32_t* rows_of, const auto& gather, void* gate_up,
                                     int64_t inter, uint16_t* act_out, const Device& dev) -> Status {
       const auto st = static_cast<cudaStream_t>(dev.stream);
-      if (choose_phase(q) == Phase::decode) {
+      if (layer_phase(q) == Phase::decode) {
         MoeGemmParams f = q;
         f.out = act_out;
         if (Status s = check_operands(f, dev.index); !s.ok()) return s;
