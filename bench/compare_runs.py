@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""Side-by-side decode tables of several bench/gpu_bench.py runs of one call.
+
+    python3 bench/compare_runs.py NAME=DIR [NAME=DIR ...] [--default ENC=NAME,...,*=NAME]
+
+Each DIR holds a decode.json written by `gpu_bench.py --phase decode` (for
+example the QMOE_DECODE_PIPE variants of `scripts/gpu-check.sh variants`).
+Rows are matched by label and encoding; every run's time and % of its own
+floor are printed, then, per encoding, the range of % floor of the default
+run (--default: which run is the library's default for an encoding) over
+the issue's row classes (>= 32 MB of active weights, 8-32 MB).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def load(path):
+    with open(os.path.join(path, "decode.json")) as f:
+        return json.load(f)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", help="NAME=DIR")
+    ap.add_argument("--default", default="", help="ENC=NAME,...; '*' for the rest (default: the first run)")
+    args = ap.parse_args()
+    runs = []
+    for r in args.runs:
+        name, _, path = r.partition("=")
+        if not path:
+            raise SystemExit(f"expected NAME=DIR, got {r!r}")
+        runs.append((name, load(path)))
+    default = {"*": runs[0][0]}
+    for item in filter(None, args.default.split(",")):
+        enc, _, name = item.partition("=")
+        if name not in [n for n, _ in runs]:
+            raise SystemExit(f"--default names an unknown run {name!r}")
+        default[enc] = name
+
+    meta = runs[0][1]["meta"]
+    rows = {}
+    for name, data in runs:
+        for r in data["rows"]:
+            rows.setdefault((r["label"], r["encoding"]), {})[name] = r
+    names = [n for n, _ in runs]
+    print(f"{meta['card']}, {meta['date']}; device copy {meta['copy_bw_GBps']:.0f} GB/s (bytes read + "
+          f"written, each run measures its own); activations {meta['act']}, group size {meta['group_size']}.")
+    print()
+    print("| row | enc | active MB | floor us | " + " | ".join(f"{n} us | {n} % floor" for n in names) +
+          " | default |")
+    print("|---|---|---:|---:|" + "---:|---:|" * len(names) + "---|")
+    summary = {}
+    for (label, enc), per in rows.items():
+        first = next(iter(per.values()))
+        cells = []
+        for n in names:
+            r = per.get(n)
+            t = r and r.get("qmoe_ms")
+            cells.append(f"{t * 1e3:.1f} | {r['pct_floor']:.1f}" if t else "- | -")
+        dflt = default.get(enc, default["*"])
+        print(f"| {label} | {enc} | {first['active_weight_MB']:.1f} | {first['floor_ms'] * 1e3:.1f} | " +
+              " | ".join(cells) + f" | {dflt} |")
+        d = per.get(dflt)
+        if d and d.get("pct_floor"):
+            mb = d["active_weight_MB"]
+            cls = ">= 32 MB" if mb >= 32 else ("8-32 MB" if mb >= 8 else None)
+            if cls:
+                summary.setdefault((enc, cls), []).append(d["pct_floor"])
+    print()
+    print("Default path, % of the floor (issue 3 targets: >= 80% on rows >= 32 MB, >= 60% on 8-32 MB):")
+    print()
+    print("| enc | rows | % floor (min-max) | rows at target |")
+    print("|---|---|---|---|")
+    for (enc, cls), v in sorted(summary.items()):
+        target = 80 if cls == ">= 32 MB" else 60
+        print(f"| {enc} | {cls} | {min(v):.0f}-{max(v):.0f} | {sum(x >= target for x in v)} of {len(v)} |")
+
+
+if __name__ == "__main__":
+    main()
