@@ -31,12 +31,14 @@ The two tensor-core kernels in one run, row by row on the same card:
 import argparse
 import ctypes
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_bench import timed  # noqa: E402  (one timing method for every GPU benchmark)
 
 SHIM = r"""
 #include <cstdint>
@@ -84,29 +86,8 @@ def build_shim(lib):
 
 
 def timed_graph(fn, reps=25, warm=3):
-    """Median ms of one replay of a graph that runs fn() once."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(warm):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(warm):
-        g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    """Median ms of one call of fn() (gpu_bench.timed: CUDA-graph replays, device events)."""
+    return timed(lambda i: fn(), 1, reps=reps, warm=warm)[0]
 
 
 def split_tokens(T, E, kind, gen):
