@@ -82,6 +82,8 @@ std::vector<Shape> shapes(WeightType w, bool prefill) {
                  w == WeightType::native16 ? 0 : 128, {1, 8, 2, 3, 6, 7, 4}});
   if (prefill && w != WeightType::native16)  // K over two panel chunks (fp16 activations)
     s.push_back({"long_k", 40, 4608, 256, c});
+  if (prefill)  // enough rows for prefill items of several panels, a partial last panel
+    s.push_back({"many_panels", 2000, 128, w == WeightType::native16 ? 0 : 64, c});
   s.push_back({"n1", 1, w == WeightType::native16 ? 64 : 128, w == WeightType::native16 ? 0 : 128,
                prefill ? std::vector<int32_t>{12} : std::vector<int32_t>{1}});
   s.push_back({"t0", 24, 128, w == WeightType::native16 ? 0 : 64, {0, 0}});

@@ -81,7 +81,9 @@ struct Plan {
   int64_t decode_tokens = 0, prefill_tokens = 0;
 
   // decode_rows_cap: most rows per decode item; nb: rows per prefill item.
-  Plan(const MoeGemmParams& p, int64_t row_bytes, int64_t nb, int threads)
+  // nb_floor: a level whose prefill items hold several panels first halves
+  // nb (down to nb_floor) while there are fewer than 16 items a thread.
+  Plan(const MoeGemmParams& p, int64_t row_bytes, int64_t nb, int threads, int64_t nb_floor = 0)
       : E(p.num_experts), N(p.n), K(p.k), T(p.total_tokens), offsets_buf(8 * (E + 1)) {
     offsets = offsets_buf.as<int64_t>();
     offsets[0] = 0;
@@ -105,6 +107,7 @@ struct Plan {
     int64_t rb = max64(1, ceil_div(dec_rows_total, 4 * threads));
     rb = max64(rb, ceil_div(64 << 10, max64(1, row_bytes)));
     // Prefill: shrink the panel while there are fewer than 2 items a thread.
+    while (nb > nb_floor && nb_floor > 0 && pre_experts * ceil_div(N, nb) < 16 * threads) nb /= 2;
     while (nb > 8 && pre_experts * ceil_div(N, nb) < 2 * threads) nb /= 2;
     const int64_t max_items = dec_experts * ceil_div(N, rb) + pre_experts * ceil_div(N, nb);
     items_buf.alloc(sizeof(Item) * max64(1, max_items));

@@ -15,7 +15,8 @@
 // L2 — bf16 for bf16 activations (the weights then round to bf16, as in
 // PyTorch's bf16 product), fp32 for fp16 activations (fp16 does not survive
 // a bf16 round trip within the 2e-3 tolerance) — and every token of the
-// expert runs against it in 4 x 4 register tiles (vdpbf16ps or FMA).
+// expert runs against it in 8-token x 48-row register tiles (vdpbf16ps or
+// FMA); the next panel's packed weights are prefetched into L2 meanwhile.
 #include <immintrin.h>
 
 // GCC 12 warns about the deliberately undefined upper halves in its own
@@ -802,6 +803,9 @@ struct Runner {
         for (int i = 0; i < 16; ++i) {
           uint32_t* t = tmp + i * ud;
           if (rb + i < r1) {
+            if (u + 4 < u1)  // in case this panel was not prefetched
+              _mm_prefetch(reinterpret_cast<const char*>(w + (e * N + rb + i) * row_bytes + (u + 4) * D::kBytes),
+                           _MM_HINT_T0);
             unit_dwords<F32>(w + (e * N + rb + i) * row_bytes, u, srow + i * 2 * sstride,
                         srow + (i * 2 + 1) * sstride, t);
           } else {
@@ -826,6 +830,40 @@ struct Runner {
     return rest >= PMR ? PMR : round_up(rest, 4);
   }
 
+  // Prefetch share `part` of `parts` of the packed weights (and, with part
+  // 0, the scales and zeros) that fill_panel will read for rows [ra, rb)
+  // over K dwords [d0, d0 + kd), into L2.
+  template <bool F32>
+  void prefetch_panel(int64_t e, int64_t ra, int64_t rb, int64_t d0, int64_t kd, int64_t part,
+                      int64_t parts) const {
+    constexpr int64_t ud = D::kUnit / (F32 ? 1 : 2);
+    const int64_t b0 = d0 / ud * D::kBytes, b1 = min64(row_bytes, ceil_div(d0 + kd, ud) * D::kBytes);
+    const int64_t lpr = ceil_div(b1 - b0, 64) + 1;  // lines a row (+1: rows need not be aligned)
+    const int64_t total = (rb - ra) * lpr;
+    const int64_t j0 = total * part / parts, j1 = total * (part + 1) / parts;
+    int64_t row = ra + j0 / lpr, l = j0 % lpr;
+    for (int64_t j = j0; j < j1; ++j) {
+      const uint8_t* base = w + (e * N + row) * row_bytes;
+      _mm_prefetch(reinterpret_cast<const char*>(base + min64(b1 - 1, b0 + l * 64)), _MM_HINT_T1);
+      if (++l == lpr) l = 0, ++row;
+    }
+    if constexpr (Enc::kScaled)
+      if (part == 0)
+        for (int64_t b = 0; b < (rb - ra) * G * 2; b += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(scales + (e * N + ra) * G) + b, _MM_HINT_T1);
+          if constexpr (Enc::kAsym)
+            _mm_prefetch(reinterpret_cast<const char*>(zeros + (e * N + ra) * G) + b, _MM_HINT_T1);
+        }
+  }
+
+  // Rows [r0, r1) of prefill expert e: panels of PNR rows, each over K in
+  // chunks of kc_dw dwords. The panel is decoded once and every token block
+  // of the expert runs against it; while the blocks run, the packed weights
+  // of the next panel (same rows' next chunk, else the next rows' first)
+  // are prefetched into L2, a share after each block, so the next fill
+  // reads from L2 instead of waiting on 16 DRAM streams at once. (Also
+  // prefetching the first panel of the item this worker likely takes next,
+  // i + threads, measured no faster.)
   template <bool F32>
   void prefill_item(const Plan& plan, int64_t e, int64_t r0, int64_t r1, uint32_t* panel,
                     uint32_t* tmp, float* srow, int64_t sstride, V* cbuf) const {
@@ -834,21 +872,33 @@ struct Runner {
     const uint32_t* pack =
         reinterpret_cast<const uint32_t*>(pack_buf.as<uint8_t>() + pack_off_buf.as<int64_t>()[e]);
     alignas(64) float outv[PNR];
-    for (int64_t d0 = 0; d0 < Kd; d0 += kc_dw) {
-      const int64_t kd = min64(kc_dw, Kd - d0);
-      fill_panel<F32>(e, r0, r1, d0, kd, panel, tmp, srow, sstride);
-      const bool first = d0 == 0, last = d0 + kd >= Kd;
-      for (int64_t b = 0; b < nblk; ++b) {
-        V* c = cbuf + (Kd > kc_dw ? b * PMR * 3 : 0);  // one tile unless K takes chunks
-        const int64_t rows = block_rows(nt, b);
-        const uint32_t* pa = pack + b * PMR * Kd + d0 * rows;
-        if (rows == PMR) prefill_micro<F32, PMR>(pa, panel, kd, c, first);
-        else prefill_micro<F32, 4>(pa, panel, kd, c, first);
-        if (!last) continue;
-        const int64_t mr = min64(PMR, nt - b * PMR);
-        for (int64_t i = 0; i < mr; ++i) {
-          for (int j = 0; j < 3; ++j) _mm512_store_ps(outv + 16 * j, c[3 * i + j]);
-          store_act<Act>(outv, out + (t0 + b * PMR + i) * N + r0, r1 - r0);
+    // Only during the last blocks: each block streams its activations
+    // (kc_dw x 8 dwords) through L2, which would evict what came in earlier.
+    const int64_t pf_parts = min64(nblk, 8);
+    for (int64_t rp = r0; rp < r1; rp += PNR) {
+      const int64_t re = min64(r1, rp + PNR);
+      for (int64_t d0 = 0; d0 < Kd; d0 += kc_dw) {
+        const int64_t kd = min64(kc_dw, Kd - d0);
+        int64_t nrp = rp, nd0 = d0 + kc_dw;  // the next panel
+        if (nd0 >= Kd) nd0 = 0, nrp = rp + PNR;
+        const bool has_next = nrp < r1;
+        fill_panel<F32>(e, rp, re, d0, kd, panel, tmp, srow, sstride);
+        const bool first = d0 == 0, last = d0 + kd >= Kd;
+        for (int64_t b = 0; b < nblk; ++b) {
+          V* c = cbuf + (Kd > kc_dw ? b * PMR * 3 : 0);  // one tile unless K takes chunks
+          const int64_t rows = block_rows(nt, b);
+          const uint32_t* pa = pack + b * PMR * Kd + d0 * rows;
+          if (rows == PMR) prefill_micro<F32, PMR>(pa, panel, kd, c, first);
+          else prefill_micro<F32, 4>(pa, panel, kd, c, first);
+          if (has_next && b >= nblk - pf_parts)
+            prefetch_panel<F32>(e, nrp, min64(r1, nrp + PNR), nd0, min64(kc_dw, Kd - nd0),
+                                b - (nblk - pf_parts), pf_parts);
+          if (!last) continue;
+          const int64_t mr = min64(PMR, nt - b * PMR);
+          for (int64_t i = 0; i < mr; ++i) {
+            for (int j = 0; j < 3; ++j) _mm512_store_ps(outv + 16 * j, c[3 * i + j]);
+            store_act<Act>(outv, out + (t0 + b * PMR + i) * N + rp, re - rp);
+          }
         }
       }
     }
@@ -873,7 +923,9 @@ struct Runner {
     const int64_t T = p.total_tokens;
     if (T == 0) return true;
     const int threads = pool_size();
-    Plan plan(p, row_bytes, PNR, threads);
+    // Prefill items of up to 4 panels (the next panel's weights are
+    // prefetched while one runs), fewer where that leaves < 16 items a thread.
+    Plan plan(p, row_bytes, 4 * PNR, threads, PNR);
     pf32 = kF16 || !use_bf16_dot();
     dfma = !kNativeF16 && !use_bf16_dot();
     Kd = pf32 ? Kp : Kp / 2;
