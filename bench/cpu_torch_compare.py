@@ -12,6 +12,14 @@ both activation dtypes, times
 with the same number of threads (torch.set_num_threads = qmoe.set_num_threads),
 median of --runs timed runs after warm-up, and checks that both agree.
 
+Anchors (DESIGN.md §5): the peaks of the instructions computed with, bf16 dot
+product (vdpbf16ps: qmoe with bf16 activations, and oneDNN's bf16 path) and
+fp32 FMA (qmoe with fp16 activations), from `qmoe-bench`'s register-only loops
+(--anchors-bin, found under build/ by default), measured before and after each
+activation dtype's rows: the dev VM's two vCPUs sometimes share one core, which
+halves every figure, so ratios are the comparable numbers. Each row's % of
+peak uses the larger of its two anchors.
+
 Usage:
   python bench/cpu_torch_compare.py                       # E=4, N=K=4096, 256 tokens/expert
   python bench/cpu_torch_compare.py --experts 8 --n 4096 --k 14336 --tokens 256
@@ -27,7 +35,10 @@ import datetime
 import json
 import os
 import platform
+import glob
+import re
 import statistics
+import subprocess
 import time
 
 import torch
@@ -56,6 +67,33 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def find_bench_bin() -> str:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    found = sorted(glob.glob(os.path.join(root, "build", "*", "bench", "qmoe-bench")), key=os.path.getmtime)
+    return found[-1] if found else ""
+
+
+def measure_peaks(bench_bin: str, threads: int) -> dict:
+    """{'dot': vdpbf16ps GFLOP/s, 'fma': fp32 FMA GFLOP/s} on `threads` threads (0.0 if unknown)."""
+    peaks = {"dot": 0.0, "fma": 0.0}
+    if not bench_bin:
+        return peaks
+    for act, key, pat in (("bf16", "dot", r"bf16 dot \(vdpbf16ps\) peak ([0-9.]+)"),
+                          ("f16", "fma", r"fp32 FMA peak ([0-9.]+)")):
+        try:
+            r = subprocess.run([bench_bin, "--device", "cpu", "--quick", "--phase", "prefill",
+                                "--encodings", "bf16", "--shapes", "ark", "--act", act,
+                                "--threads", str(threads)],
+                               capture_output=True, text=True, timeout=120)
+            m = re.search(pat, r.stdout)
+            if m:
+                peaks[key] = float(m.group(1))
+        except (OSError, subprocess.SubprocessError):
+            pass
+    time.sleep(0.2)
+    return peaks
 
 
 def median_ms(fn, runs: int, warmup: int = 2) -> float:
@@ -145,7 +183,10 @@ def main() -> None:
     ap.add_argument("--only", default="", help="substring of the encoding labels to run")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default="")
+    ap.add_argument("--anchors-bin", default=None,
+                    help="qmoe-bench binary for the peak anchors (default: newest build/*/bench/qmoe-bench; '' skips)")
     args = ap.parse_args()
+    bench_bin = find_bench_bin() if args.anchors_bin is None else args.anchors_bin
     if args.quick:
         args.experts, args.n, args.k, args.runs = 2, 1024, 1024, 5
 
@@ -165,24 +206,43 @@ def main() -> None:
     print(f"# E={args.experts} N={args.n} K={args.k} group_size={args.group_size}, "
           f"median of {args.runs} runs")
     print()
+    print(f"# anchors from {bench_bin or '(none)'}: peaks in GFLOP/s, before -> after each block")
+    print()
     print("| phase | act | encoding | tok/exp | qmoe ms | torch bf16 loop ms | qmoe / torch speed | "
-          "qmoe GFLOP/s | torch GFLOP/s | qmoe weight GB/s | rel. diff |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    rows = []
+          "qmoe GFLOP/s | torch GFLOP/s | qmoe % of peak | torch % of dot peak | qmoe weight GB/s | rel. diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    rows, anchors = [], []
+    before = measure_peaks(bench_bin, threads)
     for phase, tpe in cases:
         for act_dtype in acts:
+            block = []
             for label, bits, asym, fp8 in ENCODINGS:
                 if args.only and args.only not in label:
                     continue
-                r = run_case(args, act_dtype, label, bits, asym, fp8, tpe, phase)
+                block.append(run_case(args, act_dtype, label, bits, asym, fp8, tpe, phase))
+            after = measure_peaks(bench_bin, threads)
+            anchors.append({"phase": phase, "act": str(act_dtype), "before": before, "after": after})
+            dot = max(before["dot"], after["dot"])
+            own = dot if act_dtype == torch.bfloat16 else max(before["fma"], after["fma"])
+            for r in block:
+                r["qmoe_pct_of_peak"] = 100 * r["qmoe_gflops"] / own if own else None
+                r["torch_pct_of_dot_peak"] = 100 * r["torch_gflops"] / dot if dot else None
+                pct = lambda v: f"{v:.0f}%" if v is not None else "-"
                 rows.append(r)
-                print(f"| {phase} | {r['act']} | {label} | {tpe} | {r['qmoe_ms']:.2f} | "
+                print(f"| {phase} | {r['act']} | {r['encoding']} | {tpe} | {r['qmoe_ms']:.2f} | "
                       f"{r['torch_bf16_loop_ms']:.2f} | {r['speedup']:.2f}x | {r['qmoe_gflops']:.0f} | "
-                      f"{r['torch_gflops']:.0f} | {r['qmoe_weight_gbs']:.1f} | {r['rel_err_vs_torch']:.1e} |",
-                      flush=True)
+                      f"{r['torch_gflops']:.0f} | {pct(r['qmoe_pct_of_peak'])} | "
+                      f"{pct(r['torch_pct_of_dot_peak'])} | {r['qmoe_weight_gbs']:.1f} | "
+                      f"{r['rel_err_vs_torch']:.1e} |", flush=True)
+            print(f"# anchors for {phase} {r['act'] if block else act_dtype}: "
+                  f"vdpbf16ps {before['dot']:.0f} -> {after['dot']:.0f}, "
+                  f"fp32 FMA {before['fma']:.0f} -> {after['fma']:.0f} "
+                  f"(qmoe computes with {'vdpbf16ps' if act_dtype == torch.bfloat16 else 'fp32 FMA'})",
+                  flush=True)
+            before = after
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"cpu": cpu_model(), "threads": threads, "rows": rows}, f, indent=1)
+            json.dump({"cpu": cpu_model(), "threads": threads, "anchors": anchors, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
