@@ -715,7 +715,7 @@ struct Runner {
   bool dfma = false;       // decode computes with fp32 FMA, else vdpbf16ps
   int64_t Kd = 0;         // dwords along K
   int64_t kc_dw = 0;      // dwords of K per panel chunk
-  Buf pack_buf;
+  CachedBuf<0> pack_buf;
   Buf pack_off_buf;       // [E] byte offsets of each prefill expert's packed block
 
   static inline void transpose16(VI r[16]) {
@@ -1012,7 +1012,8 @@ struct Runner {
       pre_bytes = panel_bytes + tmp_bytes + srow_bytes + (Kd > kc_dw ? max_blocks * PMR * 3 * 64 : PMR * 3 * 64);
     }
     const int64_t per = tot_bytes + small + round_up(pre_bytes, 64);
-    Buf scratch(size_t(per * threads));
+    CachedBuf<1> scratch;
+    scratch.alloc(size_t(per * threads));
 
     auto body = [&](int64_t i, int wk) {
       const Item& it = plan.items[i];
