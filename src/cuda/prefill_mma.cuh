@@ -267,6 +267,38 @@ struct Item {
   int e, tok0, rows, n0, bn;  // bn: rows of the weight tile, 256 or 128
 };
 
+// The schedule both prefill kernels build in shared memory from the device
+// counts, every CTA the same: s_tok[e] = the clamped first token of expert e
+// (s_tok[E] = the tokens covered), s_items[e] = token tiles of BM tokens of
+// the experts before e. Returns s_items[E] on thread kThreads - 1 (which also
+// stores it). The caller sets s_items[E + 1], [E + 2] (see decode_item) and
+// synchronises. `scratch` holds a block scan (one long long a warp).
+template <int kThreads, int BM>
+__device__ __forceinline__ int build_schedule(const int32_t* counts, int E, int64_t T, int* s_tok, int* s_items,
+                                              long long* scratch) {
+  const int tid = threadIdx.x;
+  const int per = (E + kThreads - 1) / kThreads;
+  const int i0 = min(E, tid * per), i1 = min(E, i0 + per);
+  long long sum = 0;
+  for (int i = i0; i < i1; ++i) sum += max(counts[i], 0);
+  long long off = block_exclusive_scan<long long>(sum, scratch);
+  for (int i = i0; i < i1; ++i) {
+    s_tok[i] = int(min(off, (long long)T));
+    off += max(counts[i], 0);
+  }
+  if (tid == kThreads - 1) s_tok[E] = int(min(off, (long long)T));
+  __syncthreads();
+  int isum = 0;
+  for (int i = i0; i < i1; ++i) isum += (s_tok[i + 1] - s_tok[i] + BM - 1) / BM;
+  int ioff = block_exclusive_scan<int>(isum, reinterpret_cast<int*>(scratch));
+  for (int i = i0; i < i1; ++i) {
+    s_items[i] = ioff;
+    ioff += (s_tok[i + 1] - s_tok[i] + BM - 1) / BM;
+  }
+  if (tid == kThreads - 1) s_items[E] = ioff;
+  return ioff;
+}
+
 // s_items[e]: token tiles of the experts before e; s_items[E + 1], [E + 2]:
 // the schedule's n tiles per token tile and rows per n tile (256 or 128).
 // Item i: expert e with s_items[e] * nt <= i < s_items[e + 1] * nt, then n
@@ -642,26 +674,8 @@ __global__ void __launch_bounds__(32 * Warps, 1) prefill_kernel(const Args a) {
   int* s_items = s_tok + (a.E + 1);                                   // [E + 3]
   long long* scratch = reinterpret_cast<long long*>(smem);            // pipeline buffers are free now
   {
-    const int per = (a.E + C::kThreads - 1) / C::kThreads;
-    const int i0 = min(a.E, tid * per), i1 = min(a.E, i0 + per);
-    long long sum = 0;
-    for (int i = i0; i < i1; ++i) sum += max(a.counts[i], 0);
-    long long off = block_exclusive_scan<long long>(sum, scratch);
-    for (int i = i0; i < i1; ++i) {
-      s_tok[i] = int(min(off, (long long)a.T));
-      off += max(a.counts[i], 0);
-    }
-    if (tid == C::kThreads - 1) s_tok[a.E] = int(min(off, (long long)a.T));
-    __syncthreads();
-    int isum = 0;
-    for (int i = i0; i < i1; ++i) isum += (s_tok[i + 1] - s_tok[i] + C::BM - 1) / C::BM;
-    int ioff = block_exclusive_scan<int>(isum, reinterpret_cast<int*>(scratch));
-    for (int i = i0; i < i1; ++i) {
-      s_items[i] = ioff;
-      ioff += (s_tok[i + 1] - s_tok[i] + C::BM - 1) / C::BM;
-    }
+    const int ioff = build_schedule<C::kThreads, C::BM>(a.counts, a.E, a.T, s_tok, s_items, scratch);
     if (tid == C::kThreads - 1) {
-      s_items[a.E] = ioff;
       // Weight tile rows, the same choice in every CTA (same counts, same
       // grid): 128-row tiles when the 256-row items fill less than two
       // waves of the grid and halving them shortens the busiest CTA's list

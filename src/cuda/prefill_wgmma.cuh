@@ -502,26 +502,8 @@ __global__ void __launch_bounds__(384, 1) wgmma_kernel(const WArgs a, const __gr
 
   // ---- schedule: clamped token ranges and item prefix sums (as prefill_mma.cuh).
   {
-    const int per = (a.E + C::kThreads - 1) / C::kThreads;
-    const int i0 = min(a.E, tid * per), i1 = min(a.E, i0 + per);
-    long long sum = 0;
-    for (int i = i0; i < i1; ++i) sum += max(a.counts[i], 0);
-    long long off = block_exclusive_scan<long long>(sum, scratch);
-    for (int i = i0; i < i1; ++i) {
-      s_tok[i] = int(min(off, (long long)a.T));
-      off += max(a.counts[i], 0);
-    }
-    if (tid == C::kThreads - 1) s_tok[a.E] = int(min(off, (long long)a.T));
-    __syncthreads();
-    int isum = 0;
-    for (int i = i0; i < i1; ++i) isum += (s_tok[i + 1] - s_tok[i] + C::BM - 1) / C::BM;
-    int ioff = block_exclusive_scan<int>(isum, reinterpret_cast<int*>(scratch));
-    for (int i = i0; i < i1; ++i) {
-      s_items[i] = ioff;
-      ioff += (s_tok[i + 1] - s_tok[i] + C::BM - 1) / C::BM;
-    }
+    build_schedule<C::kThreads, C::BM>(a.counts, a.E, a.T, s_tok, s_items, scratch);
     if (tid == C::kThreads - 1) {
-      s_items[a.E] = ioff;
       s_items[a.E + 1] = a.n_tiles;
       s_items[a.E + 2] = C::BN;
     }
