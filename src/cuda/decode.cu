@@ -206,12 +206,11 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
   constexpr int kMacroK = kMacro * 8 / kBits;  // k values per macro step
   static_assert(kWords * D::kWordPairs == 2 * kSteps, "a chunk feeds whole mma steps");
   static_assert(kActVec >= 1, "activation chunk of at least 16 bytes");
-  // Where the scale is applied: in fp32 after the mma ("post") or to the A
-  // operand in 16-bit ("pre"). Passes of 24 tokens scale in 16-bit even when
-  // groups allow post-scaling: their fp32 partial sums would not fit the
-  // registers.
+  // Where the scale is applied: in fp32 after the mma ("post", also for
+  // passes of 24 tokens: their partial sums fit 128 registers without spills)
+  // or to the A operand in 16-bit ("pre").
   constexpr bool kPost = SM == ScaleMode::post;
-  constexpr bool kPre = SM == ScaleMode::pre || (SM == ScaleMode::post && !kPost);
+  constexpr bool kPre = SM == ScaleMode::pre;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, c = lane & 3;
