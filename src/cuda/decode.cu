@@ -71,7 +71,6 @@ struct DecodeArgs {
   int groups;     // K / group_size
   int pg_shift;   // log2 of the macro steps (post) or chunks (pre) per group
   int nmacro;     // macro steps per row: ceil(rb / (4 * CB))
-  int nfull;      // whole macro steps per row: rb / (4 * CB)
   int wk, wn;     // warps of a block along K and along N (wk * wn == kWarps)
   // Fused-layer options (DecodeFusion): activation row r is act_rows[r] when
   // act_rows is set; glu = I > 0: rows n and I + n are the gate and up rows
@@ -501,7 +500,6 @@ Status launch_pipe(const MoeGemmParams& p, const DecodeFusion& f, cudaStream_t s
   a.groups = Enc::kScaled ? int(p.k / p.group_size) : 1;
   a.pg_shift = __builtin_ctz(unsigned(per_group));  // a power of two (launch_typed)
   a.nmacro = int((rb + kMacro - 1) / kMacro);
-  a.nfull = int(rb / kMacro);
 
   // Enough warps to keep every SM's loads in flight even with 1-2 active
   // experts: split K among the warps of a block while the grid has fewer
