@@ -402,13 +402,16 @@ SideStream* side_stream(int device) {
   return s.stream ? &s : nullptr;
 }
 
-// The layer's decode/prefill choice: decode up to 8 token copies per expert
-// on average. Measured on H100 (bench/gpu_bench.py --phase crossover,
-// docs/PERFORMANCE.md): int4 decode beats the wgmma prefill by 25-35% at 4-8
-// tokens per expert and loses from 16; 16-bit weights are within 6% either
-// way. (moe()'s public default stays ARK's 4.)
-constexpr int64_t kLayerDecodeThreshold = 8;
-Phase layer_phase(const MoeGemmParams& q) { return choose_phase(q, kLayerDecodeThreshold); }
+// The layer's decode/prefill choice, from the crossover measured on H100
+// (bench/gpu_bench.py --phase crossover, docs/PERFORMANCE.md): with quantized
+// weights the decode kernel takes 13-45% less time than the wgmma prefill up
+// to 8 tokens per expert and more from 16, so decode up to 8 copies per
+// expert on average; 16-bit weights keep moe()'s default of 4 (there prefill
+// was 3-19% faster at every count measured, with all experts active; fewer
+// active experts were not measured).
+Phase layer_phase(const MoeGemmParams& q) {
+  return choose_phase(q, q.weight_type == WeightType::native16 ? 4 : 8);
+}
 
 unsigned blocks(int64_t n, int per) { return unsigned((n + per - 1) / per); }
 
