@@ -93,25 +93,41 @@ struct Dec<IntEncoding<8, Asym>, void> {
     }
     return (VI)_mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(hi), _mm512_cvtepi32_ps(lo));
   }
-  VI vec(VI raw, int) const { return raw; }
+  VI vec(VI raw, int, bool = false) const { return raw; }
 };
 
 // int4 / int2, no shuffles: 64 bytes are 32 words; field f of word i (bits
-// f*Bits..) is the weight at k = kVecs * i + f. bf16 0x4300 is 128.0 with a
-// mantissa step of 1, so (field | 0x4300) is exactly 128 + u, u the field
-// read as unsigned; sym codes are two's complement, so u = code ^ half and
-// value = u - half (the trait's kQmin). kOffset = 128 - kQmin.
+// f*Bits..) is the weight at k = kVecs * i + f. A bf16 word with exponent
+// 2^e and a field (read as unsigned u) in its mantissa bits sh.. is exactly
+// 2^e + u * 2^(e - 7 + sh); with 2^e = 128 >> sh that is (128 >> sh) + u.
+// Narrow decode (vec(x, f)): every field shifted to bit 0 (a shift and a
+// vpternlogd a field). Wide decode (vec(x, f, true), int2 only): bf16's 7
+// mantissa bits hold kWin = 7 / Bits = 3 fields in place (those at bits 0,
+// 2, 4), so a vector is one vpternlogd of x, x >> 6 or x >> 12: 2 shifts a
+// unit instead of 7. The wide decode's four constants (three field masks |
+// exponents, kHigh) cost registers, so only the 1-token decode, short of
+// vector ALU slots but not of registers, takes it (2 tokens measured 10%
+// slower with it). vpternlogd: c & (y | kHigh), c = field mask | exponent
+// bits, kHigh = the bits above the window. Sym codes are two's complement,
+// so u = code ^ half (flipped once a unit) and value = u - half (the
+// trait's kQmin). Word = value + kOffset (+ delta(f) when wide), kOffset =
+// 128 - kQmin, delta(f) = (128 >> sh) - 128: both come back out through the
+// per-group activation sums (delta's weighted by the element's vector).
 template <int Bits, bool Asym>
 struct Dec<IntEncoding<Bits, Asym>, std::enable_if_t<(Bits < 8)>> {
   using Enc = IntEncoding<Bits, Asym>;
   static constexpr int kVecs = 16 / Bits, kUnit = 32 * kVecs, kBytes = 64;
+  static constexpr int kWin = 7 / Bits;  // fields a mantissa holds in place
+  static constexpr int kHigh = 0xFFC0;   // every exponent bit used below, no field bit
   static constexpr float kOffset = 128.0f - float(Enc::kQmin);
+  static constexpr bool kVarOffset = kWin > 1;  // whether a wide decode exists
+  static constexpr float delta(int f) { return float(128 >> (f % kWin * Bits)) - 128.0f; }
   explicit Dec(const float*) {}
   VI raw(const uint8_t* p) const { return flip(loadu(p)); }
   VI raw_part(const uint8_t* p, int64_t n) const { return flip(_mm512_maskz_loadu_epi8(mask64(n), p)); }
   static VI flip(VI x) {
     // Asym: keep the loaded bytes in a register (else GCC folds the load
-    // into each of the kVecs shifts: kVecs loads a unit, load-port bound).
+    // into each use: several loads a unit, load-port bound).
     if constexpr (Asym) __asm__("" : "+v"(x));
     if constexpr (!Asym) {  // flip the sign bit of every field
       constexpr int kHalf = 1 << (Bits - 1);
@@ -121,10 +137,17 @@ struct Dec<IntEncoding<Bits, Asym>, std::enable_if_t<(Bits < 8)>> {
     }
     return x;
   }
-  VI vec(VI x, int f) const {  // ((x >> f*Bits) & mask) | 0x4300
-    const VI mask = _mm512_set1_epi16(int16_t(Enc::kMask)), one28 = _mm512_set1_epi16(0x4300);
-    if (f == 0) return _mm512_ternarylogic_epi32(x, mask, one28, 0xEA);
-    return _mm512_ternarylogic_epi32(_mm512_srli_epi16(x, unsigned(f * Bits)), mask, one28, 0xEA);
+  VI vec(VI x, int f, bool wide = false) const {
+    const VI one28 = _mm512_set1_epi16(0x4300);
+    if (!(kVarOffset && wide)) {  // ((x >> f*Bits) & mask) | 0x4300
+      const VI mask = _mm512_set1_epi16(int16_t(Enc::kMask));
+      if (f == 0) return _mm512_ternarylogic_epi32(x, mask, one28, 0xEA);
+      return _mm512_ternarylogic_epi32(_mm512_srli_epi16(x, unsigned(f * Bits)), mask, one28, 0xEA);
+    }
+    const int win = f / kWin, sh = f % kWin * Bits;
+    const VI c = _mm512_set1_epi16(int16_t((Enc::kMask << sh) | (0x4300 - (sh << 7))));
+    const VI y = win == 0 ? x : _mm512_srli_epi16(x, unsigned(win * kWin * Bits));
+    return _mm512_ternarylogic_epi32(y, c, _mm512_set1_epi16(int16_t(kHigh)), 0xC8);  // c & (y | kHigh)
   }
 };
 
@@ -150,7 +173,7 @@ struct Dec<Fp8Encoding<Fmt, W>, void> {
   }
   VI raw(const uint8_t* p) const { return loadu(p); }
   VI raw_part(const uint8_t* p, int64_t n) const { return _mm512_maskz_loadu_epi8(mask64(n), p); }
-  VI vec(VI w, int f) const {  // r | (sign bit of the code)
+  VI vec(VI w, int f, bool = false) const {  // r | (sign bit of the code)
     const VI sign = _mm512_set1_epi16(int16_t(0x8000));
     if (f == 0) return _mm512_ternarylogic_epi32(mag(w), _mm512_slli_epi16(w, 8), sign, 0xF8);
     return _mm512_ternarylogic_epi32(mag(_mm512_srli_epi16(w, 8)), w, sign, 0xF8);
@@ -164,7 +187,7 @@ struct Dec<Native16Encoding<ActBF16>, void> {
   explicit Dec(const float*) {}
   VI raw(const uint8_t* p) const { return loadu(p); }
   VI raw_part(const uint8_t* p, int64_t n) const { return _mm512_maskz_loadu_epi8(mask64(n), p); }
-  VI vec(VI x, int) const { return x; }
+  VI vec(VI x, int, bool = false) const { return x; }
 };
 
 // fp16 weights are not exact in bf16: raw halves, converted by vcvtph2ps
@@ -177,6 +200,12 @@ struct Dec<Native16Encoding<ActF16>, void> {
   VI raw(const uint8_t* p) const { return loadu(p); }
   VI raw_part(const uint8_t* p, int64_t n) const { return _mm512_maskz_loadu_epi8(mask64(n), p); }
 };
+
+// Whether Dec's words carry a per-vector offset delta(f) on top of kOffset.
+template <class D, class = void>
+struct VarOff : std::false_type {};
+template <class D>
+struct VarOff<D, std::enable_if_t<D::kVarOffset>> : std::true_type {};
 
 // ---------------------------------------------------------------- helpers
 template <class Act>
@@ -241,6 +270,17 @@ inline float dot_f32(const float* a, const float* b, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = mask16(n - i);
     acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// a . b + c . d (n each), one reduction.
+inline float dot2_f32(const float* a, const float* b, const float* c, const float* d, int64_t n) {
+  V acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = mask16(n - i);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, c + i), _mm512_maskz_loadu_ps(m, d + i), acc);
   }
   return _mm512_reduce_add_ps(acc);
 }
@@ -365,6 +405,17 @@ struct Runner {
   static constexpr bool kNativeF16 = is_native_f16<Enc>();
   // Whether the dot needs sum_g s_g (kOffset + z_g) sum_{k in g} a_k taken off.
   static constexpr bool kCorr = Enc::kAsym || D::kOffset != 0.0f;
+  // Whether Dec has a wide decode, whose words of vector f also carry
+  // D::delta(f): then a second per-group sum, sum_{k in g} delta(k % kVecs)
+  // a_k, times s_g comes off. The decode of NT tokens takes it if kWide<NT>.
+  static constexpr bool kVarOff = VarOff<D>::value;
+  template <int NT>
+  static constexpr bool kWide = kVarOff && NT == 1;
+  static constexpr int64_t kSums = kVarOff ? 2 : 1;  // per-group sums a token
+  static constexpr float delta(int f) {
+    if constexpr (kVarOff) return D::delta(f);
+    return 0.0f;
+  }
   // Decode rows between two output stores (results buffered as fp32).
   static constexpr int64_t kResRows = 256;
   static constexpr int64_t kPrefetchMin = 4096;
@@ -395,7 +446,7 @@ struct Runner {
   int64_t stride = 0;     // bytes per prepared activation row
   int64_t sstride_ = 0;   // floats per scale buffer (G + slack)
   bool direct = false;    // bf16 activations used in place
-  float* asum = nullptr;  // [T, G] sums of each group's activations (kCorr)
+  float* asum = nullptr;  // [T, kSums, G] per-group activation sums (kCorr)
 
   Runner(const MoeGemmParams& params, const float* values)
       : p(params),
@@ -488,15 +539,23 @@ struct Runner {
     }
   }
 
-  // Sum of each group's activations (fp32) of token t.
+  // Sum of each group's activations (fp32) of token t, and (kVarOff) the
+  // sum weighted by delta of each element's vector.
   void prep_asum(int64_t t) {
     const uint16_t* src = act + t * K;
-    float* as = asum + t * G;
+    float* as = asum + t * kSums * G;
+    alignas(64) float dp[16];
+    for (int l = 0; l < 16; ++l) dp[l] = delta(l % D::kVecs);
+    const V dpat = _mm512_load_ps(dp);  // (groups start at multiples of 16 where kVarOff)
     for (int64_t g = 0; g < G; ++g) {
-      V acc = _mm512_setzero_ps();
-      for (int64_t k = g * gs; k < (g + 1) * gs; k += 16)
-        acc = _mm512_add_ps(acc, half_to_f32<Act>(_mm256_maskz_loadu_epi16(mask16((g + 1) * gs - k), src + k)));
+      V acc = _mm512_setzero_ps(), accd = acc;
+      for (int64_t k = g * gs; k < (g + 1) * gs; k += 16) {
+        const V x = half_to_f32<Act>(_mm256_maskz_loadu_epi16(mask16((g + 1) * gs - k), src + k));
+        acc = _mm512_add_ps(acc, x);
+        if constexpr (kVarOff) accd = _mm512_fmadd_ps(x, dpat, accd);
+      }
       as[g] = _mm512_reduce_add_ps(acc);
+      if constexpr (kVarOff) as[G + g] = _mm512_reduce_add_ps(accd);
     }
   }
 
@@ -530,10 +589,13 @@ struct Runner {
   // Rows per step: 4 for few tokens (more independent work per weight
   // stream; measured faster than 1 or 2 rows in and out of cache), 2 for
   // more (R x NT accumulators and running sums fill the 32 registers).
+  // Chains: 2 for one token; 2 tokens x 4 rows are 8 chains already (a
+  // second set spilled registers: one chain measured 4% faster for int2,
+  // 20% for int4, 5-10% for int8/fp8 on one Zen 5 core, L2-resident).
   template <int NT>
   static constexpr int kRows = NT <= 2 ? 4 : 2;
   template <int NT>
-  static constexpr int kChains = NT <= 2 ? 2 : 1;
+  static constexpr int kChains = NT <= 1 ? 2 : 1;
 
   // acc[(j + P) % C][i][t] += vector j of unit u of R rows (raw registers
   // x[i]) . token t.
@@ -558,7 +620,7 @@ struct Runner {
       for (int j = 0; j < D::kVecs; ++j) {
         const int c = (j + P) % C;
         VI v[R];
-        for (int i = 0; i < R; ++i) v[i] = dec.vec(x[i], j);
+        for (int i = 0; i < R; ++i) v[i] = dec.vec(x[i], j, kWide<NT>);
         const int64_t eo = u * D::kUnit + j * 32;  // element offset of the vector
         if constexpr (FMA) {  // words as fp32 (even, odd) against [16 even | 16 odd] activations
           V ev[R], od[R];
@@ -684,7 +746,9 @@ struct Runner {
       for (int t = 0; t < NT; ++t) {
         float v = _mm512_reduce_add_ps(tot[i][t]);
         // - sum_g s_g (kOffset + z_g) sum_{k in g} a_k
-        if constexpr (kCorr) v -= dot_f32(s[i] + sstride_, as[t], G);
+        //   (kVarOff: - sum_g s_g sum_{k in g} delta(k % kVecs) a_k, same reduction)
+        if constexpr (kWide<NT>) v -= dot2_f32(s[i] + sstride_, as[t], s[i], as[t] + G, G);
+        else if constexpr (kCorr) v -= dot_f32(s[i] + sstride_, as[t], G);
         res[t * ldr + i] = v;
       }
   }
@@ -940,7 +1004,7 @@ struct Runner {
     }
     const bool need_asum = kCorr && plan.decode_tokens > 0;
     if (need_asum) {
-      asum_buf.alloc(size_t(T * G * 4));
+      asum_buf.alloc(size_t(T * kSums * G * 4));
       asum = asum_buf.as<float>();
     }
     // Prefill tokens: packed blocks of PMR tokens per expert.
@@ -1038,7 +1102,7 @@ struct Runner {
       for (int t = 0; t < kDecodeMaxTokens; ++t) {
         const int64_t tt = t0 + min64(t, nt - 1);
         a[t] = act_row(tt);
-        as[t] = asum ? asum + tt * G : nullptr;
+        as[t] = asum ? asum + tt * kSums * G : nullptr;
       }
       auto rows = [&](auto nt_c) {
         constexpr int NT = decltype(nt_c)::value;
