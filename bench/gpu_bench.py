@@ -333,6 +333,17 @@ def copies_for(active_bytes, total_bytes, l2_bytes, mem_cap):
     return int(min(want, fit, 32))
 
 
+def rotated_problem(E, N, K, counts, enc, dtype, gs, l2_bytes, mem_cap):
+    """The Problem of one row with as many input copies as copies_for asks for
+    (a one-copy probe first gives the bytes of an expert)."""
+    probe = Problem(E, N, K, counts, enc, dtype, gs, 1, seed=7)
+    active = int((counts > 0).sum())
+    copies = copies_for(active * probe.expert_bytes(), E * probe.expert_bytes() + probe.T * K * 2, l2_bytes,
+                        mem_cap)
+    del probe
+    return Problem(E, N, K, counts, enc, dtype, gs, copies, seed=11)
+
+
 # ------------------------------------------------------------------ anchors
 def torch_anchors(prob, phase, with_matmul=False):
     """Per-expert loop and torch._grouped_mm on bf16 weights (prob: a bf16 Problem)."""
@@ -467,11 +478,8 @@ def main():
         per_enc = []
         for enc in (["bf16"] if not args.no_anchors else []) + [e for e in encs if e != "bf16"] + \
                 (["bf16"] if "bf16" in encs and args.no_anchors else []):
-            probe = Problem(E, N, K, counts, enc, dtype, args.group_size, 1, seed=7)
-            copies = copies_for(active * probe.expert_bytes(), E * probe.expert_bytes() + probe.T * K * 2, l2,
-                                mem_cap)
-            del probe
-            prob = Problem(E, N, K, counts, enc, dtype, args.group_size, copies, seed=11)
+            prob = rotated_problem(E, N, K, counts, enc, dtype, args.group_size, l2, mem_cap)
+            copies = prob.copies
             row = dict(card=card, label=s["label"], model=s["model"], batch=s["batch"], product=s["product"],
                        encoding=enc, E=E, N=N, K=K, T=prob.T, active_experts=active,
                        max_tokens_per_expert=int(counts.max()), copies=copies,
@@ -541,11 +549,8 @@ def crossover(args, backend, meta, encs, dtype, l2, products):
             for enc in encs:
                 for m in ms_list:
                     counts = torch.full((E,), m, dtype=torch.int32)
-                    probe = Problem(E, N, K, counts, enc, dtype, args.group_size, 1, seed=7)
-                    copies = copies_for(E * probe.expert_bytes(), E * probe.expert_bytes() + probe.T * K * 2, l2,
-                                        mem_cap)
-                    del probe
-                    prob = Problem(E, N, K, counts, enc, dtype, args.group_size, copies, seed=11)
+                    prob = rotated_problem(E, N, K, counts, enc, dtype, args.group_size, l2, mem_cap)
+                    copies = prob.copies
                     row = dict(card=meta["card"], model=model, product=prod, encoding=enc, E=E, N=N, K=K,
                                tokens_per_expert=m, T=prob.T)
                     for phase in ("decode", "prefill"):
