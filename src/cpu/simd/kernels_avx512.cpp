@@ -418,6 +418,7 @@ struct Runner {
   }
   // Decode rows between two output stores (results buffered as fp32).
   static constexpr int64_t kResRows = 256;
+  static constexpr int64_t kResLd = kResRows + 4;  // (slack: a step's rows past the chunk)
   static constexpr int64_t kPrefetchMin = 4096;
 
   // Whether this level takes the call: a unit of packed weights must lie in
@@ -578,8 +579,13 @@ struct Runner {
 
   // ------------------------------------------------------------ decode rows
   // One decode step: R rows x NT tokens, each row walked along the whole K
-  // once as one sequential stream (no K chunks: their jumps cost the
-  // prefetchers more than L2-resident activations cost the loads). A unit's
+  // once (no K chunks: their jumps cost the prefetchers more than
+  // L2-resident activations cost the loads). The R rows are a chunk's
+  // rows j, j + rs, j + 2 rs, ..., so each of the R weight streams runs on
+  // sequentially through rs whole rows: R side-by-side rows made short
+  // streams (one row, 1-7 KB) that the prefetchers never got ahead of (the
+  // int2/int4 Mixtral b1 rows read DRAM at 50-70% of the anchor that way,
+  // 80-90% as long streams, interleaved runs). A unit's
   // packed bytes are decoded once in registers; every activation vector
   // loaded feeds the R rows (with several tokens the L1 loads, not the
   // weight bytes, would bound it). C accumulator chains per (row, token)
@@ -677,20 +683,21 @@ struct Runner {
     }
   }
 
-  // Rows [r, r + R) of expert e (rows past r1 repeat row r1 - 1 and are not
-  // stored) for NT tokens; res[t * ldr + i] gets the results.
+  // Rows r + i * rs (i < R) of expert e (rows past r1 repeat row r1 - 1;
+  // their results land in res's slack) for NT tokens; res[t * ldr + i * rs]
+  // gets the results.
   template <int NT, int R, bool FMA>
-  void decode_step(int64_t e, int64_t r, int64_t r1, const uint8_t* const* a, const float* const* as,
-                   float* sb, float* res, int64_t ldr) const {
+  void decode_step(int64_t e, int64_t r, int64_t rs, int64_t r1, const uint8_t* const* a,
+                   const float* const* as, float* sb, float* res, int64_t ldr) const {
     constexpr int C = kChains<NT>;
     const uint8_t* wr[R];
     const float* s[R];
     for (int i = 0; i < R; ++i) {
-      const int64_t row = min64(r + i, r1 - 1);
+      const int64_t row = min64(r + i * rs, r1 - 1);
       wr[i] = w + (e * N + row) * row_bytes;
       float* si = sb + i * 2 * sstride_;
       load_scales(e, row, 0, G, si, si + sstride_);
-      prefetch_scales(e, row + 4 * R, 0);
+      prefetch_scales(e, row + 4, 0);
       s[i] = si;
     }
     const int64_t full = tail_bytes ? units - 1 : units;  // units read whole
@@ -749,7 +756,7 @@ struct Runner {
         //   (kVarOff: - sum_g s_g sum_{k in g} delta(k % kVecs) a_k, same reduction)
         if constexpr (kWide<NT>) v -= dot2_f32(s[i] + sstride_, as[t], s[i], as[t] + G, G);
         else if constexpr (kCorr) v -= dot_f32(s[i] + sstride_, as[t], G);
-        res[t * ldr + i] = v;
+        res[t * ldr + i * rs] = v;
       }
   }
 
@@ -757,11 +764,16 @@ struct Runner {
   template <int NT, bool FMA>
   void decode_rows(int64_t e, int64_t r0, int64_t r1, int64_t t0, int64_t nt, const uint8_t* const* a,
                    const float* const* as, float* sb, float* res) const {
+    constexpr int R = kRows<NT>;
     for (int64_t c0 = r0; c0 < r1; c0 += kResRows) {
       const int64_t c1 = min64(r1, c0 + kResRows);
-      for (int64_t r = c0; r < c1; r += kRows<NT>)
-        decode_step<NT, kRows<NT>, FMA>(e, r, c1, a, as, sb, res + (r - c0), kResRows);
-      for (int64_t t = 0; t < nt; ++t) store_act<Act>(res + t * kResRows, out + (t0 + t) * N + c0, c1 - c0);
+      // The R rows of a step lie `rs` rows apart: each row stream runs on
+      // through rs consecutive rows (long sequential streams for the
+      // prefetchers), not R rows side by side for one row's length.
+      const int64_t rs = ceil_div(c1 - c0, R);
+      for (int64_t j = 0; j < rs; ++j)
+        decode_step<NT, R, FMA>(e, c0 + j, rs, c1, a, as, sb, res + j, kResLd);
+      for (int64_t t = 0; t < nt; ++t) store_act<Act>(res + t * kResLd, out + (t0 + t) * N + c0, c1 - c0);
     }
   }
   // ------------------------------------------------------------ prefill
@@ -1053,17 +1065,14 @@ struct Runner {
     }
 
     // Decode weight streams are prefetched this far ahead: the same place
-    // of the row a few decode steps (R consecutive rows each) later, at
-    // least kPrefetchMin bytes on.
-    {
-      const int64_t step = 4 * row_bytes;  // R <= 4
-      pf_dist = ceil_div(kPrefetchMin, step) * step;
-    }
+    // of a later row of the same stream (each of a step's R rows runs on
+    // through consecutive rows), at least kPrefetchMin bytes on.
+    pf_dist = ceil_div(kPrefetchMin, row_bytes) * row_bytes;
     // Per-worker scratch. Decode: scales and s * (offset + z) of the R rows
     // of a step (+16 floats of slack for full-vector loads), results.
     // Prefill: panel, unit buffer, scales of 16 rows, running tiles when K
     // takes several chunks.
-    const int64_t res_elems = kResRows * kDecodeMaxTokens;
+    const int64_t res_elems = kResLd * kDecodeMaxTokens;
     const int64_t sc_elems = round_up(G + 16, 16);
     sstride_ = sc_elems;
     const int64_t tot_bytes = 0;
