@@ -1,4 +1,5 @@
 // CUDA backend: device checks and the choice of kernel for a phase.
+#include <cstdlib>
 #include <string>
 
 #include "core/backend.h"
@@ -20,6 +21,22 @@ Status check_operands(const MoeGemmParams& p, int device) {
   for (const auto& a : args)
     if (Status s = check_pointer(a.ptr, a.name, device); !s.ok()) return s;
   return Status::success();
+}
+
+bool early_launch_supported(int device) {
+  static int cached[64] = {};  // 0 unknown, 1 no, 2 yes
+  if (device < 0 || device >= 64) return false;
+  if (cached[device] == 0) {
+    int major = 0;
+    const char* env = std::getenv("QMOE_PDL");
+    const bool off = env && env[0] == '0';
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+      cudaGetLastError();
+      major = 0;
+    }
+    cached[device] = !off && major >= 9 ? 2 : 1;
+  }
+  return cached[device] == 2;
 }
 
 Status run(const MoeGemmParams& p, Phase phase, const Device& device) {

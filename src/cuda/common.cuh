@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include "core/encoding.h"
 
@@ -77,6 +78,49 @@ inline Status check_device(int device) {
     return Status::invalid("device: CUDA device " + std::to_string(device) + " does not exist");
   return Status::success();
 }
+
+// Programmatic dependent launch (Hopper): a kernel launched with
+// `launch_kernel(..., early = true)` may start while the kernel before it on
+// the stream still runs, and does its independent prologue (finding its
+// expert, loading weights) meanwhile. It must call wait_prior_grid() before
+// it reads anything the previous kernel writes (and before it writes
+// anything). allow_next_grid() lets the next early-launched kernel start; it
+// is called only after the kernel's own wait, so at most two kernels of a
+// chain overlap and a kernel's prologue never runs beside the kernel two
+// before it. Both are no-ops below sm_90 and for kernels launched normally.
+__device__ __forceinline__ void wait_prior_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_next_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Launches `kernel`, early (programmatic dependent launch) when asked.
+template <class... Params, class... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, bool early,
+                   Args&&... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  if (early) {
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = attr;
+    config.numAttrs = 1;
+  }
+  cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
+
+// Whether early launches pay on this device: sm_90 or newer, unless
+// QMOE_PDL=0. Cached per device.
+bool early_launch_supported(int device);
 
 inline Status launch_status(const char* what) {
   const cudaError_t err = cudaGetLastError();

@@ -78,6 +78,9 @@ struct DecodeArgs {
   const int32_t* act_rows;
   int glu;
   int out_cols;   // N, or glu
+  // The counts were written before the previous kernel of the stream (an
+  // early launch may read them, and load weights, before wait_prior_grid).
+  int counts_early;
 };
 
 // ------------------------------------------------------------------ loads
@@ -357,6 +360,8 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
       if constexpr (P == Pipe::prefetch) {
         // Two buffers: group m + kU is in flight while group m is computed.
         Raw<CB> ra[kU][2], rb[kU][2];
+        wait_prior_grid();  // (weights first only in the regs pipeline: here it would spill)
+        allow_next_grid();
         load_group(ra, m_begin);
         for (int m = m_begin; m < m_end; m += 2 * kU) {
           load_group(rb, m + kU);  // loads nothing past m_end
@@ -369,6 +374,10 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
         for (int m = m_begin; m < m_end; m += kU) {
           Raw<CB> raw[kU][2];
           load_group(raw, m);
+          if (m == m_begin) {  // the weights are in flight; activations come from the previous kernel
+            wait_prior_grid();
+            allow_next_grid();
+          }
           compute_group(raw, m);
         }
       }
@@ -421,30 +430,41 @@ template <class Act, class Enc, int CB, ScaleMode SM, Pipe P>
 __global__ void __launch_bounds__(kThreads, 2) decode_kernel(const DecodeArgs a) {
   __shared__ float red[kWarps - 1][16][32];
 
-  // Rows that no expert covers (counts summing to less than T) are zeros.
+  // Early launch (common.cuh): without counts_early the counts come from the
+  // previous kernel, so wait at once; otherwise decode_tile waits after its
+  // first weight loads.
+  if (!a.counts_early) {
+    wait_prior_grid();
+    allow_next_grid();
+  }
+
+  Slot s;
+  if (find_active_expert(a.counts, a.E, a.T, int(blockIdx.y), s)) {
+    // Tokens of the expert in passes of 8, 16 or 24 (one pass reads the
+    // expert's weights once; more than 24 tokens take several passes). Small
+    // groups (16-bit scaling) keep passes of at most 16 tokens: their extra
+    // operands leave no registers for a third B fragment; nor do chunks of 64
+    // codes (int2, 16-byte chunks).
+    constexpr bool kThree = SM != ScaleMode::pre && CB * 8 / Enc::kBits <= 32;
+    const int64_t nt = s.t1 - s.t0;
+    if (nt <= 8)
+      decode_tile<Act, Enc, CB, SM, P, 1>(a, s, red);
+    else if (nt <= 16 || !kThree)
+      decode_tile<Act, Enc, CB, SM, P, 2>(a, s, red);
+    else
+      decode_tile<Act, Enc, CB, SM, P, kThree ? 3 : 2>(a, s, red);
+  }
+
+  // Rows that no expert covers (counts summing to less than T) are zeros
+  // (after the products: an early launch writes only after its wait).
   if (blockIdx.y == 0) {
+    wait_prior_grid();
     const int64_t covered = covered_by_counts(a.counts, a.E, a.T);
     const int64_t total = a.T * a.out_cols;
     for (int64_t i = covered * a.out_cols + int64_t(blockIdx.x) * kThreads + threadIdx.x; i < total;
          i += int64_t(gridDim.x) * kThreads)
       a.out[i] = 0;
   }
-
-  Slot s;
-  if (!find_active_expert(a.counts, a.E, a.T, int(blockIdx.y), s)) return;
-  // Tokens of the expert in passes of 8, 16 or 24 (one pass reads the
-  // expert's weights once; more than 24 tokens take several passes). Small
-  // groups (16-bit scaling) keep passes of at most 16 tokens: their extra
-  // operands leave no registers for a third B fragment; nor do chunks of 64
-  // codes (int2, 16-byte chunks).
-  constexpr bool kThree = SM != ScaleMode::pre && CB * 8 / Enc::kBits <= 32;
-  const int64_t nt = s.t1 - s.t0;
-  if (nt <= 8)
-    decode_tile<Act, Enc, CB, SM, P, 1>(a, s, red);
-  else if (nt <= 16 || !kThree)
-    decode_tile<Act, Enc, CB, SM, P, 2>(a, s, red);
-  else
-    decode_tile<Act, Enc, CB, SM, P, kThree ? 3 : 2>(a, s, red);
 }
 
 // ------------------------------------------------------------------ host
@@ -517,7 +537,8 @@ Status launch_pipe(const MoeGemmParams& p, const DecodeFusion& f, cudaStream_t s
   a.wk = wk;
   a.wn = kWarps / wk;
   const dim3 grid(unsigned((tiles + a.wn - 1) / a.wn), unsigned(slots));
-  decode_kernel<Act, Enc, CB, SM, P><<<grid, kThreads, 0, stream>>>(a);
+  a.counts_early = f.early && f.counts_early;
+  launch_kernel(decode_kernel<Act, Enc, CB, SM, P>, grid, dim3(kThreads), 0, stream, f.early, a);
   return launch_status("decode MoE kernel launch");
 }
 

@@ -76,29 +76,30 @@ __device__ void route_token_warp(const FusedMoeParams& p, int64_t t, int32_t* id
     const int e = lane + 32 * i;
     choice[i] = e < E ? score[i] + (r.correction_bias ? r.correction_bias[e] : 0.0f) : -INFINITY;
   }
+  // Each pick: every lane's best (ties to the lower index), then the warp's
+  // best through two reductions on an order-preserving integer key (largest
+  // value, then lowest index among equals), its weight from the lane that holds it.
   float total = 0.0f, my_w = 0.0f;  // lane j keeps pick j
   int my_id = 0;
   for (int j = 0; j < k; ++j) {
-    float best = -INFINITY;
+    float best = -INFINITY, best_w = 0.0f;
     int best_e = INT_MAX;
 #pragma unroll
     for (int i = 0; i < kRoutePerLane; ++i) {
       const int e = lane + 32 * i;
-      if (e < E && (choice[i] > best || best_e == INT_MAX)) { best = choice[i]; best_e = e; }
+      if (e < E && (choice[i] > best || best_e == INT_MAX)) { best = choice[i]; best_e = e; best_w = score[i]; }
     }
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-      const int oe = __shfl_xor_sync(0xffffffffu, best_e, o);
-      if (ob > best || (ob == best && oe < best_e)) { best = ob; best_e = oe; }
-    }
-    float w = 0.0f;
+    const uint32_t bits = __float_as_uint(best + 0.0f);  // -0 counts as +0, as in a comparison
+    const uint32_t key = best_e == INT_MAX || best != best ? 0u : (bits & 0x80000000u ? ~bits : bits | 0x80000000u);
+    const uint32_t top = __reduce_max_sync(0xffffffffu, key);
+    const int win = int(__reduce_min_sync(0xffffffffu, key == top ? uint32_t(best_e) : 0xffffffffu));
+    const float w = __shfl_sync(0xffffffffu, best_w, win & 31);
 #pragma unroll
     for (int i = 0; i < kRoutePerLane; ++i)
-      if (lane + 32 * i == best_e) { w = score[i]; choice[i] = -INFINITY; }
-    for (int o = 16; o > 0; o >>= 1) w += __shfl_xor_sync(0xffffffffu, w, o);  // one lane held it
+      if (lane + 32 * i == win) choice[i] = -INFINITY;
     if (lane == j) {
       my_w = w;
-      my_id = best_e;
+      my_id = win;
     }
     total += w;
   }
@@ -134,7 +135,7 @@ struct GroupArgs {
   int64_t pairs;
   int E;
   int64_t T, k;
-  int32_t *ids_out, *counts, *slot_of, *token_of, *all_tokens;
+  int32_t *ids_out, *counts, *slot_of, *token_of;
 };
 
 __device__ void group_pairs(const GroupArgs& a) {
@@ -154,7 +155,6 @@ __device__ void group_pairs(const GroupArgs& a) {
   const int64_t begin = min(pairs, warp * per), end = min(pairs, begin + per);
 
   for (int i = tid; i < warps * E; i += blockDim.x) hist[i] = 0;
-  if (tid == 0) a.all_tokens[0] = int32_t(a.T);
   __syncthreads();
   // Ids are loaded kBatch steps at a time, so that the loads' latency is
   // paid once per batch and not once per step.
@@ -240,6 +240,13 @@ __device__ void group_pairs(const GroupArgs& a) {
 
 __global__ void __launch_bounds__(kGroupThreads) group_kernel(GroupArgs a) { group_pairs(a); }
 
+// The shared expert's "counts": one expert with all T tokens. On the side
+// stream, so that the shared expert need not wait for routing.
+__global__ void set_count_kernel(int32_t* count, int32_t value) {
+  *count = value;
+  allow_next_grid();
+}
+
 // Routing and grouping in one block for a few tokens (one launch less in a
 // decode step): warp w routes tokens w, w + 32, ...; then the block groups.
 constexpr int64_t kRouteGroupMaxTokens = 64;
@@ -249,6 +256,8 @@ constexpr int kRouteGroupThreads = 512;
 
 template <class Act>
 __global__ void __launch_bounds__(kRouteGroupThreads) route_group_kernel(FusedMoeParams p, GroupArgs a) {
+  wait_prior_grid();  // the router logits come from the kernel before
+  allow_next_grid();
   for (int64_t t = threadIdx.x / 32; t < p.num_tokens; t += kRouteGroupThreads / 32)
     route_token_warp<Act>(p, t, const_cast<int32_t*>(a.ids_in), a.weights);
   __syncthreads();  // the block's global writes are visible to it after the barrier
@@ -324,6 +333,8 @@ __global__ void combine_kernel(FusedMoeParams p, const float* __restrict__ weigh
                                const uint16_t* __restrict__ shared_out) {
   const int64_t t = blockIdx.x;
   const int64_t H = p.hidden, K = p.top_k;
+  // Before wait_prior_grid (early launch): only what routing (kernels
+  // before the previous one) and the caller wrote: rows, weights, the gate.
   __shared__ float shared_scale;
   __shared__ int32_t rows[32];  // top_k <= 32
   __shared__ float wts[32];
@@ -337,7 +348,18 @@ __global__ void combine_kernel(FusedMoeParams p, const float* __restrict__ weigh
     const auto* g = static_cast<const uint16_t*>(p.shared_gate);
     __shared__ float partial[32];
     float dot = 0.0f;
-    for (int64_t h = threadIdx.x; h < H; h += blockDim.x) dot += Act::to_float(x[h]) * Act::to_float(g[h]);
+    int64_t h0 = 0;  // 16-byte vectors where both rows allow (one load round for H <= 8 * blockDim)
+    if (reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(g) % 16 == 0) {
+      h0 = H / 8 * 8;
+      for (int64_t v = threadIdx.x; v < H / 8; v += blockDim.x) {
+        float xf[8], gf[8];
+        unpack8<Act>(reinterpret_cast<const uint4*>(x)[v], xf);
+        unpack8<Act>(reinterpret_cast<const uint4*>(g)[v], gf);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) dot += xf[i] * gf[i];
+      }
+    }
+    for (int64_t h = h0 + threadIdx.x; h < H; h += blockDim.x) dot += Act::to_float(x[h]) * Act::to_float(g[h]);
     for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
     if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = dot;
     __syncthreads();
@@ -348,6 +370,8 @@ __global__ void combine_kernel(FusedMoeParams p, const float* __restrict__ weigh
     }
   }
   __syncthreads();
+  wait_prior_grid();  // the experts' outputs
+  allow_next_grid();
   const bool shared = p.shared_intermediate > 0;
   auto* out = static_cast<uint16_t*>(p.out) + t * H;
   if (H % 8 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0) {
@@ -449,17 +473,36 @@ Status fused_moe(const FusedMoeParams& p, const Device& device) {
   const int64_t T = p.num_tokens, K = p.top_k, H = p.hidden, I = p.intermediate, E = p.num_experts;
   const int64_t pairs = T * K;
 
+  // Early launches (common.cuh) on Hopper: each kernel of the chain starts
+  // while the one before ends and does what does not depend on it meanwhile.
+  const bool early = early_launch_supported(device.index);
+
+  // 0. The shared expert (no routing needed) forks off to the side stream
+  // first, and runs beside routing, grouping and the routed experts.
+  const int64_t Is = p.shared_intermediate;
+  SideStream* side = Is > 0 ? side_stream(device.index) : nullptr;
+  if (side && (cudaEventRecord(side->fork, stream) != cudaSuccess ||
+               cudaStreamWaitEvent(side->stream, side->fork, 0) != cudaSuccess)) {
+    cudaGetLastError();
+    side = nullptr;
+  }
+  const Device shared_device{device.type, device.index, side ? side->stream : device.stream};
+  if (Is > 0) {
+    set_count_kernel<<<1, 1, 0, static_cast<cudaStream_t>(shared_device.stream)>>>(ws.all_tokens, int32_t(T));
+    if (Status s = launch_status("shared expert count kernel"); !s.ok()) return s;
+  }
+
   // 1-2. Routing (or the caller's top-k, copied so grouping may sanitise
   // it) and grouping; one kernel for both where a block can route the tokens.
   GroupArgs ga{ws.topk_ids, ws.topk_weights, pairs, int(E), T, K, ws.topk_ids, ws.counts,
-               ws.slot_of, ws.token_of, ws.all_tokens};
+               ws.slot_of, ws.token_of};
   const size_t smem = size_t(32 * E + 32) * 4;
   const bool one_kernel = !p.topk_ids && p.routing.num_groups <= 1 && T <= kRouteGroupMaxTokens;
   if (one_kernel) {
     visit_act(p.act_type, [&](auto act) {
       const auto kernel = route_group_kernel<decltype(act)>;
       if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-      kernel<<<1, kRouteGroupThreads, smem, stream>>>(p, ga);
+      launch_kernel(kernel, dim3(1), dim3(kRouteGroupThreads), smem, stream, early, p, ga);
     });
     if (Status s = launch_status("routing and grouping kernel"); !s.ok()) return s;
   } else {
@@ -474,20 +517,21 @@ Status fused_moe(const FusedMoeParams& p, const Device& device) {
     if (Status s = launch_status("grouping kernel"); !s.ok()) return s;
   }
 
-  // The shared expert (no routing needed) forks off to the side stream.
-  const int64_t Is = p.shared_intermediate;
-  SideStream* side = Is > 0 ? side_stream(device.index) : nullptr;
-  if (side && (cudaEventRecord(side->fork, stream) != cudaSuccess ||
-               cudaStreamWaitEvent(side->stream, side->fork, 0) != cudaSuccess)) {
-    cudaGetLastError();
-    side = nullptr;
-  }
-  const Device shared_device{device.type, device.index, side ? side->stream : device.stream};
-
   Status status;
   visit_act(p.act_type, [&](auto act) {
     using Act = decltype(act);
-    const auto product = [&](const MoeGemmParams& q, const Device& dev) { return run(q, layer_phase(q), dev); };
+    // One grouped product; on the decode kernel, launched early where it may
+    // be (`counts_early`: its counts come from a kernel before the previous one).
+    const auto product = [&](const MoeGemmParams& q, const Device& dev, bool counts_early) -> Status {
+      const Phase phase = layer_phase(q);
+      if (phase == Phase::decode) {
+        if (Status s = check_operands(q, dev.index); !s.ok()) return s;
+        Status s;
+        if (launch_decode(q, static_cast<cudaStream_t>(dev.stream), &s, DecodeFusion{nullptr, false, early, counts_early}))
+          return s;
+      }
+      return run(q, phase, dev);
+    };
     // gate/up product and SiLU(gate)·up into `act_out` [rows, inter]. Where the
     // decode kernel takes the product, SiLU·mul is its epilogue and (rows_of)
     // it reads the token copies through their token index; otherwise the copies
@@ -501,11 +545,11 @@ Status fused_moe(const FusedMoeParams& p, const Device& device) {
         f.out = act_out;
         if (Status s = check_operands(f, dev.index); !s.ok()) return s;
         Status s;
-        if (launch_decode(f, st, &s, DecodeFusion{rows_of, true})) return s;
+        if (launch_decode(f, st, &s, DecodeFusion{rows_of, true, early, false})) return s;
       }
       if (Status s = gather(q); !s.ok()) return s;
       q.out = gate_up;
-      if (Status s = product(q, dev); !s.ok()) return s;
+      if (Status s = run(q, layer_phase(q), dev); !s.ok()) return s;
       const dim3 grid(unsigned(q.total_tokens), unsigned(std::min<int64_t>(8, (inter / 8 + 255) / 256)));
       swiglu_kernel<Act><<<grid, 256, 0, st>>>(static_cast<const uint16_t*>(gate_up), q.total_tokens, inter,
                                                act_out);
@@ -519,7 +563,7 @@ Status fused_moe(const FusedMoeParams& p, const Device& device) {
       if (!(status = gate_up_swiglu(q, nullptr, no_gather, ws.shared_gate_up, Is, ws.shared_act, shared_device)).ok())
         return;
       q = stage_params(p.act_type, p.shared_down, 1, H, Is, T, ws.shared_act, ws.all_tokens, ws.shared_out);
-      if (!(status = product(q, shared_device)).ok()) return;
+      if (!(status = product(q, shared_device, true)).ok()) return;
     }
     // Routed experts: the token copies, sorted by expert.
     MoeGemmParams q = stage_params(p.act_type, p.gate_up, E, 2 * I, H, pairs, p.hidden_states, ws.counts, ws.gate_up);
@@ -531,7 +575,7 @@ Status fused_moe(const FusedMoeParams& p, const Device& device) {
     };
     if (!(status = gate_up_swiglu(q, ws.token_of, gather_copies, ws.gate_up, I, ws.act, device)).ok()) return;
     q = stage_params(p.act_type, p.down, E, H, I, pairs, ws.act, ws.counts, ws.expert_out);
-    if (!(status = product(q, device)).ok()) return;
+    if (!(status = product(q, device, true)).ok()) return;
     // Join the shared expert's branch, then the weighted sum.
     if (side && (cudaEventRecord(side->join, side->stream) != cudaSuccess ||
                  cudaStreamWaitEvent(stream, side->join, 0) != cudaSuccess)) {
@@ -539,7 +583,9 @@ Status fused_moe(const FusedMoeParams& p, const Device& device) {
       if (status.ok()) status = Status::runtime("joining the shared expert's stream failed");
       return;
     }
-    combine_kernel<Act><<<unsigned(T), 256, 0, stream>>>(p, ws.topk_weights, ws.slot_of, ws.expert_out, ws.shared_out);
+    launch_kernel(combine_kernel<Act>, dim3(unsigned(T)), dim3(256), 0, stream, early, p,
+                  static_cast<const float*>(ws.topk_weights), static_cast<const int32_t*>(ws.slot_of),
+                  static_cast<const uint16_t*>(ws.expert_out), static_cast<const uint16_t*>(ws.shared_out));
     status = launch_status("combine kernel");
   });
   return status;

@@ -20,9 +20,16 @@ Status launch_generic(const MoeGemmParams& p, cudaStream_t stream);
 // two options: activation row r read from row act_rows[r] (the gather of token
 // copies, fused), and swiglu: p.n = 2I rows, gate rows first, and p.out is
 // [T, I] = SiLU(gate) * up (the activation, fused into the epilogue).
+//
+// In a chain of kernels (the layer), `early` launches the kernel before the
+// previous one ends (common.cuh); `counts_early` says the counts were written
+// before that previous kernel, so the prologue may read them and load the
+// first weights before waiting for it.
 struct DecodeFusion {
   const int32_t* act_rows = nullptr;
   bool swiglu = false;
+  bool early = false;
+  bool counts_early = false;
 };
 bool launch_decode(const MoeGemmParams& p, cudaStream_t stream, Status* status, const DecodeFusion& fusion = {});
 
