@@ -46,7 +46,8 @@ SHIM = r"""
 #include "qmoe/qmoe.h"
 extern "C" int qmoe_prefill_c(int act, int wtype, int asym, long long E, long long N, long long K,
                               long long T, long long gs, const void* a, const void* w, const void* s,
-                              const void* z, const void* counts, void* out, void* stream, int phase) {
+                              const void* z, const void* counts, void* out, void* stream, int phase,
+                              int layout) {
   qmoe::MoeGemmParams p;
   p.act_type = qmoe::ActType(act);
   p.weight_type = qmoe::WeightType(wtype);
@@ -55,7 +56,8 @@ extern "C" int qmoe_prefill_c(int act, int wtype, int asym, long long E, long lo
   p.activations = a; p.weights = w; p.scales = s; p.zeros = z;
   p.tokens_per_expert = static_cast<const int32_t*>(counts); p.out = out;
   qmoe::Device d{qmoe::DeviceType::cuda, 0, stream};
-  qmoe::Status st = qmoe::moe(p, d, qmoe::Phase(phase));
+  p.layout = qmoe::WeightLayout(layout);
+  qmoe::Status st = layout ? qmoe::moe_gemm(p, d) : qmoe::moe(p, d, qmoe::Phase(phase));
   if (!st.ok()) { std::fprintf(stderr, "qmoe: %s\n", st.message.c_str()); return int(st.code); }
   return 0;
 }
@@ -63,8 +65,9 @@ namespace qmoe::cuda::prefill { void set_wgmma_override(int on); }
 extern "C" void qmoe_prefill_path_c(int on) { qmoe::cuda::prefill::set_wgmma_override(on); }
 """
 
-WTYPES = {"native16": 0, "int8": 1, "int4": 2, "int2": 3, "fp8_e4m3": 4, "fp8_e5m2": 5}
-BITS = {"native16": 16, "int8": 8, "int4": 4, "int2": 2, "fp8_e4m3": 8, "fp8_e5m2": 8}
+# ekn16: 16-bit weights in moe_gemm's [E, K, N] layout (qmoe.moe_gemm).
+WTYPES = {"native16": 0, "ekn16": 0, "int8": 1, "int4": 2, "int2": 3, "fp8_e4m3": 4, "fp8_e5m2": 5}
+BITS = {"native16": 16, "ekn16": 16, "int8": 8, "int4": 4, "int2": 2, "fp8_e4m3": 8, "fp8_e5m2": 8}
 
 
 def build_shim(lib):
@@ -80,7 +83,8 @@ def build_shim(lib):
     subprocess.check_call(cmd)
     dll = ctypes.CDLL(so)
     dll.qmoe_prefill_c.restype = ctypes.c_int
-    dll.qmoe_prefill_c.argtypes = [ctypes.c_int] * 3 + [ctypes.c_longlong] * 5 + [ctypes.c_void_p] * 7 + [ctypes.c_int]
+    dll.qmoe_prefill_c.argtypes = ([ctypes.c_int] * 3 + [ctypes.c_longlong] * 5 + [ctypes.c_void_p] * 7
+                                   + [ctypes.c_int] * 2)
     dll.qmoe_prefill_path_c.argtypes = [ctypes.c_int]
     return dll
 
@@ -108,8 +112,9 @@ class Problem:
         self.act = (torch.rand(T, K, generator=gen, device=dev) * 2 - 1).to(dtype)
         self.counts = torch.tensor(counts, dtype=torch.int32, device=dev)
         self.out = torch.empty(T, N, dtype=dtype, device=dev)
-        if enc == "native16":
-            self.w = ((torch.rand(E, N, K, generator=gen, device=dev) * 2 - 1) * 0.05).to(dtype)
+        if enc in ("native16", "ekn16"):
+            shape = (E, K, N) if enc == "ekn16" else (E, N, K)
+            self.w = ((torch.rand(*shape, generator=gen, device=dev) * 2 - 1) * 0.05).to(dtype)
             self.s = self.z = None
         else:
             kp = K * BITS[enc] // 8
@@ -135,7 +140,7 @@ class Problem:
         rc = dll.qmoe_prefill_c(0 if self.dtype == torch.float16 else 1, WTYPES[self.enc], int(self.asym),
                                 self.E, self.N, self.K, self.T, self.gs, ptr(self.act), ptr(self.w),
                                 ptr(self.s), ptr(self.z), ptr(self.counts), ptr(self.out),
-                                torch.cuda.current_stream().cuda_stream, phase)
+                                torch.cuda.current_stream().cuda_stream, phase, int(self.enc == "ekn16"))
         if rc != 0:
             raise RuntimeError(f"qmoe call failed ({rc})")
 
@@ -143,6 +148,8 @@ class Problem:
         """[E, N, K] float32 dequantized weights (int4 sym / native16 only), for the spot check."""
         if self.enc == "native16":
             return self.w.float()
+        if self.enc == "ekn16":
+            return self.w.float().transpose(-2, -1)
         assert self.enc == "int4" and not self.asym
         lo = (self.w & 0xF).to(torch.int16)
         hi = (self.w >> 4).to(torch.int16)
@@ -157,7 +164,8 @@ def main():
     ap.add_argument("--lib", default="build/gpu/libqmoe.a")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--check", action="store_true", help="end-to-end check against torch first")
-    ap.add_argument("--encodings", default="native16,int4,int4a,int8,fp8_e4m3,int2a")
+    ap.add_argument("--encodings", default="native16,ekn16,int4,int4a,int8,fp8_e4m3,int2a",
+                    help="ekn16: 16-bit weights [E, K, N] through qmoe.moe_gemm")
     ap.add_argument("--shapes", default="", help="comma-separated substrings of shape labels to run")
     ap.add_argument("--profile", default="", help="E,N,K,T,enc: three plain calls (for ncu), no timing")
     ap.add_argument("--paths", default="", help="comma list of wgmma,mma: time each kernel (default: the library's choice)")
@@ -198,7 +206,7 @@ def main():
     del x, y, a, b
 
     if args.check:
-        for enc in ("int4", "native16"):
+        for enc in ("int4", "native16", "ekn16"):
             E, N, K = 4, 384, 512
             counts = [100, 0, 37, 300]
             pr = Problem(E, N, K, sum(counts), enc, False, 128, counts, torch.bfloat16, gen)
@@ -264,7 +272,7 @@ def main():
         del wb, dense_b
         dense_here = flops / (ms_dense * 1e-3)
         for encname in encs:
-            asym = encname.endswith("a") and encname != "native16"
+            asym = encname.endswith("a") and not encname.endswith("16")
             enc = encname[:-1] if asym else encname
             gs = 128
             one = Problem(E, N, K, T, enc, asym, gs, counts, torch.bfloat16, gen)

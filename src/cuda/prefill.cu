@@ -68,7 +68,9 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 }  // namespace
 
 // Rules of the fast path:
-//   - ARK layout [E, N, K_packed] (the [E, K, N] moe_gemm layout: not yet);
+//   - ARK layout [E, N, K_packed]; or 16-bit weights in moe_gemm's [E, K, N]
+//     layout with N % 8 == 0, on the wgmma kernel only (sm_90a; elsewhere
+//     the generic kernel takes it);
 //   - K a multiple of 32 (64 for int2), so every 16-byte chunk of a packed
 //     row is whole and k tiles end on 32-element boundaries;
 //   - group_size a multiple of 32 (one group per 32-wide k chunk);
@@ -79,7 +81,8 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 // Within these rules the wgmma kernel, where enabled, is tried first (it declines devices
 // other than sm_90, builds without sm_90a code, and E * N >= 2^31).
 bool launch_prefill(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
-  if (p.layout != WeightLayout::ENK) return false;
+  const bool ekn = p.layout == WeightLayout::EKN;
+  if (p.layout != WeightLayout::ENK && !(ekn && p.weight_type == WeightType::native16)) return false;
   if (p.num_experts < 1 || p.num_experts > 1024) return false;
   if (p.total_tokens < 1 || p.total_tokens > INT32_MAX || p.n > INT32_MAX || p.k > INT32_MAX) return false;
   const int64_t k_align = p.weight_type == WeightType::int2 ? 64 : 32;
@@ -92,6 +95,7 @@ bool launch_prefill(const MoeGemmParams& p, cudaStream_t stream, Status* status)
     prefill::g_last_path.store(2, std::memory_order_relaxed);
     return true;
   }
+  if (ekn) return false;  // the mma.sync kernel reads [E, N, K] weights only
   const bool launched = p.act_type == ActType::f16 ? prefill::launch_f16(p, stream, status)
                                                    : prefill::launch_bf16(p, stream, status);
   if (launched) prefill::g_last_path.store(1, std::memory_order_relaxed);

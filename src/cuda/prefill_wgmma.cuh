@@ -111,6 +111,8 @@ struct WCfg {
 };
 
 struct WArgs {
+  int ekn;                     // 16-bit weights in moe_gemm's [E, K, N] layout
+  const uint16_t* col_scales;  // [E, K, N]: optional per-column scales [E, N]
   const uint16_t* scales;
   const uint16_t* zeros;
   const int32_t* counts;
@@ -121,7 +123,9 @@ struct WArgs {
 };
 
 // Tensor maps: activations with box rows 128, 64, 32 (index by token
-// width), and the packed weights [E * N, K_packed].
+// width), and the packed weights [E * N, K_packed] -- or, for 16-bit
+// weights [E, K, N], a 3-D map {N, K, E} with boxes of 64 n x 64 k (four a
+// stage; k past K reads as zero, never the next expert's rows).
 struct WMaps {
   CUtensorMap act[3];
   CUtensorMap w;
@@ -154,6 +158,14 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
       "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::
           "r"(dst),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2,
+                                            uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+      "[%5];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
       : "memory");
 }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -307,8 +319,15 @@ struct WKernel {
         mbar_expect_tx(fb, uint32_t(tw * 128 + C::W_BYTES));
         const uint32_t dst = smem_addr(stage);
         tma_load_2d(dst, &maps.act[tw == 128 ? 0 : tw == 64 ? 1 : 2], f.kt * C::BK, f.it.tok0, fb);
-        const int wk = C::kNative ? f.kt * C::BK : f.kt * C::KPB;  // elements of the weight map
-        tma_load_2d(dst + C::TOK_BYTES, &maps.w, wk, f.it.e * a.N + f.it.n0, fb);
+        if (C::kNative && a.ekn) {
+          // [E, K, N]: four boxes of 64 k x 64 n (128-byte rows, swizzled).
+#pragma unroll
+          for (int b = 0; b < C::BN / 64; ++b)
+            tma_load_3d(dst + C::TOK_BYTES + b * (64 * 128), &maps.w, f.it.n0 + 64 * b, f.kt * C::BK, f.it.e, fb);
+        } else {
+          const int wk = C::kNative ? f.kt * C::BK : f.kt * C::KPB;  // elements of the weight map
+          tma_load_2d(dst + C::TOK_BYTES, &maps.w, wk, f.it.e * a.N + f.it.n0, fb);
+        }
       }
       if constexpr (C::kScaled) {
         uint32_t* sS = reinterpret_cast<uint32_t*>(stage + C::TOK_BYTES + C::W_BYTES);
@@ -346,10 +365,25 @@ struct WKernel {
 
   // The A registers of 32-wide k chunk q for m64 block mb of this warp:
   // x[s][.] = k16 step 2q + s. Weight rows of the lane: rbase + 8h + g.
+  template <bool kEKN>
   __device__ static __forceinline__ void a_frags(const unsigned char* stage, int q, int rbase,
                                                  uint32_t (&x)[2][4]) {
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-    if constexpr (C::kNative) {
+    if constexpr (kEKN) {
+      // [E, K, N]: the stage holds k rows of n (box b: n 64b..64b+63, 128-byte
+      // rows, swizzled); ldmatrix .trans turns each 8 k x 8 n matrix into the
+      // fragment of 8 weight rows x 8 k. Matrix m = lane / 8: weight rows
+      // rbase + 8 (m & 1) .., k 8 (m >> 1) .. of the k16 step.
+      const int m = lane >> 3;
+      const int n = rbase + 8 * (m & 1);
+      const uint32_t box = smem_addr(stage + C::TOK_BYTES) + uint32_t(n >> 6) * (64 * 128);
+      const int j = (n & 63) >> 3;
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
+        const int r = 32 * q + 16 * s + 8 * (m >> 1) + (lane & 7);
+        ldmatrix_x4_trans(x[s], box + uint32_t(r) * 128 + uint32_t(16 * (j ^ (r & 7))));
+      }
+    } else if constexpr (C::kNative) {
       // ldmatrix x4 per k16 step: matrix m = lane / 8 -> fragment rows
       // 8 (m & 1) .. +7, k chunk 2 step + (m >> 1); swizzled 128-byte rows.
       const int m = lane >> 3;
@@ -383,7 +417,7 @@ struct WKernel {
     }
   }
 
-  template <int NT>
+  template <int NT, bool kEKN>
   __device__ static __forceinline__ void run_item(const WArgs& a, const Item& it, const Smem& sm, int& fill) {
     const int wg = (threadIdx.x >> 7) - 1, warp = (threadIdx.x >> 5) & 3;
     float acc[2][NT / 2];
@@ -408,7 +442,7 @@ struct WKernel {
       for (int q = 0; q < 2; ++q) {
         uint32_t x[2][2][4];  // [mb][k16 step][register]
 #pragma unroll
-        for (int mb = 0; mb < 2; ++mb) a_frags(stage, q, wg * 128 + mb * 64 + warp * 16, x[mb]);
+        for (int mb = 0; mb < 2; ++mb) a_frags<kEKN>(stage, q, wg * 128 + mb * 64 + warp * 16, x[mb]);
         fence_regs(acc[0]);
         fence_regs(acc[1]);
         wgmma_fence();
@@ -441,14 +475,30 @@ struct WKernel {
       for (int h = 0; h < 2; ++h) {
         const int n = it.n0 + wg * 128 + mb * 64 + warp * 16 + 8 * h + g;
         if (n >= a.N) continue;
+        float cs = 1.0f;  // [E, K, N] weights: the optional per-column scale
+        if constexpr (kEKN)
+          if (a.col_scales) cs = P::to_float(a.col_scales[int64_t(it.e) * a.N + n]);
 #pragma unroll
         for (int j = 0; j < NT / 8; ++j)
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
             const int r = 8 * j + 2 * c + i;
-            if (r < it.rows) a.out[int64_t(it.tok0 + r) * a.N + n] = P::from_float(acc[mb][4 * j + 2 * h + i]);
+            if (r < it.rows) a.out[int64_t(it.tok0 + r) * a.N + n] = P::from_float(acc[mb][4 * j + 2 * h + i] * cs);
           }
       }
+  }
+
+  template <bool kEKN>
+  __device__ static __forceinline__ void run_width(const WArgs& a, const Item& it, const Smem& sm, int& fill, int tw) {
+    if constexpr (kEKN && !C::kNative) {
+      return;  // [E, K, N] is 16-bit only (the launcher declines the rest)
+    } else if (tw == 128) {
+      run_item<128, kEKN>(a, it, sm, fill);
+    } else if (tw == 64) {
+      run_item<64, kEKN>(a, it, sm, fill);
+    } else {
+      run_item<32, kEKN>(a, it, sm, fill);
+    }
   }
 
   __device__ static void consumer(const WArgs& a, const Smem& sm, int total, const int* s_tok, const int* s_items) {
@@ -457,12 +507,10 @@ struct WKernel {
     for (int item = blockIdx.x; item < total; item += gridDim.x) {
       const Item it = decode_item<C>(item, s_tok, s_items, a.E);
       const int tw = tok_width(it.rows);
-      if (tw == 128)
-        run_item<128>(a, it, sm, fill);
-      else if (tw == 64)
-        run_item<64>(a, it, sm, fill);
+      if (C::kNative && a.ekn)
+        run_width<true>(a, it, sm, fill, tw);
       else
-        run_item<32>(a, it, sm, fill);
+        run_width<false>(a, it, sm, fill, tw);
     }
   }
 };
@@ -565,6 +613,20 @@ inline bool make_map(CUtensorMap* m, const void* ptr, CUtensorMapDataType type, 
              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// The 3-D map of 16-bit [E, K, N] weights: dims {N, K, E}, box 64 n x 64 k x 1
+// (128-byte swizzle); n and k past the ends read as zero.
+inline bool make_map_ekn(CUtensorMap* m, const void* ptr, uint64_t n, uint64_t k, uint64_t e) {
+  const EncodeTiledFn enc = encode_tiled();
+  if (!enc || (n * 2) % 16 != 0) return false;
+  const cuuint64_t dims[3] = {n, k, e};
+  const cuuint64_t strides[2] = {n * 2, n * k * 2};
+  const cuuint32_t box[3] = {64, 64, 1};
+  const cuuint32_t estr[3] = {1, 1, 1};
+  return enc(m, CU_TENSOR_MAP_DATA_TYPE_UINT16, 3, const_cast<void*>(ptr), dims, strides, box, estr,
+             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 template <class Act, class Enc>
 bool launch(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
   using C = WCfg<Act, Enc>;
@@ -612,14 +674,19 @@ bool launch(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
                   uint64_t(p.k) * 2, C::BK, uint32_t(128 >> i), CU_TENSOR_MAP_SWIZZLE_128B))
       return false;
   const uint64_t wrows = uint64_t(p.num_experts * p.n);
-  const bool wok = C::kNative ? make_map(&maps.w, p.weights, CU_TENSOR_MAP_DATA_TYPE_UINT16, uint64_t(p.k), wrows,
+  const bool ekn = p.layout == WeightLayout::EKN;
+  if (ekn && !C::kNative) return false;
+  const bool wok = ekn ? make_map_ekn(&maps.w, p.weights, uint64_t(p.n), uint64_t(p.k), uint64_t(p.num_experts))
+                 : C::kNative ? make_map(&maps.w, p.weights, CU_TENSOR_MAP_DATA_TYPE_UINT16, uint64_t(p.k), wrows,
                                          uint64_t(kp), C::BK, C::BN, CU_TENSOR_MAP_SWIZZLE_128B)
                               : make_map(&maps.w, p.weights, CU_TENSOR_MAP_DATA_TYPE_UINT8, uint64_t(kp), wrows,
                                          uint64_t(kp), C::KPB, C::BN, CU_TENSOR_MAP_SWIZZLE_NONE);
   if (!wok) return false;
 
   WArgs a;
-  a.scales = static_cast<const uint16_t*>(p.scales);
+  a.ekn = ekn;
+  a.col_scales = ekn ? static_cast<const uint16_t*>(p.scales) : nullptr;
+  a.scales = ekn ? nullptr : static_cast<const uint16_t*>(p.scales);
   a.zeros = static_cast<const uint16_t*>(p.zeros);
   a.counts = p.tokens_per_expert;
   a.out = static_cast<uint16_t*>(p.out);

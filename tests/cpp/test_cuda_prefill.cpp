@@ -326,11 +326,49 @@ TEST(CudaPrefillSizes, OutsideRulesFallBack) {
   p.total_tokens = 7;
   Status st;
   EXPECT_FALSE(cuda::launch_prefill(p, nullptr, &st));
-  // The [E, K, N] layout of moe_gemm is not taken (yet).
-  Problem ekn = Problem::random(ActType::bf16, {WeightType::native16, false}, 64, 64, 0, {4, 4}, fresh_seed(),
+  // The [E, K, N] layout of moe_gemm: only the wgmma kernel takes it (16-bit
+  // weights, N % 8 == 0); N % 8 != 0 never.
+  Problem ekn = Problem::random(ActType::bf16, {WeightType::native16, false}, 60, 64, 0, {4, 4}, fresh_seed(),
                                 WeightLayout::EKN);
   DeviceProblem dekn(ekn);
   EXPECT_FALSE(cuda::launch_prefill(dekn.params, nullptr, &st));
+  {
+    PathScope scope(Path::mma);
+    Problem ekn8 = Problem::random(ActType::bf16, {WeightType::native16, false}, 64, 64, 0, {4, 4}, fresh_seed(),
+                                   WeightLayout::EKN);
+    DeviceProblem d8(ekn8);
+    EXPECT_FALSE(cuda::launch_prefill(d8.params, nullptr, &st));
+  }
+}
+
+// moe_gemm's 16-bit [E, K, N] layout on the wgmma kernel (transposed
+// fragments from k-major tiles): uneven and empty experts, a token tile of
+// more than 128, N and K tails (k past K read as zero, not as the next
+// expert's rows), with and without per-column scales.
+TEST(CudaPrefillSizes, MoeGemmEKNOnWgmma) {
+  QMOE_SKIP_WITHOUT_CUDA();
+  if (!is_hopper()) GTEST_SKIP() << "the [E, K, N] fast path is the sm_90 wgmma kernel";
+  PathScope scope(Path::wgmma);
+  const struct {
+    int64_t n, k;
+    std::vector<int32_t> counts;
+  } cases[] = {{264, 288, {70, 0, 129, 1, 300}}, {512, 256, {33}}, {72, 1056, {5, 64, 2}}};
+  for (ActType at : {ActType::f16, ActType::bf16})
+    for (bool column_scales : {false, true})
+      for (const auto& cs : cases) {
+        const uint64_t seed = fresh_seed();
+        SCOPED_TRACE("N=" + std::to_string(cs.n) + " K=" + std::to_string(cs.k) + " seed=" + std::to_string(seed));
+        Problem pr = Problem::random(at, {WeightType::native16, false}, cs.n, cs.k, 0, cs.counts, seed,
+                                     WeightLayout::EKN, column_scales);
+        DeviceProblem dp(pr);
+        dp.poison();
+        ASSERT_TRUE(moe_gemm(dp.params, cuda_device()).ok());
+        QMOE_CUDA_OK(cudaDeviceSynchronize());
+        expect_path(Path::wgmma);
+        const Comparison c = compare(pr, dp.out.download(), pr.reference());
+        EXPECT_EQ(c.unwritten, 0);
+        EXPECT_LT(c.rel_error, tolerance(at));
+      }
 }
 
 }  // namespace
