@@ -32,9 +32,19 @@ if want build; then
   # The GPU image has no GoogleTest: bring its sources as .gtest-src (carry it).
   gtest=()
   [ -d .gtest-src ] && gtest=(-DQMOE_GTEST_SOURCE_DIR="$PWD/.gtest-src")
+  # The Python extension is built in the same tree (QMOE_PY_INPLACE=1, the
+  # default): one CUDA compile instead of a second one by pip.
+  py=()
+  [ "${QMOE_PY_INPLACE:-1}" = 1 ] && py=(-DQMOE_PYTHON=ON)
   cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DQMOE_CUDA=ON \
-    "-DCMAKE_CUDA_ARCHITECTURES=$ARCHS" "${gtest[@]}" >>"$LOG" 2>&1 &&
+    "-DCMAKE_CUDA_ARCHITECTURES=$ARCHS" "${gtest[@]}" "${py[@]}" >>"$LOG" 2>&1 &&
     cmake --build "$BUILD" -j "$(nproc)" >>"$LOG" 2>&1 || { say "BUILD FAILED"; tail -40 "$LOG"; exit 1; }
+fi
+
+# The in-tree extension, used by every Python stage through PYTHONPATH.
+if [ "${QMOE_PY_INPLACE:-1}" = 1 ] && ls "$BUILD"/python/_ext*.so >/dev/null 2>&1; then
+  cp "$BUILD"/python/_ext*.so python/qmoe/
+  export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
 if want test; then
@@ -57,9 +67,11 @@ fi
 
 if want python; then
   say "Python package (CUDA) and pytest"
-  python3 -m pip install -q --no-build-isolation --no-deps \
-    -C "cmake.define.CMAKE_CUDA_ARCHITECTURES=$ARCHS" -C build-dir=build/python-gpu . >>"$LOG" 2>&1 ||
-    { say "pip install FAILED"; status=1; }
+  if [ -z "${PYTHONPATH:-}" ]; then
+    python3 -m pip install -q --no-build-isolation --no-deps \
+      -C "cmake.define.CMAKE_CUDA_ARCHITECTURES=$ARCHS" -C build-dir=build/python-gpu . >>"$LOG" 2>&1 ||
+      { say "pip install FAILED"; status=1; }
+  fi
   # shellcheck disable=SC2086
   python3 -m pytest ${QMOE_PYTEST_ARGS:-tests/python} -q -rs >"$OUT/pytest.log" 2>&1 || status=1
   tail -5 "$OUT/pytest.log" | tee -a "$LOG"
@@ -89,24 +101,29 @@ if want model && [ -f bench/model_bench.py ]; then
   timeout "${QMOE_BENCH_TIMEOUT:-240}" python3 bench/model_bench.py --out "$OUT/raw" ${QMOE_MODEL_BENCH_ARGS:-} >>"$LOG" 2>&1 || status=1
 fi
 
-# Decode load-pipeline variants side by side (QMOE_DECODE_PIPE, see
-# src/cuda/decode.h) and an ncu profile of one batch-1 row per variant.
+# Decode kernel variants side by side: one gpu_bench.py decode run per value
+# of a tuning variable (QMOE_VARIANT_VAR, default QMOE_DECODE_PIPE; values
+# QMOE_VARIANT_VALUES, default "1 2"; see src/cuda/decode.h), into
+# raw/<var>=<value>, for bench/compare_runs.py; with QMOE_NCU=1 an ncu
+# profile of one batch-1 row per value.
 if want variants; then
-  say "decode variants (QMOE_DECODE_PIPE=${QMOE_PIPES:-1 2})"
+  var=${QMOE_VARIANT_VAR:-QMOE_DECODE_PIPE}
+  values=${QMOE_VARIANT_VALUES:-${QMOE_PIPES:-1 2}}
+  say "decode variants ($var = $values)"
   sel=(--encodings "${QMOE_VARIANT_ENCODINGS:-int4,int2,int8,bf16}" --models "${QMOE_VARIANT_MODELS:-qwen1.5-moe,mixtral-8x7b}")
-  for pipe in ${QMOE_PIPES:-1 2}; do
-    QMOE_DECODE_PIPE=$pipe timeout "${QMOE_BENCH_TIMEOUT:-240}" python3 bench/gpu_bench.py --phase decode \
-      --backend shim --lib "$BUILD/libqmoe.a" --no-anchors "${sel[@]}" --out "$OUT/raw/pipe$pipe" \
-      --tag "QMOE_DECODE_PIPE=$pipe" >>"$LOG" 2>&1 || status=1
+  for v in $values; do
+    env "$var=$v" timeout "${QMOE_BENCH_TIMEOUT:-240}" python3 bench/gpu_bench.py --phase decode \
+      --backend shim --lib "$BUILD/libqmoe.a" --no-anchors "${sel[@]}" --out "$OUT/raw/$var=$v" \
+      --tag "$var=$v" >>"$LOG" 2>&1 || status=1
   done
-  if [ "${QMOE_NCU:-1}" = 1 ] && command -v ncu >/dev/null; then
-    for pipe in ${QMOE_PIPES:-1 2}; do
-      QMOE_DECODE_PIPE=$pipe timeout 180 ncu --kernel-name regex:decode_kernel --launch-skip 3 --launch-count 1 \
+  if [ "${QMOE_NCU:-0}" = 1 ] && command -v ncu >/dev/null; then
+    for v in $values; do
+      env "$var=$v" timeout 180 ncu --kernel-name regex:decode_kernel --launch-skip 3 --launch-count 1 \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --section SchedulerStats --section MemoryWorkloadAnalysis \
         python3 bench/gpu_bench.py --phase decode --backend shim --lib "$BUILD/libqmoe.a" --no-anchors \
-        --models qwen1.5-moe --batches 1 --encodings int4 --products gate_up --out "$OUT/raw/ncu$pipe" \
-        >"$OUT/raw/ncu-pipe$pipe.txt" 2>&1 || status=1
+        --models qwen1.5-moe --batches 1 --encodings int4 --products gate_up --out "$OUT/raw/ncu-$v" \
+        >"$OUT/raw/ncu-$var=$v.txt" 2>&1 || status=1
     done
   fi
 fi
