@@ -76,6 +76,9 @@ std::vector<Shape> shapes(WeightType w, bool prefill) {
     // K not a whole number of avx512 units (int2: 256, int4: 128 weights).
     s.push_back({"k_1408_gs128", 23, 1408, 128, c});
     s.push_back({"k_96_gs32", 9, 96, 32, c});
+    // A partial last unit for every avx512 decoder (int8: 16 of 32 weights,
+    // fp8: 48 of 64, int4: 48 of 128, int2: 176 of 256), groups of 16.
+    s.push_back({"k_176_gs16", 21, 176, 16, c});
   }
   if (!prefill)  // more rows than one result buffer (256), a row tail per step
     s.push_back({"long_rows", 517, w == WeightType::native16 ? 1000 : 1024,

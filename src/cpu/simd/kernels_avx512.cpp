@@ -72,15 +72,31 @@ template <class Enc, class = void>
 struct Dec;
 
 // int8: bytes -> int32 -> fp32 -> bf16 (0..255 or -128..127 are exact).
+// Split decode (raw(p, true), vec(x, 0, true) and part2(x), the 1-token
+// decode only): an 8-bit code does not fit bf16's 7 mantissa bits, so each
+// weight is two exact bf16 words multiplied with the same activation: its
+// low 7 bits l in a mantissa, 128 + l, and its top bit b in an exponent
+// bit, 128 + 128 b (asym, the code is l + 128 b) or -128 - 128 b (sym, the
+// code is l - 128 b). Their sum is the code + kWideOffset (256 or 0). From
+// 32 bytes zero-extended to words (vpmovzxbw): 1 + 2 vpternlogd and 2 dot
+// products, against 4 conversions (2 of them 2-port, 1 slower still) and
+// 1 dot product: the dot-product ports have room at 1 token, the
+// conversion ports do not (one Zen 5 core, L2-resident: 37 -> ~60 GB/s).
 template <bool Asym>
 struct Dec<IntEncoding<8, Asym>, void> {
   static constexpr int kUnit = 32, kBytes = 32, kVecs = 1;
   static constexpr float kOffset = 0.0f;
+  static constexpr bool kSplit = true;  // has the split decode
+  static constexpr float kWideOffset = Asym ? 256.0f : 0.0f;
   explicit Dec(const float*) {}
-  VI raw(const uint8_t* p) const {  // one 32-byte load (L1 loads are the scarce port)
-    return conv(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  VI raw(const uint8_t* p, bool wide = false) const {  // one 32-byte load (L1 loads are the scarce port)
+    const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return wide ? _mm512_cvtepu8_epi16(y) : conv(y);
   }
-  VI raw_part(const uint8_t* p, int64_t n) const { return conv(_mm256_maskz_loadu_epi8(__mmask32((1ull << n) - 1), p)); }
+  VI raw_part(const uint8_t* p, int64_t n, bool wide = false) const {
+    const __m256i y = _mm256_maskz_loadu_epi8(__mmask32((1ull << n) - 1), p);
+    return wide ? _mm512_cvtepu8_epi16(y) : conv(y);
+  }
   static VI conv(__m256i y) {
     const __m128i y0 = _mm256_castsi256_si128(y), y1 = _mm256_extracti128_si256(y, 1);
     VI lo, hi;
@@ -93,7 +109,14 @@ struct Dec<IntEncoding<8, Asym>, void> {
     }
     return (VI)_mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(hi), _mm512_cvtepi32_ps(lo));
   }
-  VI vec(VI raw, int, bool = false) const { return raw; }
+  VI vec(VI raw, int, bool wide = false) const {  // wide: 128 + l
+    if (!wide) return raw;
+    return _mm512_ternarylogic_epi32(raw, _mm512_set1_epi16(0x7F), _mm512_set1_epi16(0x4300), 0xEA);
+  }
+  VI part2(VI raw) const {  // 128 + 128 b (asym) or -128 - 128 b (sym)
+    return _mm512_ternarylogic_epi32(raw, _mm512_set1_epi16(0x80),
+                                     _mm512_set1_epi16(int16_t(Asym ? 0x4300 : 0xC300)), 0xEA);
+  }
 };
 
 // int4 / int2, no shuffles: 64 bytes are 32 words; field f of word i (bits
@@ -123,8 +146,8 @@ struct Dec<IntEncoding<Bits, Asym>, std::enable_if_t<(Bits < 8)>> {
   static constexpr bool kVarOffset = kWin > 1;  // whether a wide decode exists
   static constexpr float delta(int f) { return float(128 >> (f % kWin * Bits)) - 128.0f; }
   explicit Dec(const float*) {}
-  VI raw(const uint8_t* p) const { return flip(loadu(p)); }
-  VI raw_part(const uint8_t* p, int64_t n) const { return flip(_mm512_maskz_loadu_epi8(mask64(n), p)); }
+  VI raw(const uint8_t* p, bool = false) const { return flip(loadu(p)); }
+  VI raw_part(const uint8_t* p, int64_t n, bool = false) const { return flip(_mm512_maskz_loadu_epi8(mask64(n), p)); }
   static VI flip(VI x) {
     // Asym: keep the loaded bytes in a register (else GCC folds the load
     // into each use: several loads a unit, load-port bound).
@@ -171,8 +194,8 @@ struct Dec<Fp8Encoding<Fmt, W>, void> {
     const VI hi = _mm512_permutex2var_epi16(t2, idx, t3);
     return _mm512_mask_blend_epi16(_mm512_test_epi16_mask(idx, _mm512_set1_epi16(0x40)), lo, hi);
   }
-  VI raw(const uint8_t* p) const { return loadu(p); }
-  VI raw_part(const uint8_t* p, int64_t n) const { return _mm512_maskz_loadu_epi8(mask64(n), p); }
+  VI raw(const uint8_t* p, bool = false) const { return loadu(p); }
+  VI raw_part(const uint8_t* p, int64_t n, bool = false) const { return _mm512_maskz_loadu_epi8(mask64(n), p); }
   VI vec(VI w, int f, bool = false) const {  // r | (sign bit of the code)
     const VI sign = _mm512_set1_epi16(int16_t(0x8000));
     if (f == 0) return _mm512_ternarylogic_epi32(mag(w), _mm512_slli_epi16(w, 8), sign, 0xF8);
@@ -185,8 +208,8 @@ struct Dec<Native16Encoding<ActBF16>, void> {
   static constexpr int kUnit = 32, kBytes = 64, kVecs = 1;
   static constexpr float kOffset = 0.0f;
   explicit Dec(const float*) {}
-  VI raw(const uint8_t* p) const { return loadu(p); }
-  VI raw_part(const uint8_t* p, int64_t n) const { return _mm512_maskz_loadu_epi8(mask64(n), p); }
+  VI raw(const uint8_t* p, bool = false) const { return loadu(p); }
+  VI raw_part(const uint8_t* p, int64_t n, bool = false) const { return _mm512_maskz_loadu_epi8(mask64(n), p); }
   VI vec(VI x, int, bool = false) const { return x; }
 };
 
@@ -197,9 +220,15 @@ struct Dec<Native16Encoding<ActF16>, void> {
   static constexpr int kUnit = 32, kBytes = 64, kVecs = 1;
   static constexpr float kOffset = 0.0f;
   explicit Dec(const float*) {}
-  VI raw(const uint8_t* p) const { return loadu(p); }
-  VI raw_part(const uint8_t* p, int64_t n) const { return _mm512_maskz_loadu_epi8(mask64(n), p); }
+  VI raw(const uint8_t* p, bool = false) const { return loadu(p); }
+  VI raw_part(const uint8_t* p, int64_t n, bool = false) const { return _mm512_maskz_loadu_epi8(mask64(n), p); }
 };
+
+// Whether Dec has the split decode (two words a weight, int8).
+template <class D, class = void>
+struct Split : std::false_type {};
+template <class D>
+struct Split<D, std::enable_if_t<D::kSplit>> : std::true_type {};
 
 // Whether Dec's words carry a per-vector offset delta(f) on top of kOffset.
 template <class D, class = void>
@@ -409,12 +438,19 @@ struct Runner {
   // D::delta(f): then a second per-group sum, sum_{k in g} delta(k % kVecs)
   // a_k, times s_g comes off. The decode of NT tokens takes it if kWide<NT>.
   static constexpr bool kVarOff = VarOff<D>::value;
+  // Whether Dec has the split decode (int8: two words a weight, 1 token).
+  static constexpr bool kSplitDec = Split<D>::value;
   template <int NT>
-  static constexpr bool kWide = kVarOff && NT == 1;
+  static constexpr bool kWide = (kVarOff || kSplitDec) && NT == 1;
   static constexpr int64_t kSums = kVarOff ? 2 : 1;  // per-group sums a token
   static constexpr float delta(int f) {
     if constexpr (kVarOff) return D::delta(f);
     return 0.0f;
+  }
+  // Offset of the split decode's words (code + kWideOffset).
+  static constexpr float kWideOffset() {
+    if constexpr (kSplitDec) return D::kWideOffset;
+    return D::kOffset;
   }
   // Decode rows between two output stores (results buffered as fp32).
   static constexpr int64_t kResRows = 256;
@@ -570,11 +606,12 @@ struct Runner {
     }
   }
 
-  void load_scales(int64_t e, int64_t r, int64_t g0, int64_t g1, float* sbuf, float* szbuf) const {
+  void load_scales(int64_t e, int64_t r, int64_t g0, int64_t g1, float* sbuf, float* szbuf,
+                   float offset = D::kOffset) const {
     if constexpr (Enc::kScaled)
       row_scales<Act, Enc::kAsym, kCorr>(scales + (e * N + r) * G + g0,
                                          Enc::kAsym ? zeros + (e * N + r) * G + g0 : nullptr, g1 - g0,
-                                         D::kOffset, sbuf, szbuf);
+                                         offset, sbuf, szbuf);
   }
 
   // ------------------------------------------------------------ decode rows
@@ -628,29 +665,38 @@ struct Runner {
         VI v[R];
         for (int i = 0; i < R; ++i) v[i] = dec.vec(x[i], j, kWide<NT>);
         const int64_t eo = u * D::kUnit + j * 32;  // element offset of the vector
-        if constexpr (FMA) {  // words as fp32 (even, odd) against [16 even | 16 odd] activations
-          V ev[R], od[R];
-          for (int i = 0; i < R; ++i) {
-            ev[i] = _mm512_castsi512_ps(_mm512_slli_epi32(v[i], 16));
-            od[i] = _mm512_castsi512_ps(_mm512_and_si512(v[i], _mm512_set1_epi32(int(0xFFFF0000u))));
-          }
-          for (int t = 0; t < NT; ++t) {
-            const float* p = reinterpret_cast<const float*>(a[t]) + eo;
-            const V ae = _mm512_loadu_ps(p), ao = _mm512_loadu_ps(p + 16);
-            for (int i = 0; i < R; ++i) acc[c][i][t] = _mm512_fmadd_ps(od[i], ao, _mm512_fmadd_ps(ev[i], ae, acc[c][i][t]));
-          }
-        } else {
+        // acc[c] += words v . the tokens' activations of this vector
+        auto dots = [&](const VI* v, int c) {
+          if constexpr (FMA) {  // words as fp32 (even, odd) against [16 even | 16 odd] activations
+            V ev[R], od[R];
+            for (int i = 0; i < R; ++i) {
+              ev[i] = _mm512_castsi512_ps(_mm512_slli_epi32(v[i], 16));
+              od[i] = _mm512_castsi512_ps(_mm512_and_si512(v[i], _mm512_set1_epi32(int(0xFFFF0000u))));
+            }
+            for (int t = 0; t < NT; ++t) {
+              const float* p = reinterpret_cast<const float*>(a[t]) + eo;
+              const V ae = _mm512_loadu_ps(p), ao = _mm512_loadu_ps(p + 16);
+              for (int i = 0; i < R; ++i) acc[c][i][t] = _mm512_fmadd_ps(od[i], ao, _mm512_fmadd_ps(ev[i], ae, acc[c][i][t]));
+            }
+          } else {
 #pragma GCC unroll 8
-          for (int t = 0; t < NT; ++t) {
-            const VI ah = loadu(a[t] + eo * 2);
+            for (int t = 0; t < NT; ++t) {
+              const VI ah = loadu(a[t] + eo * 2);
 #pragma GCC unroll 4
-            for (int i = 0; i < R; ++i) acc[c][i][t] = _mm512_dpbf16_ps(acc[c][i][t], bh(v[i]), bh(ah));
-            if constexpr (kF16) {  // lo half of fp16 activations
-              const VI al = loadu(a[t] + 2 * Kp + eo * 2);
+              for (int i = 0; i < R; ++i) acc[c][i][t] = _mm512_dpbf16_ps(acc[c][i][t], bh(v[i]), bh(ah));
+              if constexpr (kF16) {  // lo half of fp16 activations
+                const VI al = loadu(a[t] + 2 * Kp + eo * 2);
 #pragma GCC unroll 4
-              for (int i = 0; i < R; ++i) acc[c][i][t] = _mm512_dpbf16_ps(acc[c][i][t], bh(v[i]), bh(al));
+                for (int i = 0; i < R; ++i) acc[c][i][t] = _mm512_dpbf16_ps(acc[c][i][t], bh(v[i]), bh(al));
+              }
             }
           }
+        };
+        dots(v, c);
+        if constexpr (kSplitDec && kWide<NT>) {  // the second word of each weight, same activations
+          VI v2[R];
+          for (int i = 0; i < R; ++i) v2[i] = dec.part2(x[i]);
+          dots(v2, (c + 1) % C);
         }
       }
     }
@@ -661,10 +707,11 @@ struct Runner {
   template <int NT, int R, int C, bool FMA>
   [[gnu::always_inline]] inline void units_into(const uint8_t* const* wr, int64_t u0, int64_t u1, const uint8_t* const* a,
                          V (*acc)[R][NT]) const {
-    auto load = [&](int64_t u, VI* x) {
+    // (pf: whether to prefetch; one prefetch a 64-byte line is enough)
+    auto load = [&](int64_t u, VI* x, bool pf = true) {
       for (int i = 0; i < R; ++i) {
-        _mm_prefetch(reinterpret_cast<const char*>(wr[i] + u * D::kBytes) + pf_dist, _MM_HINT_T0);
-        x[i] = dec.raw(wr[i] + u * D::kBytes);
+        if (pf) _mm_prefetch(reinterpret_cast<const char*>(wr[i] + u * D::kBytes) + pf_dist, _MM_HINT_T0);
+        x[i] = dec.raw(wr[i] + u * D::kBytes, kWide<NT>);
       }
     };
     int64_t u = u0;
@@ -672,7 +719,7 @@ struct Runner {
       for (; u + 1 < u1; u += 2) {
         VI x0[R], x1[R];
         load(u, x0);
-        load(u + 1, x1);
+        load(u + 1, x1, D::kBytes >= 64);
         unit_dots<NT, R, C, 0, FMA>(x0, u, a, acc);
         unit_dots<NT, R, C, 1, FMA>(x1, u + 1, a, acc);
       }
@@ -696,7 +743,7 @@ struct Runner {
       const int64_t row = min64(r + i * rs, r1 - 1);
       wr[i] = w + (e * N + row) * row_bytes;
       float* si = sb + i * 2 * sstride_;
-      load_scales(e, row, 0, G, si, si + sstride_);
+      load_scales(e, row, 0, G, si, si + sstride_, kSplitDec && kWide<NT> ? kWideOffset() : D::kOffset);
       prefetch_scales(e, row + 4, 0);
       s[i] = si;
     }
@@ -723,7 +770,7 @@ struct Runner {
     };
     auto tail = [&] {  // the partial last unit (masked bytes, zero activations past K)
       VI x[R];
-      for (int i = 0; i < R; ++i) x[i] = dec.raw_part(wr[i] + full * D::kBytes, tail_bytes);
+      for (int i = 0; i < R; ++i) x[i] = dec.raw_part(wr[i] + full * D::kBytes, tail_bytes, kWide<NT>);
       unit_dots<NT, R, C, 0, FMA>(x, full, a, acc);
     };
     for (int i = 0; i < R; ++i)
@@ -754,7 +801,7 @@ struct Runner {
         float v = _mm512_reduce_add_ps(tot[i][t]);
         // - sum_g s_g (kOffset + z_g) sum_{k in g} a_k
         //   (kVarOff: - sum_g s_g sum_{k in g} delta(k % kVecs) a_k, same reduction)
-        if constexpr (kWide<NT>) v -= dot2_f32(s[i] + sstride_, as[t], s[i], as[t] + G, G);
+        if constexpr (kWide<NT> && kVarOff) v -= dot2_f32(s[i] + sstride_, as[t], s[i], as[t] + G, G);
         else if constexpr (kCorr) v -= dot_f32(s[i] + sstride_, as[t], G);
         res[t * ldr + i * rs] = v;
       }
