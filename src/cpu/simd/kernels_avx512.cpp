@@ -88,6 +88,7 @@ struct Dec<IntEncoding<8, Asym>, void> {
   static constexpr float kOffset = 0.0f;
   static constexpr bool kSplit = true;  // has the split decode
   static constexpr float kWideOffset = Asym ? 256.0f : 0.0f;
+  static constexpr int kChains1 = 2;  // accumulator chains of the 1-token decode (see kChains)
   explicit Dec(const float*) {}
   VI raw(const uint8_t* p, bool wide = false) const {  // one 32-byte load (L1 loads are the scarce port)
     const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -145,6 +146,7 @@ struct Dec<IntEncoding<Bits, Asym>, std::enable_if_t<(Bits < 8)>> {
   static constexpr float kOffset = 128.0f - float(Enc::kQmin);
   static constexpr bool kVarOffset = kWin > 1;  // whether a wide decode exists
   static constexpr float delta(int f) { return float(128 >> (f % kWin * Bits)) - 128.0f; }
+  static constexpr int kChains1 = Bits == 2 && !Asym ? 2 : 1;
   explicit Dec(const float*) {}
   VI raw(const uint8_t* p, bool = false) const { return flip(loadu(p)); }
   VI raw_part(const uint8_t* p, int64_t n, bool = false) const { return flip(_mm512_maskz_loadu_epi8(mask64(n), p)); }
@@ -182,6 +184,7 @@ template <class Fmt, WeightType W>
 struct Dec<Fp8Encoding<Fmt, W>, void> {
   static constexpr int kUnit = 64, kBytes = 64, kVecs = 2;
   static constexpr float kOffset = 0.0f;
+  static constexpr int kChains1 = 1;
   VI t0, t1, t2, t3;
   explicit Dec(const float* values) {
     t0 = bf16_table(values);
@@ -207,6 +210,7 @@ template <>
 struct Dec<Native16Encoding<ActBF16>, void> {
   static constexpr int kUnit = 32, kBytes = 64, kVecs = 1;
   static constexpr float kOffset = 0.0f;
+  static constexpr int kChains1 = 2;
   explicit Dec(const float*) {}
   VI raw(const uint8_t* p, bool = false) const { return loadu(p); }
   VI raw_part(const uint8_t* p, int64_t n, bool = false) const { return _mm512_maskz_loadu_epi8(mask64(n), p); }
@@ -219,6 +223,7 @@ template <>
 struct Dec<Native16Encoding<ActF16>, void> {
   static constexpr int kUnit = 32, kBytes = 64, kVecs = 1;
   static constexpr float kOffset = 0.0f;
+  static constexpr int kChains1 = 1;
   explicit Dec(const float*) {}
   VI raw(const uint8_t* p, bool = false) const { return loadu(p); }
   VI raw_part(const uint8_t* p, int64_t n, bool = false) const { return _mm512_maskz_loadu_epi8(mask64(n), p); }
@@ -632,13 +637,17 @@ struct Runner {
   // Rows per step: 4 for few tokens (more independent work per weight
   // stream; measured faster than 1 or 2 rows in and out of cache), 2 for
   // more (R x NT accumulators and running sums fill the 32 registers).
-  // Chains: 2 for one token; 2 tokens x 4 rows are 8 chains already (a
-  // second set spilled registers: one chain measured 4% faster for int2,
-  // 20% for int4, 5-10% for int8/fp8 on one Zen 5 core, L2-resident).
+  // Chains: for one token, the decoder's kChains1 (one Zen 5 core,
+  // L2-resident, 1 vs 2 chains: int4 +13%, fp8 +6%, fp16 weights +15%,
+  // int2 sym -15%, int8 -24% (its split decode feeds two dot products a
+  // vector), bf16 weights and int2 asym level; fp16 activations keep 2:
+  // two dot products a vector already); for more tokens 1: 2 tokens x 4
+  // rows are 8 chains already (a second set spilled registers: one chain
+  // measured 4% faster for int2, 20% for int4, 5-10% for int8/fp8).
   template <int NT>
   static constexpr int kRows = NT <= 2 ? 4 : 2;
   template <int NT>
-  static constexpr int kChains = NT <= 1 ? 2 : 1;
+  static constexpr int kChains = NT > 1 ? 1 : kF16 && !kNativeF16 ? 2 : D::kChains1;
 
   // acc[(j + P) % C][i][t] += vector j of unit u of R rows (raw registers
   // x[i]) . token t.
