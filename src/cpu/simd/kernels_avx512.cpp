@@ -133,7 +133,8 @@ struct Dec<IntEncoding<8, Asym>, void> {
 // vector ALU slots but not of registers, takes it (2 tokens measured 10%
 // slower with it). vpternlogd: c & (y | kHigh), c = field mask | exponent
 // bits, kHigh = the bits above the window. Sym codes are two's complement,
-// so u = code ^ half (flipped once a unit) and value = u - half (the
+// so u = code ^ half (narrow: the sign bit flipped by the same vpternlogd,
+// see sel(); wide: one vpxord a unit in raw()) and value = u - half (the
 // trait's kQmin). Word = value + kOffset (+ delta(f) when wide), kOffset =
 // 128 - kQmin, delta(f) = (128 >> sh) - 128: both come back out through the
 // per-group activation sums (delta's weighted by the element's vector).
@@ -148,30 +149,43 @@ struct Dec<IntEncoding<Bits, Asym>, std::enable_if_t<(Bits < 8)>> {
   static constexpr float delta(int f) { return float(128 >> (f % kWin * Bits)) - 128.0f; }
   static constexpr int kChains1 = Bits == 2 && !Asym ? 2 : 1;
   explicit Dec(const float*) {}
-  VI raw(const uint8_t* p, bool = false) const { return flip(loadu(p)); }
-  VI raw_part(const uint8_t* p, int64_t n, bool = false) const { return flip(_mm512_maskz_loadu_epi8(mask64(n), p)); }
-  static VI flip(VI x) {
-    // Asym: keep the loaded bytes in a register (else GCC folds the load
-    // into each use: several loads a unit, load-port bound).
-    if constexpr (Asym) __asm__("" : "+v"(x));
-    if constexpr (!Asym) {  // flip the sign bit of every field
-      constexpr int kHalf = 1 << (Bits - 1);
+  VI raw(const uint8_t* p, bool wide = false) const { return flip(loadu(p), wide); }
+  VI raw_part(const uint8_t* p, int64_t n, bool wide = false) const {
+    return flip(_mm512_maskz_loadu_epi8(mask64(n), p), wide);
+  }
+  static VI flip(VI x, bool wide) {
+    if (!Asym && kVarOffset && wide) {  // the wide decode flips every field's sign bit here
       int pattern = 0;
-      for (int f = 0; f < 16 / Bits; ++f) pattern |= kHalf << (f * Bits);
-      x = _mm512_xor_si512(x, _mm512_set1_epi16(int16_t(pattern)));
+      for (int f = 0; f < 16 / Bits; ++f) pattern |= (1 << (Bits - 1)) << (f * Bits);
+      return _mm512_xor_si512(x, _mm512_set1_epi16(int16_t(pattern)));
     }
+    // Keep the loaded bytes in a register (else GCC folds the load into
+    // each use: several loads a unit, load-port bound).
+    __asm__("" : "+v"(x));
     return x;
   }
+  // Sym codes: the field's sign bit is flipped inside the vpternlogd that
+  // places it, with two constants: per bit, (A, B) = (1, 1) gives 1
+  // (exponent bits), (1, 0) the bit of y (field bits below the sign),
+  // (0, 1) its complement (the sign bit), (0, 0) zero (other fields).
+  static VI sel(VI y, int lo, int sign, int e) {  // imm 0xCA: (A & B) | (A & y) | (B & ~y & ~A)
+    return _mm512_ternarylogic_epi32(y, _mm512_set1_epi16(int16_t(e | lo)), _mm512_set1_epi16(int16_t(e | sign)),
+                                     0xCA);
+  }
   VI vec(VI x, int f, bool wide = false) const {
+    constexpr int kHalf = 1 << (Bits - 1);
     const VI one28 = _mm512_set1_epi16(0x4300);
     if (!(kVarOffset && wide)) {  // ((x >> f*Bits) & mask) | 0x4300
-      const VI mask = _mm512_set1_epi16(int16_t(Enc::kMask));
-      if (f == 0) return _mm512_ternarylogic_epi32(x, mask, one28, 0xEA);
-      return _mm512_ternarylogic_epi32(_mm512_srli_epi16(x, unsigned(f * Bits)), mask, one28, 0xEA);
+      const VI y = f == 0 ? x : _mm512_srli_epi16(x, unsigned(f * Bits));
+      if constexpr (!Asym) return sel(y, kHalf - 1, kHalf, 0x4300);
+      return _mm512_ternarylogic_epi32(y, _mm512_set1_epi16(int16_t(Enc::kMask)), one28, 0xEA);
     }
     const int win = f / kWin, sh = f % kWin * Bits;
-    const VI c = _mm512_set1_epi16(int16_t((Enc::kMask << sh) | (0x4300 - (sh << 7))));
+    const int e = 0x4300 - (sh << 7);  // exponent: the field's lowest bit weighs 1
     const VI y = win == 0 ? x : _mm512_srli_epi16(x, unsigned(win * kWin * Bits));
+    // (sym: flipped by raw(); sel() here measured 4% slower: 2 constants a
+    // field position, 6 in all, against a unit's one vpxord)
+    const VI c = _mm512_set1_epi16(int16_t((Enc::kMask << sh) | e));
     return _mm512_ternarylogic_epi32(y, c, _mm512_set1_epi16(int16_t(kHigh)), 0xC8);  // c & (y | kHigh)
   }
 };
