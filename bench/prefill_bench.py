@@ -185,7 +185,6 @@ def main():
         return 0
     torch.manual_seed(0)
     gen = torch.Generator(device="cuda").manual_seed(1234)
-    cpu_gen = torch.Generator().manual_seed(99)
     name = torch.cuda.get_device_name()
     props = torch.cuda.get_device_properties(0)
     print(f"card: {name}, {props.multi_processor_count} SMs, torch {torch.__version__}")
@@ -243,7 +242,8 @@ def main():
     print(f"{'shape':24s} {'enc':9s} {'path':6s} {'qmoe us':>9s} {'TFLOP/s':>8s} {'%dense':>7s} {'%floor':>7s} "
           f"{'gmm us':>8s} {'x gmm':>6s} {'loop us':>8s} {'dense us':>9s}", flush=True)
     for label, E, N, K, T, split in shapes:
-        counts = split_tokens(T, E, split, cpu_gen)
+        # Each shape's split from its own seed: the same counts whichever shapes run.
+        counts = split_tokens(T, E, split, torch.Generator().manual_seed(99))
         active = sum(1 for c in counts if c > 0)
         flops = 2 * T * N * K
         # Anchors on bf16 weights (one set; weights exceed L2 for the large shapes).

@@ -5,6 +5,7 @@
 // `out`: no host synchronisation, no allocation, graph-capturable.
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
 #include <utility>
 
 #include "core/backend.h"
@@ -437,6 +438,16 @@ Phase layer_phase(const MoeGemmParams& q) {
   return choose_phase(q, q.weight_type == WeightType::native16 ? 4 : 8);
 }
 
+// SiLU·mul in the wgmma prefill kernel's epilogue (QMOE_PREFILL_GLU=0: a
+// separate kernel after the product, for comparison).
+bool prefill_swiglu_epilogue() {
+  static const bool on = [] {
+    const char* v = std::getenv("QMOE_PREFILL_GLU");
+    return !(v && v[0] == '0');
+  }();
+  return on;
+}
+
 unsigned blocks(int64_t n, int per) { return unsigned((n + per - 1) / per); }
 
 }  // namespace
@@ -535,8 +546,9 @@ Status fused_moe(const FusedMoeParams& p, const Device& device) {
     // gate/up product and SiLU(gate)·up into `act_out` [rows, inter]. Where the
     // decode kernel takes the product, SiLU·mul is its epilogue and (rows_of)
     // it reads the token copies through their token index; otherwise the copies
-    // are gathered (`gather`), the product written to `gate_up`, and a second
-    // kernel applies SiLU·mul.
+    // are gathered (`gather`) and the prefill kernel takes them, with SiLU·mul
+    // as its epilogue on sm_90 (wgmma); elsewhere the product is written to
+    // `gate_up` and a second kernel applies SiLU·mul.
     const auto gate_up_swiglu = [&](MoeGemmParams q, const int32_t* rows_of, const auto& gather, void* gate_up,
                                     int64_t inter, uint16_t* act_out, const Device& dev) -> Status {
       const auto st = static_cast<cudaStream_t>(dev.stream);
@@ -548,6 +560,13 @@ Status fused_moe(const FusedMoeParams& p, const Device& device) {
         if (launch_decode(f, st, &s, DecodeFusion{rows_of, true, early, false})) return s;
       }
       if (Status s = gather(q); !s.ok()) return s;
+      if (prefill_swiglu_epilogue()) {  // the prefill kernel with SiLU·mul as its epilogue (sm_90)
+        MoeGemmParams f = q;
+        f.out = act_out;
+        if (Status s = check_operands(f, dev.index); !s.ok()) return s;
+        Status s;
+        if (launch_prefill(f, st, &s, inter)) return s;
+      }
       q.out = gate_up;
       if (Status s = run(q, layer_phase(q), dev); !s.ok()) return s;
       const dim3 grid(unsigned(q.total_tokens), unsigned(std::min<int64_t>(8, (inter / 8 + 255) / 256)));

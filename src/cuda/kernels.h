@@ -35,6 +35,8 @@ bool launch_decode(const MoeGemmParams& p, cudaStream_t stream, Status* status, 
 
 // The device checks of a grouped product's operands (the run() entry does them).
 Status check_operands(const MoeGemmParams& p, int device);
-bool launch_prefill(const MoeGemmParams& p, cudaStream_t stream, Status* status);
+// glu = I > 0 (the fused layer; p.n = 2I, gate rows first): p.out is [T, I] =
+// SiLU(gate) * up, on the sm_90 wgmma kernel only (false elsewhere).
+bool launch_prefill(const MoeGemmParams& p, cudaStream_t stream, Status* status, int64_t glu = 0);
 
 }  // namespace qmoe::cuda

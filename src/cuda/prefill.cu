@@ -14,8 +14,8 @@ namespace qmoe::cuda {
 namespace prefill {
 bool launch_f16(const MoeGemmParams& p, cudaStream_t stream, Status* status);
 bool launch_bf16(const MoeGemmParams& p, cudaStream_t stream, Status* status);
-bool launch_wgmma_f16(const MoeGemmParams& p, cudaStream_t stream, Status* status);
-bool launch_wgmma_bf16(const MoeGemmParams& p, cudaStream_t stream, Status* status);
+bool launch_wgmma_f16(const MoeGemmParams& p, cudaStream_t stream, Status* status, int64_t glu);
+bool launch_wgmma_bf16(const MoeGemmParams& p, cudaStream_t stream, Status* status, int64_t glu);
 
 // Switches that restore earlier behaviour (see prefill_mma.cuh).
 namespace {
@@ -58,8 +58,9 @@ void set_wgmma_override(int on) { g_wgmma.store(on, std::memory_order_relaxed); 
 // (tests check that the path they force is the one that ran).
 int last_path() { return g_last_path.load(std::memory_order_relaxed); }
 
-bool launch_wgmma(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
-  return p.act_type == ActType::f16 ? launch_wgmma_f16(p, stream, status) : launch_wgmma_bf16(p, stream, status);
+bool launch_wgmma(const MoeGemmParams& p, cudaStream_t stream, Status* status, int64_t glu) {
+  return p.act_type == ActType::f16 ? launch_wgmma_f16(p, stream, status, glu)
+                                    : launch_wgmma_bf16(p, stream, status, glu);
 }
 }  // namespace prefill
 
@@ -80,7 +81,7 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 // N, T and the per-expert counts are free (tails are clamped and masked).
 // Within these rules the wgmma kernel, where enabled, is tried first (it declines devices
 // other than sm_90, builds without sm_90a code, and E * N >= 2^31).
-bool launch_prefill(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
+bool launch_prefill(const MoeGemmParams& p, cudaStream_t stream, Status* status, int64_t glu) {
   const bool ekn = p.layout == WeightLayout::EKN;
   if (p.layout != WeightLayout::ENK && !(ekn && p.weight_type == WeightType::native16)) return false;
   if (p.num_experts < 1 || p.num_experts > 1024) return false;
@@ -91,11 +92,11 @@ bool launch_prefill(const MoeGemmParams& p, cudaStream_t stream, Status* status)
   if (!aligned16(p.activations) || !aligned16(p.weights)) return false;
   const int64_t items = (p.n + 127) / 128 * ((p.total_tokens + 63) / 64 + p.num_experts);
   if (items > INT32_MAX) return false;
-  if (prefill::wgmma_enabled() && prefill::launch_wgmma(p, stream, status)) {
+  if (prefill::wgmma_enabled() && prefill::launch_wgmma(p, stream, status, glu)) {
     prefill::g_last_path.store(2, std::memory_order_relaxed);
     return true;
   }
-  if (ekn) return false;  // the mma.sync kernel reads [E, N, K] weights only
+  if (ekn || glu) return false;  // the mma.sync kernel: [E, N, K] weights, no SiLU·mul epilogue
   const bool launched = p.act_type == ActType::f16 ? prefill::launch_f16(p, stream, status)
                                                    : prefill::launch_bf16(p, stream, status);
   if (launched) prefill::g_last_path.store(1, std::memory_order_relaxed);

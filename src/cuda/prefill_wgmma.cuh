@@ -81,6 +81,7 @@
 
 #include <mutex>
 
+#include "core/routing.h"
 #include "cuda/prefill_mma.cuh"
 #include "cuda/prefill_wgmma_ops.cuh"
 
@@ -111,6 +112,10 @@ struct WCfg {
 };
 
 struct WArgs {
+  // glu = I > 0 (the fused layer's gate/up product, N = 2I): an item takes
+  // gate rows n0.. and up rows I + n0.. (128 each) and writes [T, I] =
+  // SiLU(gate) * up; its weight rows are then 128 outputs wide.
+  int glu;
   int ekn;                     // 16-bit weights in moe_gemm's [E, K, N] layout
   const uint16_t* col_scales;  // [E, K, N]: optional per-column scales [E, N]
   const uint16_t* scales;
@@ -267,7 +272,7 @@ struct WKernel {
       uint32_t s[4], z[4] = {0, 0, 0, 0};
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        const int row = min(f.it.n0 + 2 * t + j, a.N - 1);
+        const int row = min(global_row(a, f.it.n0, 2 * t + j), a.N - 1);
         const int64_t off = (int64_t(f.it.e) * a.N + row) * a.groups;
         s[j] = __ldg(a.scales + off + g0);
         s[2 + j] = __ldg(a.scales + off + g1);
@@ -279,6 +284,12 @@ struct WKernel {
       rs = make_uint2(s[0] | (s[1] << 16), s[2] | (s[3] << 16));
       rz = make_uint2(z[0] | (z[1] << 16), z[2] | (z[3] << 16));
     }
+  }
+
+  // Weight row of row r (0..255) of an item's tile at n0: rows n0 + r, or
+  // (glu) gate rows n0 + r for r < 128 and up rows I + n0 + r - 128.
+  __device__ static __forceinline__ int global_row(const WArgs& a, int n0, int r) {
+    return a.glu && r >= C::BN / 2 ? a.glu + n0 + r - C::BN / 2 : n0 + r;
   }
 
   __device__ static __forceinline__ void advance(const WArgs& a, Fill& f, int total, const int* s_tok,
@@ -325,8 +336,16 @@ struct WKernel {
           for (int b = 0; b < C::BN / 64; ++b)
             tma_load_3d(dst + C::TOK_BYTES + b * (64 * 128), &maps.w, f.it.n0 + 64 * b, f.kt * C::BK, f.it.e, fb);
         } else {
+          // One box of 256 rows, or (glu, a map of 128-row boxes) the gate
+          // rows and then the up rows.
           const int wk = C::kNative ? f.kt * C::BK : f.kt * C::KPB;  // elements of the weight map
-          tma_load_2d(dst + C::TOK_BYTES, &maps.w, wk, f.it.e * a.N + f.it.n0, fb);
+          if (a.glu) {
+            for (int b = 0; b < 2; ++b)
+              tma_load_2d(dst + C::TOK_BYTES + b * (C::W_BYTES / 2), &maps.w, wk,
+                          f.it.e * a.N + global_row(a, f.it.n0, b * C::BN / 2), fb);
+          } else {
+            tma_load_2d(dst + C::TOK_BYTES, &maps.w, wk, f.it.e * a.N + f.it.n0, fb);
+          }
         }
       }
       if constexpr (C::kScaled) {
@@ -417,7 +436,15 @@ struct WKernel {
     }
   }
 
-  template <int NT, bool kEKN>
+  // First tile row of warp `warp` of consumer warpgroup wg, m64 block mb:
+  // wg * 128 + mb * 64 + ..., or (glu) block 0 in the gate rows and block 1
+  // in the up rows of the same outputs, so a lane holds gate and up of each.
+  template <bool kGlu>
+  __device__ static __forceinline__ int tile_row(int wg, int mb, int warp) {
+    return (kGlu ? mb * 128 + wg * 64 : wg * 128 + mb * 64) + warp * 16;
+  }
+
+  template <int NT, bool kEKN, bool kGlu>
   __device__ static __forceinline__ void run_item(const WArgs& a, const Item& it, const Smem& sm, int& fill) {
     const int wg = (threadIdx.x >> 7) - 1, warp = (threadIdx.x >> 5) & 3;
     float acc[2][NT / 2];
@@ -442,7 +469,7 @@ struct WKernel {
       for (int q = 0; q < 2; ++q) {
         uint32_t x[2][2][4];  // [mb][k16 step][register]
 #pragma unroll
-        for (int mb = 0; mb < 2; ++mb) a_frags<kEKN>(stage, q, wg * 128 + mb * 64 + warp * 16, x[mb]);
+        for (int mb = 0; mb < 2; ++mb) a_frags<kEKN>(stage, q, tile_row<kGlu>(wg, mb, warp), x[mb]);
         fence_regs(acc[0]);
         fence_regs(acc[1]);
         wgmma_fence();
@@ -469,35 +496,52 @@ struct WKernel {
     // Accumulator d[4j + 2h + i] of block mb: weight row rbase + 8h + g,
     // token 8j + 2c + i.
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-#pragma unroll
-    for (int mb = 0; mb < 2; ++mb)
+    if constexpr (kGlu) {  // SiLU(gate) * up of the 16-bit products, as the unfused layer
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int n = it.n0 + wg * 128 + mb * 64 + warp * 16 + 8 * h + g;
-        if (n >= a.N) continue;
-        float cs = 1.0f;  // [E, K, N] weights: the optional per-column scale
-        if constexpr (kEKN)
-          if (a.col_scales) cs = P::to_float(a.col_scales[int64_t(it.e) * a.N + n]);
+        const int n = it.n0 + wg * 64 + warp * 16 + 8 * h + g;
+        if (n >= a.glu) continue;
 #pragma unroll
         for (int j = 0; j < NT / 8; ++j)
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
             const int r = 8 * j + 2 * c + i;
-            if (r < it.rows) a.out[int64_t(it.tok0 + r) * a.N + n] = P::from_float(acc[mb][4 * j + 2 * h + i] * cs);
+            const float gate = P::to_float(P::from_float(acc[0][4 * j + 2 * h + i]));
+            const float up = P::to_float(P::from_float(acc[1][4 * j + 2 * h + i]));
+            if (r < it.rows) a.out[int64_t(it.tok0 + r) * a.glu + n] = P::from_float(silu(gate) * up);
           }
       }
+    } else {
+#pragma unroll
+      for (int mb = 0; mb < 2; ++mb)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int n = it.n0 + wg * 128 + mb * 64 + warp * 16 + 8 * h + g;
+          if (n >= a.N) continue;
+          float cs = 1.0f;  // [E, K, N] weights: the optional per-column scale
+          if constexpr (kEKN)
+            if (a.col_scales) cs = P::to_float(a.col_scales[int64_t(it.e) * a.N + n]);
+#pragma unroll
+          for (int j = 0; j < NT / 8; ++j)
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+              const int r = 8 * j + 2 * c + i;
+              if (r < it.rows) a.out[int64_t(it.tok0 + r) * a.N + n] = P::from_float(acc[mb][4 * j + 2 * h + i] * cs);
+            }
+        }
+    }
   }
 
-  template <bool kEKN>
+  template <bool kEKN, bool kGlu>
   __device__ static __forceinline__ void run_width(const WArgs& a, const Item& it, const Smem& sm, int& fill, int tw) {
-    if constexpr (kEKN && !C::kNative) {
-      return;  // [E, K, N] is 16-bit only (the launcher declines the rest)
+    if constexpr ((kEKN && !C::kNative) || (kEKN && kGlu)) {
+      return;  // [E, K, N] is 16-bit only and never glu (the launcher declines the rest)
     } else if (tw == 128) {
-      run_item<128, kEKN>(a, it, sm, fill);
+      run_item<128, kEKN, kGlu>(a, it, sm, fill);
     } else if (tw == 64) {
-      run_item<64, kEKN>(a, it, sm, fill);
+      run_item<64, kEKN, kGlu>(a, it, sm, fill);
     } else {
-      run_item<32, kEKN>(a, it, sm, fill);
+      run_item<32, kEKN, kGlu>(a, it, sm, fill);
     }
   }
 
@@ -508,9 +552,11 @@ struct WKernel {
       const Item it = decode_item<C>(item, s_tok, s_items, a.E);
       const int tw = tok_width(it.rows);
       if (C::kNative && a.ekn)
-        run_width<true>(a, it, sm, fill, tw);
+        run_width<true, false>(a, it, sm, fill, tw);
+      else if (a.glu)
+        run_width<false, true>(a, it, sm, fill, tw);
       else
-        run_width<false>(a, it, sm, fill, tw);
+        run_width<false, false>(a, it, sm, fill, tw);
     }
   }
 };
@@ -553,7 +599,7 @@ __global__ void __launch_bounds__(384, 1) wgmma_kernel(const WArgs a, const __gr
     build_schedule<C::kThreads, C::BM>(a.counts, a.E, a.T, s_tok, s_items, scratch);
     if (tid == C::kThreads - 1) {
       s_items[a.E + 1] = a.n_tiles;
-      s_items[a.E + 2] = C::BN;
+      s_items[a.E + 2] = a.glu ? C::BN / 2 : C::BN;  // outputs an item covers
     }
     __syncthreads();  // also publishes the barrier initialisation
   }
@@ -568,8 +614,9 @@ __global__ void __launch_bounds__(384, 1) wgmma_kernel(const WArgs a, const __gr
     // Rows no expert covers are zero (read again: nothing kept live across the loop).
     const int covered = *reinterpret_cast<volatile int*>(s_tok + a.E);
     if (covered < a.T) {
-      const int64_t n_zero = int64_t(a.T - covered) * a.N;
-      uint16_t* base = a.out + int64_t(covered) * a.N;
+      const int cols = a.glu ? a.glu : a.N;
+      const int64_t n_zero = int64_t(a.T - covered) * cols;
+      uint16_t* base = a.out + int64_t(covered) * cols;
       for (int64_t i = int64_t(blockIdx.x) * 256 + (tid - 128); i < n_zero; i += int64_t(gridDim.x) * 256) base[i] = 0;
     }
   }
@@ -628,7 +675,7 @@ inline bool make_map_ekn(CUtensorMap* m, const void* ptr, uint64_t n, uint64_t k
 }
 
 template <class Act, class Enc>
-bool launch(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
+bool launch(const MoeGemmParams& p, cudaStream_t stream, Status* status, int64_t glu) {
   using C = WCfg<Act, Enc>;
   const auto kernel = wgmma_kernel<Act, Enc>;
 
@@ -676,11 +723,12 @@ bool launch(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
   const uint64_t wrows = uint64_t(p.num_experts * p.n);
   const bool ekn = p.layout == WeightLayout::EKN;
   if (ekn && !C::kNative) return false;
+  if (glu && (ekn || p.n != 2 * glu)) return false;
   const bool wok = ekn ? make_map_ekn(&maps.w, p.weights, uint64_t(p.n), uint64_t(p.k), uint64_t(p.num_experts))
                  : C::kNative ? make_map(&maps.w, p.weights, CU_TENSOR_MAP_DATA_TYPE_UINT16, uint64_t(p.k), wrows,
-                                         uint64_t(kp), C::BK, C::BN, CU_TENSOR_MAP_SWIZZLE_128B)
+                                         uint64_t(kp), C::BK, glu ? C::BN / 2 : C::BN, CU_TENSOR_MAP_SWIZZLE_128B)
                               : make_map(&maps.w, p.weights, CU_TENSOR_MAP_DATA_TYPE_UINT8, uint64_t(kp), wrows,
-                                         uint64_t(kp), C::KPB, C::BN, CU_TENSOR_MAP_SWIZZLE_NONE);
+                                         uint64_t(kp), C::KPB, glu ? C::BN / 2 : C::BN, CU_TENSOR_MAP_SWIZZLE_NONE);
   if (!wok) return false;
 
   WArgs a;
@@ -696,7 +744,8 @@ bool launch(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
   a.T = int(p.total_tokens);
   a.group_size = C::kScaled ? int(p.group_size) : 1;
   a.groups = C::kScaled ? int(p.k / p.group_size) : 1;
-  a.n_tiles = ceil_div(p.n, C::BN);
+  a.glu = int(glu);
+  a.n_tiles = glu ? ceil_div(glu, C::BN / 2) : ceil_div(p.n, C::BN);
   a.k_tiles = ceil_div(p.k, C::BK);
   const int64_t max_items = int64_t(a.n_tiles) * ((p.total_tokens + C::BM - 1) / C::BM + p.num_experts);
   const int grid = int(std::max<int64_t>(1, std::min<int64_t>(max_items, d.sms)));
@@ -706,10 +755,10 @@ bool launch(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
 }
 
 template <class Act>
-bool launch_for_act(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
+bool launch_for_act(const MoeGemmParams& p, cudaStream_t stream, Status* status, int64_t glu) {
   bool launched = false;
   visit_encoding(p.act_type, p.weight_type, p.asym, [&](auto act, auto enc) {
-    if constexpr (std::is_same_v<decltype(act), Act>) launched = launch<Act, decltype(enc)>(p, stream, status);
+    if constexpr (std::is_same_v<decltype(act), Act>) launched = launch<Act, decltype(enc)>(p, stream, status, glu);
   });
   return launched;
 }

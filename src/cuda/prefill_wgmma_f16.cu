@@ -3,7 +3,7 @@
 #include "cuda/prefill_wgmma.cuh"
 
 namespace qmoe::cuda::prefill {
-bool launch_wgmma_f16(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
-  return hopper::launch_for_act<ActF16>(p, stream, status);
+bool launch_wgmma_f16(const MoeGemmParams& p, cudaStream_t stream, Status* status, int64_t glu) {
+  return hopper::launch_for_act<ActF16>(p, stream, status, glu);
 }
 }  // namespace qmoe::cuda::prefill

@@ -371,5 +371,52 @@ TEST(CudaPrefillSizes, MoeGemmEKNOnWgmma) {
       }
 }
 
+// The fused layer's gate/up product with SiLU·mul as the wgmma epilogue
+// (glu = I): out [T, I] = SiLU(x W_gate^T) * (x W_up^T), gate rows first;
+// one or several 128-output tiles with a tail, uneven and empty experts.
+TEST(CudaPrefillSizes, SwigluEpilogueOnWgmma) {
+  QMOE_SKIP_WITHOUT_CUDA();
+  if (!is_hopper()) GTEST_SKIP() << "the SiLU·mul epilogue is the sm_90 wgmma kernel's";
+  PathScope scope(Path::wgmma);
+  const struct {
+    int64_t inter, k, gs;
+    std::vector<int32_t> counts;
+  } cases[] = {{96, 256, 128, {70, 0, 129, 1}}, {200, 128, 32, {300, 5}}};
+  const Encoding encs[] = {{WeightType::int4, false}, {WeightType::int8, true}, {WeightType::fp8_e4m3, false},
+                           {WeightType::native16, false}};
+  for (ActType at : {ActType::f16, ActType::bf16})
+    for (const Encoding& enc : encs)
+      for (const auto& cs : cases) {
+        const uint64_t seed = fresh_seed();
+        const int64_t I = cs.inter;
+        SCOPED_TRACE(name(at, enc) + " I=" + std::to_string(I) + " seed=" + std::to_string(seed));
+        Problem pr = Problem::random(at, enc, 2 * I, cs.k, enc.type == WeightType::native16 ? 0 : cs.gs, cs.counts,
+                                     seed);
+        DeviceProblem dp(pr);
+        dp.poison();
+        Status st;
+        ASSERT_TRUE(cuda::launch_prefill(dp.params, nullptr, &st, I));
+        ASSERT_TRUE(st.ok()) << st.message;
+        QMOE_CUDA_OK(cudaDeviceSynchronize());
+        expect_path(Path::wgmma);
+        const std::vector<uint16_t> out = dp.out.download();
+        const std::vector<double> ref = pr.reference();  // [T, 2I]
+        const int64_t T = pr.params.total_tokens;
+        double num = 0, den = 0;
+        int64_t bad = 0;
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t i = 0; i < I; ++i) {
+            const double g = ref[size_t(t * 2 * I + i)], u = ref[size_t(t * 2 * I + I + i)];
+            const double want = g / (1 + std::exp(-g)) * u;
+            const double got = pr.half_value(out[size_t(t * I + i)]);
+            if (!std::isfinite(got)) ++bad;
+            num += (got - want) * (got - want);
+            den += want * want;
+          }
+        EXPECT_EQ(bad, 0);
+        EXPECT_LT(std::sqrt(num / std::max(den, 1e-300)), tolerance(at));
+      }
+}
+
 }  // namespace
 }  // namespace qmoe::test

@@ -70,12 +70,11 @@ struct Layer {
   std::vector<float> weights;
 
   static Layer make(ActType at, Encoding enc, int64_t T, int64_t H, int64_t I, int E, int k,
-                    RoutingParams routing, int64_t shared_I, bool gate, uint64_t seed) {
+                    RoutingParams routing, int64_t shared_I, bool gate, uint64_t seed, int64_t gs = 16) {
     Layer L;
     std::mt19937_64 rng(seed);
     std::normal_distribution<float> normal(0.0f, 1.0f);
     const std::vector<int32_t> none(size_t(E), 0);
-    const int64_t gs = 16;
     L.gate_up = Problem::random(at, enc, 2 * I, H, gs, none, seed + 1);
     L.down = Problem::random(at, enc, H, I, gs, none, seed + 2);
     if (shared_I > 0) {
@@ -228,6 +227,7 @@ struct LayerCase {
   int64_t shared_I;
   bool gate;
   int64_t H = 64, I = 48;
+  int64_t gs = 16;  // group size (32 and more: the CUDA prefill fast path can take it)
 };
 
 std::vector<LayerCase> layer_cases() {
@@ -244,7 +244,11 @@ std::vector<LayerCase> layer_cases() {
           // More tokens than the CUDA layer routes and groups in one kernel.
           {{WeightType::int8, true}, 100, softmax(true), 0, false},
           // Grouping: several steps of 32 copies per warp, shared expert in prefill.
-          {{WeightType::int4, false}, 700, softmax(true), 32, true}};
+          {{WeightType::int4, false}, 700, softmax(true), 32, true},
+          // Prefill on the fast path (group 32; on sm_90 the wgmma kernel with
+          // SiLU·mul as the gate/up epilogue): one and two 128-output tiles.
+          {{WeightType::int4, true}, 300, softmax(true), 32, true, 128, 96, 32},
+          {{WeightType::native16, false}, 200, softmax(false), 0, false, 128, 160, 32}};
 }
 
 TEST(FusedMoe, CpuMatchesFloat64Layer) {
@@ -252,7 +256,7 @@ TEST(FusedMoe, CpuMatchesFloat64Layer) {
     for (const LayerCase& c : layer_cases()) {
       const uint64_t seed = fresh_seed();
       SCOPED_TRACE(name(at, c.enc) + " T=" + std::to_string(c.T) + " seed=" + std::to_string(seed));
-      Layer L = Layer::make(at, c.enc, c.T, c.H, c.I, 16, 4, c.routing, c.shared_I, c.gate, seed);
+      Layer L = Layer::make(at, c.enc, c.T, c.H, c.I, 16, 4, c.routing, c.shared_I, c.gate, seed, c.gs);
       const Status st = fused_moe(L.p);
       ASSERT_TRUE(st.ok()) << st.message;
       const Comparison cmp = L.compare_out(L.out);
@@ -317,7 +321,7 @@ TEST(FusedMoe, CudaMatchesFloat64LayerAndIsDeterministic) {
     for (const LayerCase& c : layer_cases()) {
       const uint64_t seed = fresh_seed();
       SCOPED_TRACE(name(at, c.enc) + " T=" + std::to_string(c.T) + " seed=" + std::to_string(seed));
-      Layer L = Layer::make(at, c.enc, c.T, c.H, c.I, 16, 4, c.routing, c.shared_I, c.gate, seed);
+      Layer L = Layer::make(at, c.enc, c.T, c.H, c.I, 16, 4, c.routing, c.shared_I, c.gate, seed, c.gs);
       DeviceProblem gu(L.gate_up), dn(L.down);
       std::unique_ptr<DeviceProblem> sgu, sdn;
       DeviceArray<uint16_t> x(L.x), gate(L.shared_gate), out(L.out);
