@@ -5,7 +5,11 @@
 //
 //   qmoe-bench [--device cpu|cuda] [--quick] [--phase decode|prefill|both]
 //              [--encodings int4,int8,int2,fp8_e4m3,bf16,...] [--act bf16|f16]
-//              [--shapes ark|layers|all] [--markdown FILE] [--threads N]
+//              [--shapes ark|layers|all] [--only SUBSTRING] [--markdown FILE] [--threads N]
+//
+// --only keeps the rows whose shape label contains SUBSTRING (e.g.
+// --only "mixtral-8x7b b1": the decode rows with >= 64 MB of weights, for
+// interleaved before/after runs).
 //
 // Columns: ms (median of repeated runs), GFLOP/s, GB/s of weight bytes
 // (active experts' weights + scales + zeros), the anchor of the device and
@@ -232,7 +236,7 @@ double median(std::vector<double> v) {
 
 struct Options {
   bool cuda = false, quick = false;
-  std::string phase = "both", shapes = "all", markdown;
+  std::string phase = "both", shapes = "all", markdown, only;
   std::vector<Encoding> encodings;
   ActType act = ActType::bf16;
   int threads = 0;
@@ -242,7 +246,7 @@ struct Options {
   std::fprintf(stderr,
                "qmoe-bench: %s\nusage: qmoe-bench [--device cpu|cuda] [--quick] [--phase decode|prefill|both]\n"
                "                  [--encodings int4,int8,int2,fp8_e4m3,bf16,...] [--act bf16|f16]\n"
-               "                  [--shapes ark|layers|all] [--markdown FILE] [--threads N]\n",
+               "                  [--shapes ark|layers|all] [--only SUBSTRING] [--markdown FILE] [--threads N]\n",
                msg);
   std::exit(2);
 }
@@ -276,6 +280,8 @@ Options parse(int argc, char** argv) {
     } else if (a == "--shapes") {
       o.shapes = value();
       if (o.shapes != "ark" && o.shapes != "layers" && o.shapes != "all") usage("--shapes takes ark, layers or all");
+    } else if (a == "--only") {
+      o.only = value();
     } else if (a == "--markdown") {
       o.markdown = value();
     } else if (a == "--threads") {
@@ -328,6 +334,10 @@ int main(int argc, char** argv) {
       for (const Shape& s : layer_shapes(opt.cuda ? std::vector<int64_t>{512, 4096} : std::vector<int64_t>{512}))
         jobs.push_back({s, "prefill"});
   }
+  if (!opt.only.empty())  // rows whose shape label contains the substring (e.g. "mixtral-8x7b b1")
+    jobs.erase(std::remove_if(jobs.begin(), jobs.end(),
+                              [&](const Job& j) { return j.shape.label.find(opt.only) == std::string::npos; }),
+               jobs.end());
 
   std::printf("# qmoe-bench — %s, %s, qmoe %s, activations %s\n", anchors.device_name.c_str(),
               opt.cuda ? "CUDA" : "CPU", version(), to_string(opt.act));
