@@ -116,8 +116,7 @@ struct WArgs {
   // gate rows n0.. and up rows I + n0.. (128 each) and writes [T, I] =
   // SiLU(gate) * up; its weight rows are then 128 outputs wide.
   int glu;
-  int ekn;                     // 16-bit weights in moe_gemm's [E, K, N] layout
-  const uint16_t* col_scales;  // [E, K, N]: optional per-column scales [E, N]
+  const uint16_t* col_scales;  // [E, K, N] weights: optional per-column scales [E, N]
   const uint16_t* scales;
   const uint16_t* zeros;
   const int32_t* counts;
@@ -243,9 +242,16 @@ struct WGather<Enc, 2> {
 // Token width of an item (the wgmma N and the TMA box rows).
 __device__ __forceinline__ int tok_width(int rows) { return rows <= 32 ? 32 : rows <= 64 ? 64 : 128; }
 
-template <class Act, class Enc>
+// What a kernel instantiation computes (compile-time: one variant per
+// kernel, so each keeps the register budget of a single main loop; one
+// kernel holding all three had ptxas serialise its wgmma, C7512, and ran
+// the quantized rows ~20% slower on H100).
+enum Variant { kPlain = 0, kEKN = 1, kGlu = 2 };
+
+template <class Act, class Enc, int V>
 struct WKernel {
   using C = WCfg<Act, Enc>;
+  static_assert(V != kEKN || C::kNative, "[E, K, N] is 16-bit only");
   using Dec = typename C::Dec;
   using P = Pair<Act>;
 
@@ -289,7 +295,8 @@ struct WKernel {
   // Weight row of row r (0..255) of an item's tile at n0: rows n0 + r, or
   // (glu) gate rows n0 + r for r < 128 and up rows I + n0 + r - 128.
   __device__ static __forceinline__ int global_row(const WArgs& a, int n0, int r) {
-    return a.glu && r >= C::BN / 2 ? a.glu + n0 + r - C::BN / 2 : n0 + r;
+    if constexpr (V == kGlu) return r >= C::BN / 2 ? a.glu + n0 + r - C::BN / 2 : n0 + r;
+    return n0 + r;
   }
 
   __device__ static __forceinline__ void advance(const WArgs& a, Fill& f, int total, const int* s_tok,
@@ -330,16 +337,17 @@ struct WKernel {
         mbar_expect_tx(fb, uint32_t(tw * 128 + C::W_BYTES));
         const uint32_t dst = smem_addr(stage);
         tma_load_2d(dst, &maps.act[tw == 128 ? 0 : tw == 64 ? 1 : 2], f.kt * C::BK, f.it.tok0, fb);
-        if (C::kNative && a.ekn) {
-          // [E, K, N]: four boxes of 64 k x 64 n (128-byte rows, swizzled).
-#pragma unroll
+        if constexpr (V == kEKN) {
+          // [E, K, N]: four boxes of 64 k x 64 n (128-byte rows, swizzled);
+          // a loop, not unrolled: the producer has 40 registers.
+#pragma unroll 1
           for (int b = 0; b < C::BN / 64; ++b)
             tma_load_3d(dst + C::TOK_BYTES + b * (64 * 128), &maps.w, f.it.n0 + 64 * b, f.kt * C::BK, f.it.e, fb);
         } else {
           // One box of 256 rows, or (glu, a map of 128-row boxes) the gate
           // rows and then the up rows.
           const int wk = C::kNative ? f.kt * C::BK : f.kt * C::KPB;  // elements of the weight map
-          if (a.glu) {
+          if constexpr (V == kGlu) {
             for (int b = 0; b < 2; ++b)
               tma_load_2d(dst + C::TOK_BYTES + b * (C::W_BYTES / 2), &maps.w, wk,
                           f.it.e * a.N + global_row(a, f.it.n0, b * C::BN / 2), fb);
@@ -384,11 +392,10 @@ struct WKernel {
 
   // The A registers of 32-wide k chunk q for m64 block mb of this warp:
   // x[s][.] = k16 step 2q + s. Weight rows of the lane: rbase + 8h + g.
-  template <bool kEKN>
   __device__ static __forceinline__ void a_frags(const unsigned char* stage, int q, int rbase,
                                                  uint32_t (&x)[2][4]) {
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-    if constexpr (kEKN) {
+    if constexpr (V == kEKN) {
       // [E, K, N]: the stage holds k rows of n (box b: n 64b..64b+63, 128-byte
       // rows, swizzled); ldmatrix .trans turns each 8 k x 8 n matrix into the
       // fragment of 8 weight rows x 8 k. Matrix m = lane / 8: weight rows
@@ -439,12 +446,11 @@ struct WKernel {
   // First tile row of warp `warp` of consumer warpgroup wg, m64 block mb:
   // wg * 128 + mb * 64 + ..., or (glu) block 0 in the gate rows and block 1
   // in the up rows of the same outputs, so a lane holds gate and up of each.
-  template <bool kGlu>
   __device__ static __forceinline__ int tile_row(int wg, int mb, int warp) {
-    return (kGlu ? mb * 128 + wg * 64 : wg * 128 + mb * 64) + warp * 16;
+    return (V == kGlu ? mb * 128 + wg * 64 : wg * 128 + mb * 64) + warp * 16;
   }
 
-  template <int NT, bool kEKN, bool kGlu>
+  template <int NT>
   __device__ static __forceinline__ void run_item(const WArgs& a, const Item& it, const Smem& sm, int& fill) {
     const int wg = (threadIdx.x >> 7) - 1, warp = (threadIdx.x >> 5) & 3;
     float acc[2][NT / 2];
@@ -469,7 +475,7 @@ struct WKernel {
       for (int q = 0; q < 2; ++q) {
         uint32_t x[2][2][4];  // [mb][k16 step][register]
 #pragma unroll
-        for (int mb = 0; mb < 2; ++mb) a_frags<kEKN>(stage, q, tile_row<kGlu>(wg, mb, warp), x[mb]);
+        for (int mb = 0; mb < 2; ++mb) a_frags(stage, q, tile_row(wg, mb, warp), x[mb]);
         fence_regs(acc[0]);
         fence_regs(acc[1]);
         wgmma_fence();
@@ -496,7 +502,7 @@ struct WKernel {
     // Accumulator d[4j + 2h + i] of block mb: weight row rbase + 8h + g,
     // token 8j + 2c + i.
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-    if constexpr (kGlu) {  // SiLU(gate) * up of the 16-bit products, as the unfused layer
+    if constexpr (V == kGlu) {  // SiLU(gate) * up of the 16-bit products, as the unfused layer
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int n = it.n0 + wg * 64 + warp * 16 + 8 * h + g;
@@ -519,7 +525,7 @@ struct WKernel {
           const int n = it.n0 + wg * 128 + mb * 64 + warp * 16 + 8 * h + g;
           if (n >= a.N) continue;
           float cs = 1.0f;  // [E, K, N] weights: the optional per-column scale
-          if constexpr (kEKN)
+          if constexpr (V == kEKN)
             if (a.col_scales) cs = P::to_float(a.col_scales[int64_t(it.e) * a.N + n]);
 #pragma unroll
           for (int j = 0; j < NT / 8; ++j)
@@ -532,39 +538,26 @@ struct WKernel {
     }
   }
 
-  template <bool kEKN, bool kGlu>
-  __device__ static __forceinline__ void run_width(const WArgs& a, const Item& it, const Smem& sm, int& fill, int tw) {
-    if constexpr ((kEKN && !C::kNative) || (kEKN && kGlu)) {
-      return;  // [E, K, N] is 16-bit only and never glu (the launcher declines the rest)
-    } else if (tw == 128) {
-      run_item<128, kEKN, kGlu>(a, it, sm, fill);
-    } else if (tw == 64) {
-      run_item<64, kEKN, kGlu>(a, it, sm, fill);
-    } else {
-      run_item<32, kEKN, kGlu>(a, it, sm, fill);
-    }
-  }
-
   __device__ static void consumer(const WArgs& a, const Smem& sm, int total, const int* s_tok, const int* s_items) {
     int fill = 0;
 #pragma unroll 1
     for (int item = blockIdx.x; item < total; item += gridDim.x) {
       const Item it = decode_item<C>(item, s_tok, s_items, a.E);
       const int tw = tok_width(it.rows);
-      if (C::kNative && a.ekn)
-        run_width<true, false>(a, it, sm, fill, tw);
-      else if (a.glu)
-        run_width<false, true>(a, it, sm, fill, tw);
+      if (tw == 128)
+        run_item<128>(a, it, sm, fill);
+      else if (tw == 64)
+        run_item<64>(a, it, sm, fill);
       else
-        run_width<false, false>(a, it, sm, fill, tw);
+        run_item<32>(a, it, sm, fill);
     }
   }
 };
 
-template <class Act, class Enc>
+template <class Act, class Enc, int V>
 __global__ void __launch_bounds__(384, 1) wgmma_kernel(const WArgs a, const __grid_constant__ WMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using K = WKernel<Act, Enc>;
+  using K = WKernel<Act, Enc, V>;
   using C = typename K::C;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   // Stage buffers 1024-aligned (128-byte swizzle atoms), then the barriers
@@ -599,22 +592,23 @@ __global__ void __launch_bounds__(384, 1) wgmma_kernel(const WArgs a, const __gr
     build_schedule<C::kThreads, C::BM>(a.counts, a.E, a.T, s_tok, s_items, scratch);
     if (tid == C::kThreads - 1) {
       s_items[a.E + 1] = a.n_tiles;
-      s_items[a.E + 2] = a.glu ? C::BN / 2 : C::BN;  // outputs an item covers
+      s_items[a.E + 2] = V == kGlu ? C::BN / 2 : C::BN;  // outputs an item covers
     }
     __syncthreads();  // also publishes the barrier initialisation
   }
-  const int total = s_items[a.E] * s_items[a.E + 1];
+  // Items, read after the register split (nothing kept live across it).
+  const auto total = [&] { return s_items[a.E] * s_items[a.E + 1]; };
 
   if (tid < 128) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-    K::producer(a, maps, sm, total, s_tok, s_items);
+    K::producer(a, maps, sm, total(), s_tok, s_items);
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-    K::consumer(a, sm, total, s_tok, s_items);
+    K::consumer(a, sm, total(), s_tok, s_items);
     // Rows no expert covers are zero (read again: nothing kept live across the loop).
     const int covered = *reinterpret_cast<volatile int*>(s_tok + a.E);
     if (covered < a.T) {
-      const int cols = a.glu ? a.glu : a.N;
+      const int cols = V == kGlu ? a.glu : a.N;
       const int64_t n_zero = int64_t(a.T - covered) * cols;
       uint16_t* base = a.out + int64_t(covered) * cols;
       for (int64_t i = int64_t(blockIdx.x) * 256 + (tid - 128); i < n_zero; i += int64_t(gridDim.x) * 256) base[i] = 0;
@@ -674,10 +668,10 @@ inline bool make_map_ekn(CUtensorMap* m, const void* ptr, uint64_t n, uint64_t k
              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <class Act, class Enc>
-bool launch(const MoeGemmParams& p, cudaStream_t stream, Status* status, int64_t glu) {
+template <class Act, class Enc, int V>
+bool launch_variant(const MoeGemmParams& p, cudaStream_t stream, Status* status, int64_t glu) {
   using C = WCfg<Act, Enc>;
-  const auto kernel = wgmma_kernel<Act, Enc>;
+  const auto kernel = wgmma_kernel<Act, Enc, V>;
 
   constexpr int kMaxDevices = 64;
   struct DeviceInfo {
@@ -721,9 +715,7 @@ bool launch(const MoeGemmParams& p, cudaStream_t stream, Status* status, int64_t
                   uint64_t(p.k) * 2, C::BK, uint32_t(128 >> i), CU_TENSOR_MAP_SWIZZLE_128B))
       return false;
   const uint64_t wrows = uint64_t(p.num_experts * p.n);
-  const bool ekn = p.layout == WeightLayout::EKN;
-  if (ekn && !C::kNative) return false;
-  if (glu && (ekn || p.n != 2 * glu)) return false;
+  const bool ekn = V == kEKN;
   const bool wok = ekn ? make_map_ekn(&maps.w, p.weights, uint64_t(p.n), uint64_t(p.k), uint64_t(p.num_experts))
                  : C::kNative ? make_map(&maps.w, p.weights, CU_TENSOR_MAP_DATA_TYPE_UINT16, uint64_t(p.k), wrows,
                                          uint64_t(kp), C::BK, glu ? C::BN / 2 : C::BN, CU_TENSOR_MAP_SWIZZLE_128B)
@@ -732,7 +724,6 @@ bool launch(const MoeGemmParams& p, cudaStream_t stream, Status* status, int64_t
   if (!wok) return false;
 
   WArgs a;
-  a.ekn = ekn;
   a.col_scales = ekn ? static_cast<const uint16_t*>(p.scales) : nullptr;
   a.scales = ekn ? nullptr : static_cast<const uint16_t*>(p.scales);
   a.zeros = static_cast<const uint16_t*>(p.zeros);
@@ -752,6 +743,20 @@ bool launch(const MoeGemmParams& p, cudaStream_t stream, Status* status, int64_t
   kernel<<<grid, C::kThreads, size_t(smem_bytes), stream>>>(a, maps);
   *status = launch_status("prefill MoE kernel launch (wgmma)");
   return true;
+}
+
+// The variant for the call: [E, K, N] weights (16-bit only), the glu
+// epilogue (N = 2 glu, [E, N, K] weights), or the plain product.
+template <class Act, class Enc>
+bool launch(const MoeGemmParams& p, cudaStream_t stream, Status* status, int64_t glu) {
+  if (p.layout == WeightLayout::EKN) {
+    if constexpr (WCfg<Act, Enc>::kNative) {
+      if (!glu) return launch_variant<Act, Enc, kEKN>(p, stream, status, 0);
+    }
+    return false;
+  }
+  if (glu) return p.n == 2 * glu && launch_variant<Act, Enc, kGlu>(p, stream, status, glu);
+  return launch_variant<Act, Enc, kPlain>(p, stream, status, 0);
 }
 
 template <class Act>
