@@ -474,12 +474,15 @@ KERNEL_NAMES = (  # short names of qmoe's kernels in the profiler's (demangled) 
     ("route_group_kernel", "route+group"), ("route_warp_kernel", "route"), ("route_kernel", "route"),
     ("group_kernel", "group"), ("gather_kernel", "gather"), ("swiglu_kernel", "swiglu"),
     ("combine_kernel", "combine"), ("decode_kernel", "decode product"), ("prefill", "prefill product"),
-    ("generic_kernel", "generic product"))
+    ("generic_kernel", "generic product"), ("set_count_kernel", "shared count"))
 
 
 def kernel_breakdown(fn, calls: int = 10) -> dict:
     """Mean device time (us) of each qmoe kernel kind in one call of fn, from
-    torch.profiler's CUDA kernel records (graph-free eager calls)."""
+    torch.profiler's CUDA kernel records (graph-free eager calls). On sm_90 the
+    layer launches its kernels early (programmatic dependent launch): a record
+    then starts at the early launch and includes the wait for the kernel before
+    (QMOE_PDL=0 gives records without it)."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
