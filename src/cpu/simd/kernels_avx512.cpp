@@ -72,31 +72,22 @@ template <class Enc, class = void>
 struct Dec;
 
 // int8: bytes -> int32 -> fp32 -> bf16 (0..255 or -128..127 are exact).
-// Split decode (raw(p, true), vec(x, 0, true) and part2(x), the 1-token
-// decode only): an 8-bit code does not fit bf16's 7 mantissa bits, so each
-// weight is two exact bf16 words multiplied with the same activation: its
-// low 7 bits l in a mantissa, 128 + l, and its top bit b in an exponent
-// bit, 128 + 128 b (asym, the code is l + 128 b) or -128 - 128 b (sym, the
-// code is l - 128 b). Their sum is the code + kWideOffset (256 or 0). From
-// 32 bytes zero-extended to words (vpmovzxbw): 1 + 2 vpternlogd and 2 dot
-// products, against 4 conversions (2 of them 2-port, 1 slower still) and
-// 1 dot product: the dot-product ports have room at 1 token, the
-// conversion ports do not (one Zen 5 core, L2-resident: 37 -> ~60 GB/s).
+// (A split decode, each weight as two exact bf16 words: the low 7 bits in
+// a mantissa, the top bit in an exponent bit, vpmovzxbw + 2 vpternlogd + 2
+// dot products a 32-weight unit, ran the 1-token decode 75% faster from L2
+// on one Zen 5 core but 10-15% slower from DRAM on the Mixtral b1 rows,
+// interleaved, over three sessions: not kept.)
 template <bool Asym>
 struct Dec<IntEncoding<8, Asym>, void> {
   static constexpr int kUnit = 32, kBytes = 32, kVecs = 1;
   static constexpr float kOffset = 0.0f;
-  static constexpr bool kSplit = true;  // has the split decode
-  static constexpr float kWideOffset = Asym ? 256.0f : 0.0f;
   static constexpr int kChains1 = 2;  // accumulator chains of the 1-token decode (see kChains)
   explicit Dec(const float*) {}
-  VI raw(const uint8_t* p, bool wide = false) const {  // one 32-byte load (L1 loads are the scarce port)
-    const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return wide ? _mm512_cvtepu8_epi16(y) : conv(y);
+  VI raw(const uint8_t* p, bool = false) const {  // one 32-byte load (L1 loads are the scarce port)
+    return conv(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
-  VI raw_part(const uint8_t* p, int64_t n, bool wide = false) const {
-    const __m256i y = _mm256_maskz_loadu_epi8(__mmask32((1ull << n) - 1), p);
-    return wide ? _mm512_cvtepu8_epi16(y) : conv(y);
+  VI raw_part(const uint8_t* p, int64_t n, bool = false) const {
+    return conv(_mm256_maskz_loadu_epi8(__mmask32((1ull << n) - 1), p));
   }
   static VI conv(__m256i y) {
     const __m128i y0 = _mm256_castsi256_si128(y), y1 = _mm256_extracti128_si256(y, 1);
@@ -110,14 +101,7 @@ struct Dec<IntEncoding<8, Asym>, void> {
     }
     return (VI)_mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(hi), _mm512_cvtepi32_ps(lo));
   }
-  VI vec(VI raw, int, bool wide = false) const {  // wide: 128 + l
-    if (!wide) return raw;
-    return _mm512_ternarylogic_epi32(raw, _mm512_set1_epi16(0x7F), _mm512_set1_epi16(0x4300), 0xEA);
-  }
-  VI part2(VI raw) const {  // 128 + 128 b (asym) or -128 - 128 b (sym)
-    return _mm512_ternarylogic_epi32(raw, _mm512_set1_epi16(0x80),
-                                     _mm512_set1_epi16(int16_t(Asym ? 0x4300 : 0xC300)), 0xEA);
-  }
+  VI vec(VI raw, int, bool = false) const { return raw; }
 };
 
 // int4 / int2, no shuffles: 64 bytes are 32 words; field f of word i (bits
@@ -242,12 +226,6 @@ struct Dec<Native16Encoding<ActF16>, void> {
   VI raw(const uint8_t* p, bool = false) const { return loadu(p); }
   VI raw_part(const uint8_t* p, int64_t n, bool = false) const { return _mm512_maskz_loadu_epi8(mask64(n), p); }
 };
-
-// Whether Dec has the split decode (two words a weight, int8).
-template <class D, class = void>
-struct Split : std::false_type {};
-template <class D>
-struct Split<D, std::enable_if_t<D::kSplit>> : std::true_type {};
 
 // Whether Dec's words carry a per-vector offset delta(f) on top of kOffset.
 template <class D, class = void>
@@ -457,19 +435,12 @@ struct Runner {
   // D::delta(f): then a second per-group sum, sum_{k in g} delta(k % kVecs)
   // a_k, times s_g comes off. The decode of NT tokens takes it if kWide<NT>.
   static constexpr bool kVarOff = VarOff<D>::value;
-  // Whether Dec has the split decode (int8: two words a weight, 1 token).
-  static constexpr bool kSplitDec = Split<D>::value;
   template <int NT>
-  static constexpr bool kWide = (kVarOff || kSplitDec) && NT == 1;
+  static constexpr bool kWide = kVarOff && NT == 1;
   static constexpr int64_t kSums = kVarOff ? 2 : 1;  // per-group sums a token
   static constexpr float delta(int f) {
     if constexpr (kVarOff) return D::delta(f);
     return 0.0f;
-  }
-  // Offset of the split decode's words (code + kWideOffset).
-  static constexpr float kWideOffset() {
-    if constexpr (kSplitDec) return D::kWideOffset;
-    return D::kOffset;
   }
   // Decode rows between two output stores (results buffered as fp32).
   static constexpr int64_t kResRows = 256;
@@ -653,8 +624,8 @@ struct Runner {
   // more (R x NT accumulators and running sums fill the 32 registers).
   // Chains: for one token, the decoder's kChains1 (one Zen 5 core,
   // L2-resident, 1 vs 2 chains: int4 +13%, fp8 +6%, fp16 weights +15%,
-  // int2 sym -15%, int8 -24% (its split decode feeds two dot products a
-  // vector), bf16 weights and int2 asym level; fp16 activations keep 2:
+  // int2 sym -15%, bf16 weights and int2 asym level; int8 keeps 2, as
+  // before; fp16 activations keep 2:
   // two dot products a vector already); for more tokens 1: 2 tokens x 4
   // rows are 8 chains already (a second set spilled registers: one chain
   // measured 4% faster for int2, 20% for int4, 5-10% for int8/fp8).
@@ -716,11 +687,6 @@ struct Runner {
           }
         };
         dots(v, c);
-        if constexpr (kSplitDec && kWide<NT>) {  // the second word of each weight, same activations
-          VI v2[R];
-          for (int i = 0; i < R; ++i) v2[i] = dec.part2(x[i]);
-          dots(v2, (c + 1) % C);
-        }
       }
     }
   }
@@ -766,7 +732,7 @@ struct Runner {
       const int64_t row = min64(r + i * rs, r1 - 1);
       wr[i] = w + (e * N + row) * row_bytes;
       float* si = sb + i * 2 * sstride_;
-      load_scales(e, row, 0, G, si, si + sstride_, kSplitDec && kWide<NT> ? kWideOffset() : D::kOffset);
+      load_scales(e, row, 0, G, si, si + sstride_);
       prefetch_scales(e, row + 4, 0);
       s[i] = si;
     }
@@ -930,7 +896,7 @@ struct Runner {
           out[j] = (VI)_mm512_cvtne2ps_pbh(f1, f0);
         }
       };
-      if constexpr (kSplitDec) {  // int8: bytes -> int32 -> fp32, (code - z) * s (kOffset 0)
+      if constexpr (std::is_same_v<Enc, IntEncoding<8, Enc::kAsym>>) {  // int8: bytes -> int32 -> fp32, (code - z) * s
         const uint8_t* b = wr + u * D::kBytes;
         const bool part = tail_bytes && u == units - 1;
         const __m128i b0 = part ? _mm_maskz_loadu_epi8(__mmask16(mask32(tail_bytes)), b) : _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
@@ -1182,6 +1148,7 @@ struct Runner {
     // of a later row of the same stream (each of a step's R rows runs on
     // through consecutive rows), at least kPrefetchMin bytes on.
     pf_dist = ceil_div(kPrefetchMin, row_bytes) * row_bytes;
+
     // Per-worker scratch. Decode: scales and s * (offset + z) of the R rows
     // of a step (+16 floats of slack for full-vector loads), results.
     // Prefill: panel, unit buffer, scales of 16 rows, running tiles when K
