@@ -24,6 +24,12 @@ random prompt of 128 token ids:
   prefill is not in it; median of 3 generate calls;
 * tokens/s and the speedup against the unquantized model of the same dtype.
 
+Eager generate spends most of a decode step in Python and kernel launches;
+--compiled runs every model's decode steps through transformers' static KV
+cache with the forward compiled (torch.compile, mode reduce-overhead: CUDA
+graphs on a GPU; transformers skips the compile on a CPU and says so), warmed
+up with two generate calls of the measured length.
+
 On the CPU the defaults are smaller, to run in minutes on a 2-core CI machine:
 bf16 only, encodings int4 and int8, layer batches 1 and 8 (--all: the GPU's
 lists; or name them with --dtypes, --encodings, --batches).
@@ -268,10 +274,22 @@ class StepClock:
         return (self.marks[-1] - self.marks[0]) / n
 
 
-def measure_model(model, clock: Clock, prompt, new_tokens: int, runs: int) -> dict:
+def measure_model(model, clock: Clock, prompt, new_tokens: int, runs: int, compiled: bool = False) -> dict:
+    """Prefill and decode times of `model`. compiled: decode steps through
+    transformers' static KV cache with the forward compiled (torch.compile,
+    mode reduce-overhead: CUDA graphs on a GPU), the same for every model; the
+    warm-up then runs the measured length twice (compile, graph capture)."""
     from transformers import LogitsProcessorList
 
     gen_kw = dict(do_sample=False, pad_token_id=0)
+    if compiled:
+        from transformers import CompileConfig
+
+        torch._dynamo.reset()  # graphs of an earlier model (or experts implementation) go
+        if hasattr(model, "_compiled_call"):
+            del model._compiled_call
+        gen_kw.update(cache_implementation="static",
+                      compile_config=CompileConfig(fullgraph=False, mode="reduce-overhead"))
 
     def prefill():
         with torch.no_grad():
@@ -285,7 +303,11 @@ def measure_model(model, clock: Clock, prompt, new_tokens: int, runs: int) -> di
         assert out.shape[1] == prompt.shape[1] + n, out.shape
         return out
 
-    generate(4)  # the 4-token warm-up
+    if compiled:
+        generate(new_tokens)
+        generate(new_tokens)
+    else:
+        generate(4)  # the 4-token warm-up
     t_prefill = clock.median(prefill, runs, warmup=1)
     per_run = []
     for _ in range(runs):
@@ -318,7 +340,7 @@ def model_rows(args, device, clock, rows, sink):
             n_moe = len(qt.find_moe_blocks(model))
             log(f"[model] built in {time.perf_counter() - t0:.1f} s; {n_moe} MoE blocks; "
                 f"experts implementation {base_impl}")
-            base = measure_model(model, clock, prompt, args.new_tokens, args.runs)
+            base = measure_model(model, clock, prompt, args.new_tokens, args.runs, args.compiled)
             row = dict(model=title, dtype=dname, impl=f"transformers ({base_impl})",
                        encoding=dname, layers=config.num_hidden_layers, moe_blocks=n_moe, **base,
                        prefill_speedup=1.0, decode_speedup=1.0)
@@ -337,7 +359,7 @@ def model_rows(args, device, clock, rows, sink):
                     continue
                 tq = time.perf_counter() - t0
                 try:
-                    m = measure_model(model, clock, prompt, args.new_tokens, args.runs)
+                    m = measure_model(model, clock, prompt, args.new_tokens, args.runs, args.compiled)
                     row = dict(model=title, dtype=dname, impl="qmoe", encoding=enc,
                                layers=config.num_hidden_layers, moe_blocks=n_moe,
                                quantize_s=tq, **m,
@@ -588,7 +610,8 @@ def markdown(meta, mrows, lrows) -> str:
            f"{meta.get('transformers', '—')}, qmoe {meta['qmoe']}",
            f"- models: {'full size' if meta['full'] else 'tiny slice (2 layers, 4 experts, top-k ≤ 2)'}; "
            f"prompt {meta['prompt']} tokens; decode per token = (last − first token of generate "
-           f"{meta['new_tokens']}) / {meta['new_tokens'] - 1}; median of {meta['runs']}",
+           f"{meta['new_tokens']}) / {meta['new_tokens'] - 1}; median of {meta['runs']}; "
+           f"{'static KV cache, forward compiled (reduce-overhead)' if meta.get('compiled') else 'eager generate'}",
            f"- qmoe blocks: routed{'' if meta['shared_16bit'] else ' and shared'} experts in the "
            f"encoding, group size {meta['group_size']}",
            f"- bandwidth: {meta['bandwidth_gb_s']:.1f} GB/s ({meta['bandwidth_how']})", ""]
@@ -673,6 +696,9 @@ def parse_args(argv):
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--compiled", action="store_true",
+                   help="decode with a static KV cache and the forward compiled (CUDA graphs on a GPU), "
+                        "for every model alike (default: eager generate)")
     p.add_argument("--layer-models", default=",".join(LAYERS))
     p.add_argument("--layer-encodings", default="int4")
     p.add_argument("--batches", default=None, help="default 1,8,64,512,4096 (CPU: 1,8)")
@@ -722,7 +748,7 @@ def main(argv=None) -> int:
                 device=str(device), device_name=device_name(device), torch=torch.__version__,
                 qmoe=qmoe.__version__, full=args.full, prompt=args.prompt,
                 new_tokens=args.new_tokens, runs=args.runs, group_size=args.group_size,
-                shared_16bit=args.shared_16bit, argv=sys.argv[1:])
+                shared_16bit=args.shared_16bit, compiled=args.compiled, argv=sys.argv[1:])
     try:
         import transformers
 
