@@ -189,7 +189,10 @@ def moe_gemm_case(rng, act, E, K, N, counts, with_scales, fw):
 @pytest.mark.parametrize("with_scales", [False, True])
 @pytest.mark.parametrize("act", ref.ACTS)
 @pytest.mark.parametrize("shape", [(3, 64, 37, None), (1, 128, 16, [9]), (4, 32, 8, [0, 0, 0, 0]),
-                                   (2, 48, 24, [0, 1]), (256, 16, 8, "random")])
+                                   (2, 48, 24, [0, 1]), (256, 16, 8, "random"),
+                                   # CUDA sm_90: the wgmma kernel's [E, K, N] variant (N % 8 == 0,
+                                   # K % 32 == 0): k tail of a 64-wide tile, two n tiles, >128 tokens
+                                   (3, 288, 264, [70, 0, 200])])
 def test_moe_gemm_ekn(shape, act, with_scales, fw, rng):
     require_framework(fw)
     E, K, N, counts = shape
