@@ -1,5 +1,5 @@
 // cpu_decode_probe: the quick probes behind the CPU decode/prefill changes of
-// docs/PERFORMANCE.md (not built by CMake; qmoe-bench is the benchmark):
+// docs/PERFORMANCE.md (CMake target qmoe-cpu-probe; qmoe-bench is the benchmark):
 //   l2  ENC...   one thread (THR=n for more), ~512 KB of weights (L2-resident),
 //                E=1, K=4096 (L2K), N=512 KB/row bytes (L2N), NT tokens (NT=1):
 //                the decode's compute rate in GB/s of weights, best and median
@@ -9,9 +9,7 @@
 //                (qmoe-bench does not rotate), REPS calls (16), median, against the
 //                all-threads read bandwidth measured just before and after
 //   pre  ENC...  prefill E=2 N=K=4096, 256 tokens an expert, THR threads (1)
-// ACT=f16 for fp16 activations. Build against a CPU build dir B:
-//   g++ -O2 -std=c++17 -Iinclude -Ibench -Isrc bench/cpu_decode_probe.cpp \
-//       bench/cpu_anchors.cpp B/libqmoe.a -lpthread -o cpu_decode_probe
+// ACT=f16 for fp16 activations. Built as BUILD/bench/qmoe-cpu-probe.
 #include <qmoe/qmoe.h>
 #include <chrono>
 #include <cstdio>
@@ -63,6 +61,10 @@ static void make(Prob& pr, Enc enc, int64_t E, int64_t N, int64_t K, std::vector
   pr.bytes = active * weight_bytes_per_expert(p);
 }
 int main(int argc, char** argv) {
+  if (argc < 3 || (std::string(argv[1]) != "l2" && std::string(argv[1]) != "dram" && std::string(argv[1]) != "pre")) {
+    std::fprintf(stderr, "usage: qmoe-cpu-probe l2|dram|pre ENCODING... (see the header of bench/cpu_decode_probe.cpp)\n");
+    return 2;
+  }
   std::string mode = argv[1];
   ActType at = ActType::bf16;
   if (getenv("ACT") && std::string(getenv("ACT")) == "f16") at = ActType::f16;
