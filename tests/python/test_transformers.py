@@ -287,6 +287,20 @@ def test_compile_converted_block():
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_converted_model_traces_whole(name):
+    """The whole converted model is one graph for torch.compile (no graph
+    breaks), so a compiled decode step (transformers' static KV cache,
+    model_bench --compiled) captures the MoE layers with the rest."""
+    model = qt.quantize_moe(copy.deepcopy(tiny_model(name)), weight_bits=4, group_size=16)
+    ids = ids_for(torch.Generator().manual_seed(3), batch=1, seq=6)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ex = torch._dynamo.explain(model)(ids, use_cache=False)
+    assert ex.graph_break_count == 0, [str(b.reason) for b in ex.break_reasons]
+    assert ex.graph_count == 1
+
+
 def test_state_dict_holds_the_quantized_experts():
     model = qt.quantize_moe(copy.deepcopy(tiny_model("qwen3_moe")), weight_bits=4, group_size=32)
     sd = model.state_dict()
