@@ -414,10 +414,11 @@ def workspace_upper_bound(num_tokens, hidden: int, intermediate: int, num_expert
     """An affine upper bound of fused_moe_workspace_size() that also takes a symbolic
     num_tokens (torch.compile), plus 256 bytes of room to align the start. It
     mirrors the buffers of FusedWorkspace::carve (src/core/fused_moe_workspace.h):
-    13 buffers, each rounded up to 256 bytes; test_fused_moe checks the bound."""
+    14 buffers, each rounded up to 256 bytes; test_fused_moe checks the bound. The
+    block counts, ceil(T k / 512) * E * 4 bytes, are bounded by 4 T k + 4 E (E <= 512)."""
     k, H, I, E, Is = top_k, hidden, intermediate, num_experts, shared_intermediate
-    per_token = k * (4 + 4 + 4 + 4 + 2 * H + 4 * I + 2 * I + 2 * H) + 4 * Is + 2 * Is + 2 * H
-    return num_tokens * per_token + 4 * E + 4 + 14 * 256
+    per_token = k * (4 + 4 + 4 + 4 + 2 * H + 4 * I + 2 * I + 2 * H + 4) + 4 * Is + 2 * Is + 2 * H
+    return num_tokens * per_token + 4 * E + 4 + 4 * E + 15 * 256
 
 
 def fused_moe_workspace_size(num_tokens: int, hidden: int, intermediate: int, num_experts: int,

@@ -32,6 +32,25 @@ __device__ __forceinline__ int64_t covered_rows(const int32_t* __restrict__ coun
   return min(off, T);
 }
 
+// Exclusive scan over the threads of the block (warp shuffles + shared
+// memory; `scratch` holds one V a warp). Called by every thread.
+template <class V>
+__device__ __forceinline__ V block_exclusive_scan(V v, V* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  V x = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const V y = __shfl_up_sync(0xffffffffu, x, o);
+    if (lane >= o) x += y;
+  }
+  if (lane == 31) scratch[warp] = x;
+  __syncthreads();
+  V base = 0;
+  for (int w = 0; w < warp && w < nwarps; ++w) base += scratch[w];
+  __syncthreads();
+  return base + x - v;
+}
+
 // A pointer the given device can read: device or managed memory of that
 // device (host memory would fault inside a kernel). Null passes. No sync.
 inline Status check_pointer(const void* ptr, const char* name, int device) {

@@ -4,6 +4,7 @@
 // sized from host-known shapes only, and writes only into the workspace and
 // `out`: no host synchronisation, no allocation, graph-capturable.
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cstdlib>
 #include <utility>
@@ -241,6 +242,108 @@ __device__ void group_pairs(const GroupArgs& a) {
 
 __global__ void __launch_bounds__(kGroupThreads) group_kernel(GroupArgs a) { group_pairs(a); }
 
+// Grouping over many blocks (more tokens than one block routes and groups):
+// the same result as group_pairs (stable: copies of an expert keep their
+// (t, j) order; ids outside [0, E) go to expert 0 with weight 0), in two
+// kernels of one pair a thread, so the work spreads over the SMs instead of
+// walking 32-pair steps in one block.
+//  1. group_count_kernel: block b takes pairs [512 b, 512 b + 512); each
+//     pair's rank among the block's copies of its expert (per-warp counts
+//     through __match_any_sync, then a prefix over the warps) goes to
+//     slot_of, the block's count of each expert to block_counts[b][e].
+//  2. group_place_kernel: block b sums block_counts over the blocks before
+//     it (per expert) and over all blocks (the counts, scanned into the
+//     experts' first rows): slot = first row of the expert + copies in
+//     earlier blocks + rank in the block; token_of[slot] = pair / k.
+constexpr int kGroupChunk = 512;  // pairs a block, one a thread
+
+struct GroupBlocksArgs {
+  const int32_t* ids_in;
+  float* weights;
+  int64_t pairs, k;
+  int E;
+  int32_t *ids_out, *counts, *slot_of, *token_of, *block_counts;
+};
+
+__global__ void __launch_bounds__(kGroupChunk) group_count_kernel(GroupBlocksArgs a) {
+  constexpr int kWarps = kGroupChunk / 32;
+  extern __shared__ int32_t hist[];  // [kWarps][E]
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, E = a.E;
+  wait_prior_grid();  // the ids come from routing
+  allow_next_grid();
+  for (int x = tid; x < kWarps * E; x += kGroupChunk) hist[x] = 0;
+  const int64_t i = int64_t(blockIdx.x) * kGroupChunk + tid;
+  int32_t id = -1;
+  if (i < a.pairs) {
+    id = a.ids_in[i];
+    if (id < 0 || id >= E) {
+      id = 0;
+      a.weights[i] = 0.0f;
+    }
+    a.ids_out[i] = id;
+  }
+  const unsigned peers = __match_any_sync(0xffffffffu, id);
+  const unsigned below = (1u << lane) - 1u;
+  __syncthreads();  // hist is zero
+  if (id >= 0 && (peers & below) == 0) hist[warp * E + id] = __popc(peers);  // the warp's row: one writer an id
+  __syncthreads();
+  for (int e = tid; e < E; e += kGroupChunk) {  // exclusive prefix over the warps; the block's count
+    int32_t run = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      const int32_t c = hist[w * E + e];
+      hist[w * E + e] = run;
+      run += c;
+    }
+    a.block_counts[int64_t(blockIdx.x) * E + e] = run;
+  }
+  __syncthreads();
+  if (id >= 0) a.slot_of[i] = hist[warp * E + id] + __popc(peers & below);
+}
+
+__global__ void __launch_bounds__(kGroupChunk) group_place_kernel(GroupBlocksArgs a) {
+  extern __shared__ int32_t sm[];  // first row of expert e [E], copies in earlier blocks [E], scan scratch [32]
+  int32_t* first = sm;
+  int32_t* before = sm + a.E;
+  int32_t* scratch = sm + 2 * a.E;
+  const int tid = threadIdx.x, E = a.E, b = int(blockIdx.x);
+  wait_prior_grid();  // block_counts, ranks and ids of group_count_kernel
+  allow_next_grid();
+  int32_t total = 0, bef = 0;  // thread e (E <= kMaxRoutedExperts <= 512 threads)
+  if (tid < E)
+    for (int bb = 0; bb < int(gridDim.x); ++bb) {
+      const int32_t c = a.block_counts[int64_t(bb) * E + tid];
+      bef += bb < b ? c : 0;
+      total += c;
+    }
+  const int32_t start = block_exclusive_scan<int32_t>(tid < E ? total : 0, scratch);
+  if (tid < E) {
+    first[tid] = start;
+    before[tid] = bef;
+    if (b == 0) a.counts[tid] = total;
+  }
+  __syncthreads();
+  const int64_t i = int64_t(b) * kGroupChunk + tid;
+  if (i < a.pairs) {
+    const int32_t id = a.ids_out[i];
+    const int32_t slot = first[id] + before[id] + a.slot_of[i];
+    a.slot_of[i] = slot;
+    a.token_of[slot] = int32_t(i / a.k);
+  }
+}
+
+// Grouping over many blocks (QMOE_GROUP_BLOCKS=1, or the tests' override);
+// one block otherwise. Off by default until timed on a GPU.
+std::atomic<int> g_group_blocks{-1};
+bool group_blocks_enabled() {
+  const int o = g_group_blocks.load(std::memory_order_relaxed);
+  if (o >= 0) return o != 0;
+  static const bool env = [] {
+    const char* v = std::getenv("QMOE_GROUP_BLOCKS");
+    return v && v[0] == '1';
+  }();
+  return env;
+}
+
 // The shared expert's "counts": one expert with all T tokens. On the side
 // stream, so that the shared expert need not wait for routing.
 __global__ void set_count_kernel(int32_t* count, int32_t value) {
@@ -452,6 +555,9 @@ unsigned blocks(int64_t n, int per) { return unsigned((n + per - 1) / per); }
 
 }  // namespace
 
+// Test hook: 1 grouping over many blocks, 0 one block, -1 the environment's choice.
+void set_group_blocks_override(int on) { g_group_blocks.store(on, std::memory_order_relaxed); }
+
 Status route(const FusedMoeParams& p, int32_t* topk_ids, float* topk_weights, const Device& device) {
   if (Status s = check_device(device.index); !s.ok()) return s;
   for (auto [ptr, name] : {std::pair<const void*, const char*>{p.router_logits, "router_logits"},
@@ -523,9 +629,19 @@ Status fused_moe(const FusedMoeParams& p, const Device& device) {
     } else if (Status s = route(p, ws.topk_ids, ws.topk_weights, device); !s.ok()) {
       return s;
     }
-    if (smem > 48 * 1024) cudaFuncSetAttribute(group_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    group_kernel<<<1, kGroupThreads, smem, stream>>>(ga);
-    if (Status s = launch_status("grouping kernel"); !s.ok()) return s;
+    if (group_blocks_enabled()) {
+      const GroupBlocksArgs gb{ga.ids_in, ws.topk_weights, pairs, K, int(E), ws.topk_ids, ws.counts,
+                               ws.slot_of, ws.token_of, ws.block_counts};
+      const unsigned nb = blocks(pairs, kGroupChunk);
+      const size_t count_smem = size_t(kGroupChunk / 32) * size_t(E) * 4;  // <= 32 KB (E <= 512)
+      launch_kernel(group_count_kernel, dim3(nb), dim3(kGroupChunk), count_smem, stream, early, gb);
+      launch_kernel(group_place_kernel, dim3(nb), dim3(kGroupChunk), size_t(2 * E + 32) * 4, stream, early, gb);
+      if (Status s = launch_status("grouping kernels"); !s.ok()) return s;
+    } else {
+      if (smem > 48 * 1024) cudaFuncSetAttribute(group_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+      group_kernel<<<1, kGroupThreads, smem, stream>>>(ga);
+      if (Status s = launch_status("grouping kernel"); !s.ok()) return s;
+    }
   }
 
   Status status;

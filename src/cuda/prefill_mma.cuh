@@ -253,24 +253,6 @@ __device__ __forceinline__ int padded_rows(int rows) {
   return last + 8 * token_frags(rows - last);
 }
 
-// Exclusive scan over the threads of the block (warp shuffles + shared memory).
-template <class V>
-__device__ __forceinline__ V block_exclusive_scan(V v, V* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  V x = v;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const V y = __shfl_up_sync(0xffffffffu, x, o);
-    if (lane >= o) x += y;
-  }
-  if (lane == 31) scratch[warp] = x;
-  __syncthreads();
-  V base = 0;
-  for (int w = 0; w < warp && w < nwarps; ++w) base += scratch[w];
-  __syncthreads();
-  return base + x - v;
-}
-
 struct Item {
   int e, tok0, rows, n0, bn;  // bn: rows of the weight tile, 256 or 128
 };

@@ -313,8 +313,23 @@ TEST(FusedMoe, Validation) {
 }
 
 #if QMOE_TEST_CUDA
+}  // namespace
+}  // namespace qmoe::test
+namespace qmoe::cuda {
+void set_group_blocks_override(int on);  // 1 grouping over many blocks, 0 one block, -1 environment
+}  // namespace qmoe::cuda
+namespace qmoe::test {
+namespace {
+
+// Grouping over many blocks for one scope.
+struct GroupBlocksScope {
+  explicit GroupBlocksScope(bool on) { cuda::set_group_blocks_override(on ? 1 : 0); }
+  ~GroupBlocksScope() { cuda::set_group_blocks_override(-1); }
+};
+
 // The CUDA layer against the same float64 layer; bitwise identical on a
-// second run (deterministic); replayable from a captured graph.
+// second run (deterministic); replayable from a captured graph; the same
+// bits with either grouping (one block, or many blocks).
 TEST(FusedMoe, CudaMatchesFloat64LayerAndIsDeterministic) {
   QMOE_SKIP_WITHOUT_CUDA();
   for (ActType at : {ActType::f16, ActType::bf16})
@@ -366,6 +381,14 @@ TEST(FusedMoe, CudaMatchesFloat64LayerAndIsDeterministic) {
       cudaMemset(out.ptr, 0xff, out.count * 2);
       QMOE_CUDA_OK(g.replay());
       EXPECT_EQ(first, out.download()) << "graph replay differs";
+
+      for (bool blocks : {false, true}) {  // (the one-kernel route+group of few tokens takes neither)
+        GroupBlocksScope scope(blocks);
+        cudaMemset(out.ptr, 0xff, out.count * 2);
+        ASSERT_TRUE(fused_moe(p, dev).ok());
+        QMOE_CUDA_OK(cudaDeviceSynchronize());
+        EXPECT_EQ(first, out.download()) << "grouping over " << (blocks ? "many blocks" : "one block") << " differs";
+      }
     }
 }
 
