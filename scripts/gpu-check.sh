@@ -45,6 +45,7 @@ fi
 if [ "${QMOE_PY_INPLACE:-1}" = 1 ] && ls "$BUILD"/python/_ext*.so >/dev/null 2>&1; then
   cp "$BUILD"/python/_ext*.so python/qmoe/
   export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+  py_inplace=1
 fi
 
 if want test; then
@@ -67,7 +68,7 @@ fi
 
 if want python; then
   say "Python package (CUDA) and pytest"
-  if [ -z "${PYTHONPATH:-}" ]; then
+  if [ -z "${py_inplace:-}" ]; then
     python3 -m pip install -q --no-build-isolation --no-deps \
       -C "cmake.define.CMAKE_CUDA_ARCHITECTURES=$ARCHS" -C build-dir=build/python-gpu . >>"$LOG" 2>&1 ||
       { say "pip install FAILED"; status=1; }
