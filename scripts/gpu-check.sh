@@ -6,6 +6,8 @@
 #   bash scripts/gpu-check.sh                 # every stage
 #   bash scripts/gpu-check.sh build test      # some stages
 # Stages: build test sanitize python bench pybench model (default), variants
+# QMOE_BUILD_TARGETS (e.g. "_ext qmoe") builds only those targets; QMOE_CUDA_ARCHS
+# the architectures (default "80-real;90a-real").
 # The GPU image has no GoogleTest: copy Debian's sources first, and name the
 # copy in the device call's carry list:  cp -r /usr/src/googletest .gtest-src
 set -uo pipefail
@@ -38,7 +40,8 @@ if want build; then
   [ "${QMOE_PY_INPLACE:-1}" = 1 ] && py=(-DQMOE_PYTHON=ON)
   cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DQMOE_CUDA=ON \
     "-DCMAKE_CUDA_ARCHITECTURES=$ARCHS" "${gtest[@]}" "${py[@]}" >>"$LOG" 2>&1 &&
-    cmake --build "$BUILD" -j "$(nproc)" >>"$LOG" 2>&1 || { say "BUILD FAILED"; tail -40 "$LOG"; exit 1; }
+    cmake --build "$BUILD" -j "$(nproc)" ${QMOE_BUILD_TARGETS:+--target $QMOE_BUILD_TARGETS} >>"$LOG" 2>&1 ||
+    { say "BUILD FAILED"; tail -40 "$LOG"; exit 1; }
 fi
 
 # The in-tree extension, used by every Python stage through PYTHONPATH.
