@@ -70,8 +70,8 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 
 // Rules of the fast path:
 //   - ARK layout [E, N, K_packed]; or 16-bit weights in moe_gemm's [E, K, N]
-//     layout with N % 8 == 0, on the wgmma kernel only (sm_90a; elsewhere
-//     the generic kernel takes it);
+//     layout with N % 8 == 0 (the wgmma kernel's kEKN variant on sm_90a,
+//     else the mma.sync kernel's KN variant);
 //   - K a multiple of 32 (64 for int2), so every 16-byte chunk of a packed
 //     row is whole and k tiles end on 32-element boundaries;
 //   - group_size a multiple of 32 (one group per 32-wide k chunk);
@@ -96,7 +96,7 @@ bool launch_prefill(const MoeGemmParams& p, cudaStream_t stream, Status* status,
     prefill::g_last_path.store(2, std::memory_order_relaxed);
     return true;
   }
-  if (ekn || glu) return false;  // the mma.sync kernel: [E, N, K] weights, no SiLU·mul epilogue
+  if (glu) return false;  // the mma.sync kernel has no SiLU·mul epilogue
   const bool launched = p.act_type == ActType::f16 ? prefill::launch_f16(p, stream, status)
                                                    : prefill::launch_bf16(p, stream, status);
   if (launched) prefill::g_last_path.store(1, std::memory_order_relaxed);

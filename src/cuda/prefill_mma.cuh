@@ -34,6 +34,17 @@
 // fragment one 16-byte load. 16-bit weights keep the natural k order and use
 // ldmatrix for both operands (swizzled 16-byte chunks).
 //
+// [E, K, N] weights (moe_gemm's 16-bit layout; the KN variant, a template
+// argument, so the [E, N, K] kernels keep their code and registers): a stage
+// holds the tile's 32 k rows of 256 (128) columns, k-major as in memory,
+// copied by cp.async in 16-byte chunks of 8 columns (chunk j of k row r at
+// j ^ (r & 7): the 8 rows of an ldmatrix in distinct banks); ldmatrix .trans
+// turns each 8 k x 8 n matrix into the A fragment of 8 weight rows. Those
+// rows are 8 contiguous columns (not the strided rows below), so a lane's
+// outputs are 8 columns apart: the epilogue applies the optional per-column
+// scale and pairs adjacent columns of two lanes by one shuffle (4-byte
+// stores). Needs N % 8 == 0 (whole 16-byte chunks).
+//
 // Weight rows. Lane g of an m16 fragment holds weight rows rowbase + 8g + t
 // (4 fragments) or rowbase + 4g + t (2 fragments), t = 2*mi + (fragment row
 // >= 8): a lane's accumulators are 8 (4) contiguous outputs of a token, one
@@ -152,6 +163,7 @@ enum { kTilesAuto = 0, kTiles256 = 1, kTiles128 = 2 };  // tile_override(), Args
 struct Args {
   const uint16_t* act;
   const uint8_t* w;
+  const uint16_t* col_scales;  // [E, K, N] weights (KN): optional per-column scales [E, N], else null
   const uint16_t* scales;
   const uint16_t* zeros;
   const int32_t* counts;
@@ -321,9 +333,12 @@ __device__ __forceinline__ Item decode_item(int item, const int* s_tok, const in
 // ---------------------------------------------------------------------------
 // The kernel.
 // ---------------------------------------------------------------------------
-template <class Act, class Enc, int Warps>
+// KN: 16-bit weights in moe_gemm's [E, K, N] layout (a compile-time variant,
+// so the [E, N, K] kernels keep their code and registers; see the top).
+template <class Act, class Enc, int Warps, bool KN = false>
 struct Kernel {
   using C = Cfg<Act, Enc, Warps>;
+  static_assert(!KN || C::kNative, "[E, K, N] is 16-bit only");
   using Dec = typename C::Dec;
   using P = Pair<Act>;
   using raw_t = typename C::raw_t;
@@ -367,9 +382,31 @@ struct Kernel {
           }
         }
       }
-      // Packed weights: BN rows x KPB bytes (q = tid + 256 i: row q / CPR,
-      // chunk q % CPR); rows past N are zero.
-      {
+      // [E, K, N] weights: the tile's BK k rows of it.bn columns, 16-byte
+      // chunks of 8 n (q = tid + 256 i: k row q / (bn / 8), chunk q % (bn /
+      // 8)), chunk j of k row r at j ^ (r & 7) (the 8 k rows an ldmatrix
+      // reads hit distinct banks). n past N (whole chunks: N % 8 == 0) and k
+      // past K read as zero; the row offset stays inside expert e.
+      if constexpr (KN) {
+        const uint32_t sB = smem_addr(stage + C::A_BYTES);
+        const int sh = it.bn == C::BN ? 5 : 4;  // log2 of the chunks per k row
+        const int j = tid & ((1 << sh) - 1);
+        const int n = it.n0 + 8 * j;
+        const int k0 = kt * C::BK;
+        const bool nok = n < a.N;
+        const uint16_t* base =
+            reinterpret_cast<const uint16_t*>(a.w) + (int64_t(it.e) * a.K + k0) * a.N + (nok ? n : 0);
+#pragma unroll
+        for (int i = 0; i < C::B_ITERS; ++i) {
+          const int r = (tid >> sh) + (C::kThreads >> sh) * i;
+          if (r >= C::BK) continue;  // 128-column tiles: half the chunks
+          const bool ok = nok && k0 + r < a.K;
+          cp_async16(sB + r * (2 * C::BN) + ((j ^ (r & 7)) << 4), base + (ok ? int64_t(r) * a.N : 0),
+                     ok ? 16u : 0u);
+        }
+      } else {
+        // Packed weights: BN rows x KPB bytes (q = tid + 256 i: row q / CPR,
+        // chunk q % CPR); rows past N are zero.
         const uint32_t sB = smem_addr(stage + C::A_BYTES);
         const int j = tid % C::CPR;
         const int64_t kb = int64_t(kt) * C::KPB + 16 * j;
@@ -544,15 +581,27 @@ struct Kernel {
   }
 
   // One k tile (32 wide), 16-bit weights: natural k order, ldmatrix for both
-  // operands from the swizzled layouts.
+  // operands from the swizzled layouts ([E, K, N]: ldmatrix .trans for the
+  // weights).
   template <int MI, int NJ>
   __device__ static __forceinline__ void compute_n(const unsigned char* stage, int tok_off, int row0,
                                                    float (&acc)[MI][NJ][4]) {
     const int lane = threadIdx.x & 31, m = lane >> 3, i = lane & 7;
     const uint32_t sA = smem_addr(stage), sB = smem_addr(stage + C::A_BYTES);
     // Weights: matrix m = (fragment row half h = m & 1, k half m >> 1), row i.
-    const int r0 = sigma(lane_row<MI>(row0, i) + (m & 1));
-    const uint32_t wb = uint32_t(r0 * 64 + 16 * ((m >> 1) ^ ((r0 >> 1) & 3)));
+    uint32_t wb;
+    if constexpr (KN) {
+      // k-major tile: matrix m is k rows 8 (m >> 1) + i of the k16 step, n
+      // chunk row0 / 8 + (m & 1) (fragment rows = 8 contiguous columns),
+      // transposed by ldmatrix. Fragment mi is chunk + 2 mi: row0 is a
+      // multiple of 16 MI, so the sum is chunk ^ 2 mi, which commutes with
+      // the swizzle: an xor of 32 mi bytes.
+      const int kr = 8 * (m >> 1) + i;
+      wb = uint32_t(kr * (2 * C::BN) + 16 * (((row0 >> 3) + (m & 1)) ^ i));
+    } else {
+      const int r0 = sigma(lane_row<MI>(row0, i) + (m & 1));
+      wb = uint32_t(r0 * 64 + 16 * ((m >> 1) ^ ((r0 >> 1) & 3)));
+    }
     // Tokens: matrix m = (fragment j + (m >> 1), k half m & 1), row i.
     const int tr = tok_off + 8 * (m >> 1) + i;
     const uint32_t tb = uint32_t(tr * 64 + 16 * ((m & 1) ^ ((i >> 1) & 3)));
@@ -570,7 +619,10 @@ struct Kernel {
 #pragma unroll
       for (int mi = 0; mi < MI; ++mi) {
         uint32_t W[4];
-        ldmatrix_x4(W, sB + (wb ^ uint32_t(128 * mi ^ 16 * (2 * st ^ mi))));
+        if constexpr (KN)
+          ldmatrix_x4_trans(W, sB + ((wb + uint32_t(st * 16 * 2 * C::BN)) ^ uint32_t(32 * mi)));
+        else
+          ldmatrix_x4(W, sB + (wb ^ uint32_t(128 * mi ^ 16 * (2 * st ^ mi))));
 #pragma unroll
         for (int j = 0; j < NJ; ++j)
           mma16816<Act>(acc[mi][j], W[0], W[1], W[2], W[3], T[j / 2][2 * (j & 1)], T[j / 2][2 * (j & 1) + 1]);
@@ -611,6 +663,49 @@ struct Kernel {
       }
   }
 
+  // [E, K, N]: lane (g, c) holds, for tokens tok_off + 8j + 2c + i, column
+  // n0 + row0 + 16 mi + 8 h + g (accumulator element 2h + i), times the
+  // optional per-column scale. Lanes g and g ^ 1 (lane ^ 4) hold adjacent
+  // columns of the same two tokens: one trade and the even lane stores its
+  // first token's column pair, the odd lane its second's (4-byte stores).
+  template <int MI, int NJ>
+  __device__ static __forceinline__ void store_tile_kn(const Args& a, const Item& it, int tok_off, int row0,
+                                                       float (&acc)[MI][NJ][4]) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const bool odd = g & 1;
+    const int nb = it.n0 + row0 + g;
+    float cs[MI][2];
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int n = nb + 16 * mi + 8 * h;
+        cs[mi][h] = a.col_scales && n < a.N ? P::to_float(a.col_scales[int64_t(it.e) * a.N + n]) : 1.0f;
+      }
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+      const int r0 = tok_off + 8 * j + 2 * c;
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int n = nb + 16 * mi + 8 * h;
+          const uint32_t v = P::pack(acc[mi][j][2 * h] * cs[mi][h], acc[mi][j][2 * h + 1] * cs[mi][h]);
+          if (a.vec_out) {  // N % 8 == 0: columns n and n ^ 1 are both in or both out
+            const uint32_t o = __shfl_xor_sync(0xffffffffu, v, 4);
+            const int r = r0 + odd;
+            if (r < it.rows && n < a.N)
+              *reinterpret_cast<uint32_t*>(a.out + int64_t(it.tok0 + r) * a.N + (n & ~1)) =
+                  odd ? __byte_perm(o, v, 0x7632) : __byte_perm(v, o, 0x5410);
+          } else {
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+              if (r0 + i < it.rows && n < a.N) a.out[int64_t(it.tok0 + r0 + i) * a.N + n] = uint16_t(v >> (16 * i));
+          }
+        }
+    }
+  }
+
   // One item for this warp: MI m16 x NJ n8 fragments at (tok_off, row0),
   // continuing the pipeline (every warp runs the same k loop and barriers).
   template <int MI, int NJ>
@@ -648,13 +743,16 @@ struct Kernel {
       slot = next;
       ld_slot = ld_slot + 1 == C::STAGES ? 0 : ld_slot + 1;
     }
-    if constexpr (NJ > 0) store_tile<MI, NJ>(a, it, tok_off, row0, acc);
+    if constexpr (NJ > 0 && KN)
+      store_tile_kn<MI, NJ>(a, it, tok_off, row0, acc);
+    else if constexpr (NJ > 0)
+      store_tile<MI, NJ>(a, it, tok_off, row0, acc);
   }
 };
 
-template <class Act, class Enc, int Warps>
+template <class Act, class Enc, int Warps, bool KN>
 __global__ void __launch_bounds__(32 * Warps, 1) prefill_kernel(const Args a) {
-  using K = Kernel<Act, Enc, Warps>;
+  using K = Kernel<Act, Enc, Warps, KN>;
   using C = typename K::C;
   extern __shared__ __align__(128) unsigned char smem[];
   const int tid = threadIdx.x, warp = tid >> 5;
@@ -799,10 +897,11 @@ int scale_path_override();
 int tile_override();
 void set_overrides(int scales, int tiles);
 
-template <class Act, class Enc, int Warps>
+template <class Act, class Enc, int Warps, bool KN>
 bool launch(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
   using C = Cfg<Act, Enc, Warps>;
-  const auto kernel = prefill_kernel<Act, Enc, Warps>;
+  const auto kernel = prefill_kernel<Act, Enc, Warps, KN>;
+  if (KN && p.n % 8 != 0) return false;  // [E, K, N]: k rows of whole 16-byte chunks
 
   // Per-device facts, computed once (attribute calls are not stream work, so
   // the first call may also happen inside a graph capture).
@@ -853,7 +952,8 @@ bool launch(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
   Args a;
   a.act = static_cast<const uint16_t*>(p.activations);
   a.w = static_cast<const uint8_t*>(p.weights);
-  a.scales = static_cast<const uint16_t*>(p.scales);
+  a.col_scales = KN ? static_cast<const uint16_t*>(p.scales) : nullptr;
+  a.scales = KN ? nullptr : static_cast<const uint16_t*>(p.scales);
   a.zeros = static_cast<const uint16_t*>(p.zeros);
   a.counts = p.tokens_per_expert;
   a.out = static_cast<uint16_t*>(p.out);
@@ -881,7 +981,7 @@ bool launch(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
   const int64_t max_items = int64_t(a.n_tiles128) * ((p.total_tokens + C::BM - 1) / C::BM + p.num_experts);
   const int64_t resident = int64_t(d.sms) * per_sm;
   const int grid = int(std::max<int64_t>(1, std::min(max_items, resident)));
-  prefill_kernel<Act, Enc, Warps><<<grid, C::kThreads, size_t(smem_bytes), stream>>>(a);
+  kernel<<<grid, C::kThreads, size_t(smem_bytes), stream>>>(a);
   *status = launch_status("prefill MoE kernel launch");
   return true;
 }
@@ -894,13 +994,20 @@ bool launch(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
 // issue slots than the extra warps win back in latency hiding.
 constexpr int kPrefillWarps = 8;
 
-// One activation type's encodings (instantiated in prefill_f16.cu / prefill_bf16.cu).
+// One activation type's encodings (instantiated in prefill_f16.cu / prefill_bf16.cu),
+// and its [E, K, N] variant for 16-bit weights.
 template <class Act>
 bool launch_for_act(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
   bool launched = false;
+  const bool kn = p.layout == WeightLayout::EKN;
   visit_encoding(p.act_type, p.weight_type, p.asym, [&](auto act, auto enc) {
-    if constexpr (std::is_same_v<decltype(act), Act>)
-      launched = launch<Act, decltype(enc), kPrefillWarps>(p, stream, status);
+    using Enc = decltype(enc);
+    if constexpr (std::is_same_v<decltype(act), Act>) {
+      if (!kn)
+        launched = launch<Act, Enc, kPrefillWarps, false>(p, stream, status);
+      else if constexpr (Enc::kBits == 16)
+        launched = launch<Act, Enc, kPrefillWarps, true>(p, stream, status);
+    }
   });
   return launched;
 }
