@@ -326,18 +326,14 @@ TEST(CudaPrefillSizes, OutsideRulesFallBack) {
   p.total_tokens = 7;
   Status st;
   EXPECT_FALSE(cuda::launch_prefill(p, nullptr, &st));
-  // The [E, K, N] layout of moe_gemm: only the wgmma kernel takes it (16-bit
-  // weights, N % 8 == 0); N % 8 != 0 never.
+  // The [E, K, N] layout of moe_gemm (16-bit weights): both kernels take it
+  // with N % 8 == 0 (MoeGemmEKNOn*); N % 8 != 0 neither.
   Problem ekn = Problem::random(ActType::bf16, {WeightType::native16, false}, 60, 64, 0, {4, 4}, fresh_seed(),
                                 WeightLayout::EKN);
   DeviceProblem dekn(ekn);
-  EXPECT_FALSE(cuda::launch_prefill(dekn.params, nullptr, &st));
-  {
-    PathScope scope(Path::mma);
-    Problem ekn8 = Problem::random(ActType::bf16, {WeightType::native16, false}, 64, 64, 0, {4, 4}, fresh_seed(),
-                                   WeightLayout::EKN);
-    DeviceProblem d8(ekn8);
-    EXPECT_FALSE(cuda::launch_prefill(d8.params, nullptr, &st));
+  for (const Path path : paths()) {
+    PathScope scope(path);
+    EXPECT_FALSE(cuda::launch_prefill(dekn.params, nullptr, &st)) << path_name(path);
   }
 }
 
@@ -369,6 +365,76 @@ TEST(CudaPrefillSizes, MoeGemmEKNOnWgmma) {
         EXPECT_EQ(c.unwritten, 0);
         EXPECT_LT(c.rel_error, tolerance(at));
       }
+}
+
+// moe_gemm's 16-bit [E, K, N] layout on the mma.sync kernel (its KN
+// variant: cp.async k-major tiles, ldmatrix .trans; the sm_80 path), forced
+// on every device: uneven and empty experts, token tiles of 1..130, N and K
+// tails (N % 16 == 8, K % 64 == 32, N = 8, K = 32), per-column scales on and
+// off, both weight-tile schedules (256- and 128-column tiles), the fast path
+// called directly (it must take the shape) and through moe_gemm, and an
+// output 2 bytes off 16-byte alignment (scalar stores instead of the paired
+// 4-byte ones).
+TEST(CudaPrefillSizes, MoeGemmEKNOnMma) {
+  QMOE_SKIP_WITHOUT_CUDA();
+  PathScope scope(Path::mma);
+  const struct {
+    int64_t n, k;
+    std::vector<int32_t> counts;
+  } cases[] = {{264, 288, {70, 0, 129, 1, 300}},
+               {512, 256, {33}},
+               {72, 1056, {5, 64, 2}},
+               {8, 32, {3, 0, 17}},
+               {136, 96, {0, 130, 9, 0, 64, 65}}};
+  for (const int tiles : {0, 1, 2})
+    for (ActType at : {ActType::f16, ActType::bf16})
+      for (bool column_scales : {false, true})
+        for (const auto& cs : cases)
+          for (const bool api : {false, true}) {
+            const uint64_t seed = fresh_seed();
+            SCOPED_TRACE("N=" + std::to_string(cs.n) + " K=" + std::to_string(cs.k) + " " +
+                         name(at, {WeightType::native16, false}) + " tiles=" + std::to_string(tiles) +
+                         " scales=" + std::to_string(column_scales) + (api ? " moe_gemm" : " launch_prefill") +
+                         " seed=" + std::to_string(seed));
+            Overrides o(-1, tiles);
+            Problem pr = Problem::random(at, {WeightType::native16, false}, cs.n, cs.k, 0, cs.counts, seed,
+                                         WeightLayout::EKN, column_scales);
+            DeviceProblem dp(pr);
+            dp.poison();
+            if (api) {
+              ASSERT_TRUE(moe_gemm(dp.params, cuda_device()).ok());
+            } else {
+              Status st;
+              ASSERT_TRUE(cuda::launch_prefill(dp.params, nullptr, &st));
+              ASSERT_TRUE(st.ok()) << st.message;
+            }
+            QMOE_CUDA_OK(cudaDeviceSynchronize());
+            expect_path(Path::mma);
+            const Comparison c = compare(pr, dp.out.download(), pr.reference());
+            EXPECT_EQ(c.unwritten, 0);
+            EXPECT_LT(c.rel_error, tolerance(at));
+          }
+  // Output at an odd element offset (not 4-byte aligned): scalar stores.
+  for (ActType at : {ActType::f16, ActType::bf16}) {
+    const uint64_t seed = fresh_seed();
+    SCOPED_TRACE(name(at, {WeightType::native16, false}) + " misaligned out, seed=" + std::to_string(seed));
+    Problem pr = Problem::random(at, {WeightType::native16, false}, 264, 288, 0, {70, 0, 129, 1}, seed,
+                                 WeightLayout::EKN, true);
+    DeviceProblem dp(pr);
+    DeviceArray<uint16_t> out(std::vector<uint16_t>(pr.out.size() + 8, kPoison));
+    dp.params.out = out.ptr + 1;
+    Status st;
+    ASSERT_TRUE(cuda::launch_prefill(dp.params, nullptr, &st));
+    ASSERT_TRUE(st.ok()) << st.message;
+    QMOE_CUDA_OK(cudaDeviceSynchronize());
+    expect_path(Path::mma);
+    const std::vector<uint16_t> all = out.download();
+    EXPECT_EQ(all.front(), kPoison);  // nothing written outside the output
+    EXPECT_TRUE(std::all_of(all.end() - 7, all.end(), [](uint16_t v) { return v == kPoison; }));
+    const Comparison c = compare(pr, std::vector<uint16_t>(all.begin() + 1, all.end() - 7), pr.reference());
+    EXPECT_EQ(c.unwritten, 0);
+    EXPECT_LT(c.rel_error, tolerance(at));
+  }
 }
 
 // The fused layer's gate/up product with SiLU·mul as the wgmma epilogue
