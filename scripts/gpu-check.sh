@@ -5,7 +5,7 @@
 #
 #   bash scripts/gpu-check.sh                 # every stage
 #   bash scripts/gpu-check.sh build test      # some stages
-# Stages: build test sanitize python bench pybench model (default), variants
+# Stages: build test sanitize python bench pybench model (default), variants, ab
 # QMOE_BUILD_TARGETS (e.g. "_ext qmoe") builds only those targets; QMOE_CUDA_ARCHS
 # the architectures (default "80-real;90a-real").
 # The GPU image has no GoogleTest: copy Debian's sources first, and name the
@@ -130,6 +130,26 @@ if want variants; then
         >"$OUT/raw/ncu-$var=$v.txt" 2>&1 || status=1
     done
   fi
+fi
+
+# A compile-time variant against the default build, decode tables side by
+# side: the library built again with QMOE_AB_CUDA_FLAGS (e.g.
+# -DQMOE_DECODE_BIASED=0) into build/gpu-ab, then alternating gpu_bench.py
+# decode runs (default, variant, default, variant) and bench/compare_runs.py.
+if want ab; then
+  say "A/B build with CUDA flags '${QMOE_AB_CUDA_FLAGS:-}'"
+  cmake -S . -B build/gpu-ab -G Ninja -DCMAKE_BUILD_TYPE=Release -DQMOE_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=$ARCHS" \
+    "-DCMAKE_CUDA_FLAGS=${QMOE_AB_CUDA_FLAGS:-}" >>"$LOG" 2>&1 &&
+    cmake --build build/gpu-ab -j "$(nproc)" --target qmoe >>"$LOG" 2>&1 || { say "A/B BUILD FAILED"; status=1; }
+  sel=(--phase decode --backend shim --no-anchors --encodings "${QMOE_VARIANT_ENCODINGS:-int4,int2,int8}"
+       --models "${QMOE_VARIANT_MODELS:-qwen1.5-moe,deepseek-v2-lite,mixtral-8x7b,qwen3-30b-a3b}")
+  for run in a1:$BUILD b1:build/gpu-ab a2:$BUILD b2:build/gpu-ab; do
+    timeout "${QMOE_BENCH_TIMEOUT:-240}" python3 bench/gpu_bench.py "${sel[@]}" --lib "${run#*:}/libqmoe.a" \
+      --out "$OUT/raw/${run%%:*}" --tag "${run%%:*}" >>"$LOG" 2>&1 || status=1
+  done
+  python3 bench/compare_runs.py a1="$OUT/raw/a1" b1="$OUT/raw/b1" a2="$OUT/raw/a2" b2="$OUT/raw/b2" \
+    >"$OUT/raw/ab-compare.txt" 2>&1 || status=1
+  tail -40 "$OUT/raw/ab-compare.txt" | tee -a "$LOG"
 fi
 
 if [ -n "$(ls -A "$OUT/raw")" ]; then tar -C "$OUT" -cf "$OUT/raw.tar" raw; fi
