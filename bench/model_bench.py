@@ -497,7 +497,7 @@ KERNEL_NAMES = (  # short names of qmoe's kernels in the profiler's (demangled) 
     ("group_kernel", "group"), ("group_count_kernel", "group"), ("group_place_kernel", "group"),
     ("gather_kernel", "gather"), ("swiglu_kernel", "swiglu"),
     ("combine_kernel", "combine"), ("decode_kernel", "decode product"), ("prefill", "prefill product"),
-    ("generic_kernel", "generic product"), ("set_count_kernel", "shared count"))
+    ("generic_kernel", "generic product"), ("shared_prologue_kernel", "shared prologue"))
 
 
 def kernel_breakdown(fn, calls: int = 10) -> dict:

@@ -414,12 +414,12 @@ def workspace_upper_bound(num_tokens, hidden: int, intermediate: int, num_expert
     """An affine upper bound of fused_moe_workspace_size() that also takes a symbolic
     num_tokens (torch.compile), plus 256 bytes of room to align the start. It
     mirrors the buffers of FusedWorkspace::carve (src/core/fused_moe_workspace.h):
-    14 buffers, each rounded up to 256 bytes; test_fused_moe checks the bound. The
+    15 buffers, each rounded up to 256 bytes; test_fused_moe checks the bound. The
     block counts, ceil(T k / 512) * E * 4 bytes, are at most T k ceil(E / 128) + 4 E."""
     k, H, I, E, Is = top_k, hidden, intermediate, num_experts, shared_intermediate
     per_token = (k * (4 + 4 + 4 + 4 + 2 * H + 4 * I + 2 * I + 2 * H + (E + 127) // 128)
-                 + 4 * Is + 2 * Is + 2 * H)
-    return num_tokens * per_token + 4 * E + 4 + 4 * E + 15 * 256
+                 + 4 * Is + 2 * Is + 2 * H + 4)
+    return num_tokens * per_token + 4 * E + 4 + 4 * E + 16 * 256
 
 
 def fused_moe_workspace_size(num_tokens: int, hidden: int, intermediate: int, num_experts: int,

@@ -23,6 +23,7 @@ struct FusedWorkspace {
   uint16_t* shared_act;      // [T, Is]
   uint16_t* shared_out;      // [T, H]
   int32_t* block_counts;     // [ceil(T*k / 512), E] copies of each expert in each block of 512 pairs (CUDA grouping)
+  float* shared_scale;       // [T] the shared expert's gate, sigmoid(x·g) (CUDA)
 
   // Lays the buffers out from `base` (nullptr: only counts the bytes).
   static size_t carve(const FusedMoeParams& p, void* base, FusedWorkspace* ws) {
@@ -49,6 +50,7 @@ struct FusedWorkspace {
     w.shared_act = static_cast<uint16_t*>(take(T * Is * 2));
     w.shared_out = static_cast<uint16_t*>(take(Is ? T * H * 2 : 0));
     w.block_counts = static_cast<int32_t*>(take((T * K + 511) / 512 * E * 4));
+    w.shared_scale = static_cast<float*>(take(Is ? T * 4 : 0));
     if (ws) *ws = w;
     return off;
   }

@@ -47,9 +47,14 @@ Status run(const MoeGemmParams& p, Phase phase, const Device& device) {
   DeviceScope scope(device.index);
   auto stream = static_cast<cudaStream_t>(device.stream);
   Status s;
-  const bool fast = phase == Phase::decode ? launch_decode(p, stream, &s)
+  // The decode kernel launches early (sm_90, common.cuh) and waits for the
+  // previous kernel before it reads anything: its launch and block start
+  // overlap the previous kernel's tail (a qmoe kernel's, from its early
+  // allow_next_grid(); any other kernel's, as its blocks exit).
+  const DecodeFusion early{nullptr, false, early_launch_supported(device.index), false};
+  const bool fast = phase == Phase::decode ? launch_decode(p, stream, &s, early)
                                            : (launch_prefill(p, stream, &s) ||
-                                              launch_decode(p, stream, &s));
+                                              launch_decode(p, stream, &s, early));
   if (!fast) s = launch_generic(p, stream);
   return s;
 }

@@ -345,13 +345,6 @@ bool group_blocks_enabled() {
   return env;
 }
 
-// The shared expert's "counts": one expert with all T tokens. On the side
-// stream, so that the shared expert need not wait for routing.
-__global__ void set_count_kernel(int32_t* count, int32_t value) {
-  *count = value;
-  allow_next_grid();
-}
-
 // Routing and grouping in one block for a few tokens (one launch less in a
 // decode step): warp w routes tokens w, w + 32, ...; then the block groups.
 constexpr int64_t kRouteGroupMaxTokens = 64;
@@ -429,55 +422,64 @@ __global__ void swiglu_kernel(const uint16_t* __restrict__ gu, int64_t rows, int
                                          Act::to_float(gu[r * 2 * inter + inter + i]));
 }
 
+// The shared expert's "counts" (one expert with all T tokens) and, with a
+// gate, scale[t] = sigmoid(x_t · g), block t (256 threads, a fixed order of
+// sums). On the side stream, so that the shared expert need not wait for
+// routing; the weighted sum reads the scales after joining it.
+template <class Act>
+__global__ void shared_prologue_kernel(FusedMoeParams p, int32_t* count, float* scale) {
+  const int64_t t = blockIdx.x, H = p.hidden;
+  if (t == 0 && threadIdx.x == 0) *count = int32_t(p.num_tokens);
+  allow_next_grid();
+  if (!p.shared_gate) return;
+  const auto* x = static_cast<const uint16_t*>(p.hidden_states) + t * H;
+  const auto* g = static_cast<const uint16_t*>(p.shared_gate);
+  __shared__ float partial[32];
+  float dot = 0.0f;
+  int64_t h0 = 0;  // 16-byte vectors where both rows allow (one load round for H <= 8 * blockDim)
+  if (reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(g) % 16 == 0) {
+    h0 = H / 8 * 8;
+    for (int64_t v = threadIdx.x; v < H / 8; v += blockDim.x) {
+      float xf[8], gf[8];
+      unpack8<Act>(reinterpret_cast<const uint4*>(x)[v], xf);
+      unpack8<Act>(reinterpret_cast<const uint4*>(g)[v], gf);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) dot += xf[i] * gf[i];
+    }
+  }
+  for (int64_t h = h0 + threadIdx.x; h < H; h += blockDim.x) dot += Act::to_float(x[h]) * Act::to_float(g[h]);
+  for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = dot;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float s = 0.0f;
+    for (int w = 0; w < int(blockDim.x / 32); ++w) s += partial[w];  // fixed order
+    scale[t] = 1.0f / (1.0f + expf(-s));
+  }
+}
+
 // out[t] = sum_j w[t, j] * y[slot_of[t, j]] in j order (+ shared expert,
 // scaled by sigmoid(x·g) when a gate is given). One block a token; 16-byte
 // vectors where H and `out` allow (the same arithmetic in the same order).
 template <class Act>
 __global__ void combine_kernel(FusedMoeParams p, const float* __restrict__ weights,
                                const int32_t* __restrict__ slot_of, const uint16_t* __restrict__ y,
-                               const uint16_t* __restrict__ shared_out) {
+                               const uint16_t* __restrict__ shared_out, const float* __restrict__ gate_scale) {
   const int64_t t = blockIdx.x;
   const int64_t H = p.hidden, K = p.top_k;
   // Before wait_prior_grid (early launch): only what routing (kernels
-  // before the previous one) and the caller wrote: rows, weights, the gate.
-  __shared__ float shared_scale;
+  // before the previous one) wrote: rows and weights.
   __shared__ int32_t rows[32];  // top_k <= 32
   __shared__ float wts[32];
-  if (threadIdx.x == 0) shared_scale = 1.0f;
   if (threadIdx.x < K) {
     rows[threadIdx.x] = slot_of[t * K + threadIdx.x];
     wts[threadIdx.x] = weights[t * K + threadIdx.x];
-  }
-  if (p.shared_intermediate > 0 && p.shared_gate) {
-    const auto* x = static_cast<const uint16_t*>(p.hidden_states) + t * H;
-    const auto* g = static_cast<const uint16_t*>(p.shared_gate);
-    __shared__ float partial[32];
-    float dot = 0.0f;
-    int64_t h0 = 0;  // 16-byte vectors where both rows allow (one load round for H <= 8 * blockDim)
-    if (reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(g) % 16 == 0) {
-      h0 = H / 8 * 8;
-      for (int64_t v = threadIdx.x; v < H / 8; v += blockDim.x) {
-        float xf[8], gf[8];
-        unpack8<Act>(reinterpret_cast<const uint4*>(x)[v], xf);
-        unpack8<Act>(reinterpret_cast<const uint4*>(g)[v], gf);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) dot += xf[i] * gf[i];
-      }
-    }
-    for (int64_t h = h0 + threadIdx.x; h < H; h += blockDim.x) dot += Act::to_float(x[h]) * Act::to_float(g[h]);
-    for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = dot;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      float s = 0.0f;
-      for (int w = 0; w < int(blockDim.x / 32); ++w) s += partial[w];  // fixed order
-      shared_scale = 1.0f / (1.0f + expf(-s));
-    }
   }
   __syncthreads();
   wait_prior_grid();  // the experts' outputs
   allow_next_grid();
   const bool shared = p.shared_intermediate > 0;
+  const float shared_scale = shared && gate_scale ? gate_scale[t] : 1.0f;  // joined with the side stream
   auto* out = static_cast<uint16_t*>(p.out) + t * H;
   if (H % 8 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0) {
     for (int64_t h = threadIdx.x; h < H / 8; h += blockDim.x) {
@@ -606,8 +608,12 @@ Status fused_moe(const FusedMoeParams& p, const Device& device) {
   }
   const Device shared_device{device.type, device.index, side ? side->stream : device.stream};
   if (Is > 0) {
-    set_count_kernel<<<1, 1, 0, static_cast<cudaStream_t>(shared_device.stream)>>>(ws.all_tokens, int32_t(T));
-    if (Status s = launch_status("shared expert count kernel"); !s.ok()) return s;
+    visit_act(p.act_type, [&](auto act) {
+      shared_prologue_kernel<decltype(act)><<<p.shared_gate ? unsigned(T) : 1u, 256, 0,
+                                              static_cast<cudaStream_t>(shared_device.stream)>>>(
+          p, ws.all_tokens, ws.shared_scale);
+    });
+    if (Status s = launch_status("shared expert prologue kernel"); !s.ok()) return s;
   }
 
   // 1-2. Routing (or the caller's top-k, copied so grouping may sanitise
@@ -719,9 +725,11 @@ Status fused_moe(const FusedMoeParams& p, const Device& device) {
       if (status.ok()) status = Status::runtime("joining the shared expert's stream failed");
       return;
     }
+    const float* gate_scale = Is > 0 && p.shared_gate ? ws.shared_scale : nullptr;
     launch_kernel(combine_kernel<Act>, dim3(unsigned(T)), dim3(256), 0, stream, early, p,
                   static_cast<const float*>(ws.topk_weights), static_cast<const int32_t*>(ws.slot_of),
-                  static_cast<const uint16_t*>(ws.expert_out), static_cast<const uint16_t*>(ws.shared_out));
+                  static_cast<const uint16_t*>(ws.expert_out), static_cast<const uint16_t*>(ws.shared_out),
+                  gate_scale);
     status = launch_status("combine kernel");
   });
   return status;

@@ -241,6 +241,9 @@ std::vector<LayerCase> layer_cases() {
           // epilogue on several tiles, and (I = 44) a partial tile.
           {{WeightType::int4, false}, 3, softmax(true), 64, true, 256, 128},
           {{WeightType::native16, false}, 2, softmax(false), 0, false, 96, 44},
+          // H % 16 == 8 (a partial 16-row tile of the down product); a shared
+          // expert without a gate.
+          {{WeightType::native16, false}, 4, softmax(true), 32, false, 136, 64},
           // More tokens than the CUDA layer routes and groups in one kernel.
           {{WeightType::int8, true}, 100, softmax(true), 0, false},
           // Grouping: several steps of 32 copies per warp, shared expert in prefill.
@@ -329,7 +332,8 @@ struct GroupBlocksScope {
 
 // The CUDA layer against the same float64 layer; bitwise identical on a
 // second run (deterministic); replayable from a captured graph; the same
-// bits with either grouping (one block, or many blocks).
+// bits with either grouping (one block, or many blocks). The workspace
+// starts as garbage (0xff bytes): the layer must not read what it did not write.
 TEST(FusedMoe, CudaMatchesFloat64LayerAndIsDeterministic) {
   QMOE_SKIP_WITHOUT_CUDA();
   for (ActType at : {ActType::f16, ActType::bf16})
@@ -358,7 +362,7 @@ TEST(FusedMoe, CudaMatchesFloat64LayerAndIsDeterministic) {
       }
       p.shared_gate = L.shared_gate.empty() ? nullptr : gate.ptr;
       p.out = out.ptr;
-      DeviceArray<uint8_t> ws(std::vector<uint8_t>(fused_moe_workspace_size(p)));
+      DeviceArray<uint8_t> ws(std::vector<uint8_t>(fused_moe_workspace_size(p), 0xff));
       p.workspace = ws.ptr;
       p.workspace_bytes = ws.count;
       const Device dev{DeviceType::cuda, 0, nullptr};
