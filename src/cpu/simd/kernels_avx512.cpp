@@ -17,6 +17,9 @@
 // a bf16 round trip within the 2e-3 tolerance) — and every token of the
 // expert runs against it in 8-token x 48-row register tiles (vdpbf16ps or
 // FMA); the next panel's packed weights are prefetched into L2 meanwhile.
+// bf16 weights with bf16 activations take the roles swapped instead (no
+// panel: weight rows broadcast in place against packed token blocks; see
+// prefill_item_t).
 #include <immintrin.h>
 
 // GCC 12 warns about the deliberately undefined upper halves in its own
@@ -367,6 +370,30 @@ void prefill_micro(const uint32_t* pa, const uint32_t* const* ra, const uint32_t
   }
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < 3; ++j) c[3 * i + j] = acc[i][j];
+}
+
+// Roles swapped (bf16 pairs only): acc (MR weight rows x NV vectors of 16
+// tokens) += weight rows (broadcast, dword k of row ra[i]) x packed
+// activations [kd][ld] at pa (tokens along the lanes). The same products
+// in the same K order as prefill_micro (the weights stay vdpbf16ps's first
+// operand), so the results are bitwise the same.
+template <int MR, int NV>
+void prefill_micro_t(const uint32_t* const* ra, const uint32_t* pa, int64_t ld, int64_t kd, V* c, bool first) {
+  const uint32_t* r[MR];
+  for (int i = 0; i < MR; ++i) r[i] = ra[i];
+  V acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NV; ++j) acc[i][j] = first ? _mm512_setzero_ps() : c[NV * i + j];
+  for (int64_t k = 0; k < kd; ++k) {
+    VI a[NV];
+    for (int j = 0; j < NV; ++j) a[j] = loadu(pa + k * ld + 16 * j);
+    for (int i = 0; i < MR; ++i) {
+      const VI b = _mm512_set1_epi32(int32_t(r[i][k]));
+      for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], bh(b), bh(a[j]));
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NV; ++j) c[NV * i + j] = acc[i][j];
 }
 
 // Whether the products should compute with vdpbf16ps (two bf16 products
@@ -1091,6 +1118,112 @@ struct Runner {
     for (int64_t k = 0; k < Kd; ++k) blk[k * rows + i] = src[k];
   }
 
+  // ------------------------------------------------- prefill, roles swapped
+  // bf16 weights in K order with bf16 pairs (vdpbf16ps): tokens run along
+  // the vector lanes and the weights are broadcast from their rows in place,
+  // so no panel is built at all. The activations of a prefill expert are
+  // packed once into blocks of PB = 48 tokens, [Kd][ld] dwords each, by
+  // 16 x 16 transposes (zero slots past the tokens); each output tile takes
+  // one 16 x 16 transpose before its store. Same products in the same K
+  // order as prefill_item, so the same bits. Interleaved on E=4 N=K=4096,
+  // 256 tokens an expert: 4% less time than the panel path. (Quantized
+  // weights through a decode-only row panel [48][kd] (no transpose)
+  // measured 1-4% slower than prefill_item, interleaved: the micro-kernel
+  // reading a scratch panel ran ~5% slower than reading the weight rows
+  // themselves even with the fill skipped, for reasons not found.)
+  static constexpr int PB = 48;
+  static constexpr bool kSwapOk = !kF16 && !Enc::kScaled && D::kVecs == 1;  // bf16 weights, bf16 activations
+  bool swap_pf = false;  // the swapped prefill runs
+  // Token blocks of an expert: 48 tokens each, the rest in one block of
+  // round_up(rest, 16) slots, or (rest <= 16 after a full block) the last
+  // 48 + rest tokens as two blocks of 32 (a 16-token block runs at half
+  // the dot product rate: 16 broadcasts a vector load). Block b starts at
+  // token (and slot) start, ld slots.
+  static int64_t tblocks(int64_t nt) { return ceil_div(nt, PB); }
+  static void tblock(int64_t nt, int64_t b, int64_t& start, int64_t& ld) {
+    const int64_t rem = nt % PB;
+    const bool split = rem > 0 && rem <= 16 && nt > PB;
+    const int64_t nf = nt / PB - (split ? 1 : 0);
+    start = b < nf ? b * PB : nf * PB + (b - nf) * 32;
+    ld = b < nf ? PB : min64(round_up(nt - start, 16), split ? 32 : PB);
+  }
+  const uint32_t* packed(int64_t e) const {
+    return reinterpret_cast<const uint32_t*>(pack_buf.as<uint8_t>() + pack_off_buf.as<int64_t>()[e]);
+  }
+  // Tokens [16 g, 16 g + 16) of prefill expert e into its packed blocks
+  // (bf16 rows already in K order).
+  void pack_tokens16(const Plan& plan, int64_t e, int64_t g) const {
+    const int64_t t0 = plan.offsets[e], nt = plan.tokens(e);
+    const uint32_t* src[16];
+    for (int i = 0; i < 16; ++i)
+      src[i] = 16 * g + i < nt ? reinterpret_cast<const uint32_t*>(act + (t0 + 16 * g + i) * K) : nullptr;
+    int64_t b = 0, start = 0, ld = 0;
+    for (;; ++b) {
+      tblock(nt, b, start, ld);
+      if (16 * g < start + ld) break;
+    }
+    uint32_t* blk = const_cast<uint32_t*>(packed(e)) + start * Kd + (16 * g - start);
+    for (int64_t k = 0; k < Kd; k += 16) {
+      VI r[16];
+      for (int i = 0; i < 16; ++i) r[i] = src[i] ? loadu(src[i] + k) : _mm512_setzero_si512();
+      transpose16(r);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(blk + (k + i) * ld, r[i]);
+    }
+  }
+  // Rows [r0, r1) of prefill expert e, PNR = 48 at a time over K in chunks
+  // of kc_dw dwords: every token block runs against the rows (MR rows x NV
+  // token vectors a micro-kernel call); the next rows' weights are
+  // prefetched into L2 meanwhile, as in prefill_item.
+  void prefill_item_t(const Plan& plan, int64_t e, int64_t r0, int64_t r1, V* cbuf) const {
+    const int64_t t0 = plan.offsets[e], nt = plan.tokens(e);
+    const int64_t nblk = tblocks(nt);
+    const uint32_t* pack = packed(e);
+    alignas(64) float outt[16 * PNR];
+    const int64_t pf_parts = min64(nblk, 8);
+    for (int64_t rp = r0; rp < r1; rp += PNR) {
+      const int64_t re = min64(r1, rp + PNR), nr = re - rp;
+      for (int64_t d0 = 0; d0 < Kd; d0 += kc_dw) {
+        const int64_t kd = min64(kc_dw, Kd - d0);
+        int64_t nrp = rp, nd0 = d0 + kc_dw;  // the next rows' chunk
+        if (nd0 >= Kd) nd0 = 0, nrp = rp + PNR;
+        const bool has_next = nrp < r1;
+        const uint32_t* ra[PNR];
+        for (int64_t i = 0; i < PNR; ++i)  // rows past r1 repeat the last one
+          ra[i] = reinterpret_cast<const uint32_t*>(w + (e * N + rp + min64(i, nr - 1)) * row_bytes) + d0;
+        const bool first = d0 == 0, last = d0 + kd >= Kd;
+        for (int64_t b = 0; b < nblk; ++b) {
+          V* c = cbuf + (Kd > kc_dw ? b * 3 * PNR : 0);  // [row][nv] vectors
+          int64_t start = 0, ld = 0;
+          tblock(nt, b, start, ld);
+          const uint32_t* pa = pack + start * Kd + d0 * ld;
+          auto run_sub = [&](auto mr_c, auto nv_c) {
+            constexpr int MR = decltype(mr_c)::value, NV = decltype(nv_c)::value;
+            for (int64_t s = 0; s * MR < nr; ++s)
+              prefill_micro_t<MR, NV>(ra + s * MR, pa, ld, kd, c + s * MR * NV, first);
+          };
+          const int64_t nv = ld / 16;
+          if (nv == 3) run_sub(std::integral_constant<int, 8>{}, std::integral_constant<int, 3>{});
+          else if (nv == 2) run_sub(std::integral_constant<int, 12>{}, std::integral_constant<int, 2>{});
+          else run_sub(std::integral_constant<int, 16>{}, std::integral_constant<int, 1>{});
+          if (has_next && b >= nblk - pf_parts)
+            prefetch_panel<false>(e, nrp, min64(r1, nrp + PNR), nd0, min64(kc_dw, Kd - nd0),
+                                  b - (nblk - pf_parts), pf_parts);
+          if (!last) continue;
+          for (int64_t j = 0; j < nv; ++j) {
+            for (int64_t h = 0; h * 16 < nr; ++h) {
+              VI r[16];
+              for (int i = 0; i < 16; ++i) r[i] = _mm512_castps_si512(c[(16 * h + i) * nv + j]);
+              transpose16(r);
+              for (int i = 0; i < 16; ++i) _mm512_store_si512(outt + i * PNR + 16 * h, r[i]);
+            }
+            const int64_t tb = start + 16 * j, n = min64(16, nt - tb);
+            for (int64_t i = 0; i < n; ++i) store_act<Act>(outt + i * PNR, out + (t0 + tb + i) * N + rp, nr);
+          }
+        }
+      }
+    }
+  }
+
   // ------------------------------------------------------------ driver
   bool run() {
     if (!takes(p)) return false;
@@ -1109,6 +1242,8 @@ struct Runner {
     // of a packed copy (the pack's extra pass over the activations measured
     // 1-3% of a 256-token prefill call).
     direct_pf = !pf32 && D::kVecs == 1 && K % 32 == 0;
+    swap_pf = kSwapOk && !pf32 && K % 32 == 0;
+    if (swap_pf) direct_pf = false;
 
     // Decode tokens: prepared rows (bf16 activations in place when no
     // permutation or padding is needed) and per-group sums.
@@ -1131,7 +1266,10 @@ struct Runner {
       for (int64_t e = 0; e < plan.E; ++e) {
         off[e] = bytes;
         const int64_t nt = plan.tokens(e);
-        if (nt > kDecodeMaxTokens) {
+        if (nt > kDecodeMaxTokens && swap_pf) {
+          bytes += round_up(nt, 16) * Kd * 4;
+          max_blocks = max64(max_blocks, tblocks(nt));
+        } else if (nt > kDecodeMaxTokens) {
           if (!direct_pf) bytes += ceil_div(nt, PMR) * PMR * Kd * 4;
           max_blocks = max64(max_blocks, ceil_div(nt, PMR));
         }
@@ -1139,7 +1277,7 @@ struct Runner {
       pack_buf.alloc(size_t(bytes));
       for (int64_t e = 0; e < plan.E; ++e) {  // zero the padding slots of the last block
         const int64_t nt = plan.tokens(e);
-        if (nt > kDecodeMaxTokens && nt % 4 && !direct_pf)  // padding slots of the last block
+        if (nt > kDecodeMaxTokens && nt % 4 && !direct_pf && !swap_pf)  // padding slots of the last block
           std::memset(pack_buf.as<uint8_t>() + off[e] + (nt / PMR) * PMR * Kd * 4, 0,
                       size_t(block_rows(nt, nt / PMR) * Kd * 4));
       }
@@ -1153,7 +1291,7 @@ struct Runner {
           if (plan.is_decode_expert(e)) {
             if (!direct) prep_token(t, mode(true));
             if (need_asum) prep_asum(t);
-          } else if (!direct_pf) {
+          } else if (!direct_pf && !swap_pf) {
             const int64_t i = t - plan.offsets[e];
             uint32_t* blk = reinterpret_cast<uint32_t*>(pack_buf.as<uint8_t>() + pack_off_buf.as<int64_t>()[e]) +
                             (i / PMR) * PMR * Kd;
@@ -1165,6 +1303,22 @@ struct Runner {
         }
       };
       parallel(ceil_div(T, 16), prep);
+    }
+    if (swap_pf && plan.prefill_tokens > 0) {  // pack the prefill experts' activations, 16 tokens a task
+      int64_t ntask = 0;
+      for (int64_t e = 0; e < plan.E; ++e)
+        if (!plan.is_decode_expert(e)) ntask += ceil_div(plan.tokens(e), 16);
+      auto pack = [&](int64_t i, int) {
+        int64_t e = 0;
+        for (;; ++e) {
+          if (plan.is_decode_expert(e)) continue;
+          const int64_t n = ceil_div(plan.tokens(e), 16);
+          if (i < n) break;
+          i -= n;
+        }
+        if constexpr (kSwapOk) pack_tokens16(plan, e, i);
+      };
+      parallel(ntask, pack);
     }
 
     // Decode weight streams are prefetched this far ahead: the same place
@@ -1183,10 +1337,12 @@ struct Runner {
     const int64_t small = round_up((8 * sc_elems + res_elems) * 4, 64);
     int64_t pre_bytes = 0, panel_bytes = 0, tmp_bytes = 0, srow_bytes = 0;
     if (plan.prefill_tokens > 0) {
-      panel_bytes = kc_dw * PNR * 4;
+      panel_bytes = swap_pf ? 0 : kc_dw * PNR * 4;
       tmp_bytes = 16 * (pf32 ? D::kUnit : D::kUnit / 2) * 4;
       srow_bytes = 2 * 16 * sc_elems * 4;
-      pre_bytes = panel_bytes + tmp_bytes + srow_bytes + (Kd > kc_dw ? max_blocks * PMR * 3 * 64 : PMR * 3 * 64);
+      pre_bytes = panel_bytes + tmp_bytes + srow_bytes +
+                  (swap_pf ? (Kd > kc_dw ? max_blocks : 1) * 3 * PNR * 64
+                           : (Kd > kc_dw ? max_blocks * PMR * 3 * 64 : PMR * 3 * 64));
     }
     const int64_t per = tot_bytes + small + round_up(pre_bytes, 64);
     CachedBuf<1> scratch;
@@ -1204,7 +1360,9 @@ struct Runner {
         uint32_t* tmp = reinterpret_cast<uint32_t*>(q + panel_bytes);
         float* srow = reinterpret_cast<float*>(q + panel_bytes + tmp_bytes);
         V* cbuf = reinterpret_cast<V*>(q + panel_bytes + tmp_bytes + srow_bytes);
-        if (pf32)
+        if (swap_pf) {
+          if constexpr (kSwapOk) prefill_item_t(plan, e, it.r0, it.r1, cbuf);
+        } else if (pf32)
           prefill_item<true>(plan, e, it.r0, it.r1, panel, tmp, srow, sc_elems, cbuf);
         else if constexpr (!kF16)
           prefill_item<false>(plan, e, it.r0, it.r1, panel, tmp, srow, sc_elems, cbuf);
