@@ -230,6 +230,16 @@ struct Dec<Native16Encoding<ActF16>, void> {
   VI raw_part(const uint8_t* p, int64_t n, bool = false) const { return _mm512_maskz_loadu_epi8(mask64(n), p); }
 };
 
+// Fp8 encodings (their format as fmt) get their own prefill panel fill.
+template <class Enc>
+struct IsFp8 : std::false_type {
+  using fmt = Fp8Format<4, 3>;
+};
+template <class Fmt, WeightType W>
+struct IsFp8<Fp8Encoding<Fmt, W>> : std::true_type {
+  using fmt = Fmt;
+};
+
 // Whether Dec's words carry a per-vector offset delta(f) on top of kOffset.
 template <class D, class = void>
 struct VarOff : std::false_type {};
@@ -943,6 +953,46 @@ struct Runner {
           return _mm512_cvtepi32_ps(Enc::kAsym ? _mm512_cvtepu8_epi32(y) : _mm512_cvtepi8_epi32(y));
         };
         put(0, _mm512_fmsub_ps(cvt(b0), s0, z0), _mm512_fmsub_ps(cvt(b1), s1, z1));
+      } else if constexpr (IsFp8<Enc>::value) {
+        // fp8 -> fp16 bits -> fp32 (vcvtph2ps), exact, skipping the bf16
+        // table decode and its bf16 -> fp32 widening (prefill fp8 ~0.5-1.5%
+        // faster). Word i of x holds k = 2i (low byte, vector 0) and 2i + 1
+        // (high byte, vector 1), as in Dec. e5m2 is the high byte of an
+        // fp16; e4m3's magnitude << 7 is the fp16 of its value * 2^-8
+        // (subnormals included; vcvtph2ps widens fp16 subnormals exactly),
+        // the 2^8 folded into the scales, and its NaN code (magnitude 0x7F,
+        // never written by the quantizer) patched only in a unit that has one.
+        using Fmt = typename IsFp8<Enc>::fmt;
+        const VI x = tail_bytes && u == units - 1 ? dec.raw_part(wr + u * D::kBytes, tail_bytes)
+                                                  : dec.raw(wr + u * D::kBytes);
+        V t0 = s0, t1 = s1;
+        bool any_nan = false;
+        if constexpr (!Fmt::kHasInf) {
+          any_nan = _mm512_cmpeq_epi8_mask(_mm512_or_si512(x, _mm512_set1_epi8(char(0x80))),
+                                           _mm512_set1_epi8(char(0xFF))) != 0;
+          const V k = _mm512_set1_ps(256.0f);
+          t0 = _mm512_mul_ps(s0, k);
+          t1 = _mm512_mul_ps(s1, k);
+        }
+        auto half = [&](int j) -> VI {  // fp16 words of vector j
+          if constexpr (Fmt::kHasInf) {
+            return j == 0 ? _mm512_slli_epi16(x, 8) : _mm512_and_si512(x, _mm512_set1_epi16(int16_t(0xFF00)));
+          } else {  // (byte << 8) >> 1 arithmetic: sign at 15 and 14, magnitude at 7..13; clear 14 and below 7
+            VI h = _mm512_and_si512(_mm512_srai_epi16(j == 0 ? _mm512_slli_epi16(x, 8) : x, 1),
+                                    _mm512_set1_epi16(int16_t(0xBF80)));
+            if (any_nan) {
+              const VI mm = _mm512_set1_epi16(int16_t(j == 0 ? 0x7F : 0x7F00));
+              h = _mm512_mask_mov_epi16(h, _mm512_cmpeq_epi16_mask(_mm512_and_si512(x, mm), mm),
+                                        _mm512_set1_epi16(0x7E00));
+            }
+            return h;
+          }
+        };
+        for (int j = 0; j < D::kVecs; ++j) {
+          const VI h = half(j);
+          put(j, _mm512_fmsub_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(h)), t0, z0),
+              _mm512_fmsub_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1)), t1, z1));
+        }
       } else {
         const VI x = tail_bytes && u == units - 1 ? dec.raw_part(wr + u * D::kBytes, tail_bytes)
                                                   : dec.raw(wr + u * D::kBytes);
