@@ -230,15 +230,9 @@ struct Dec<Native16Encoding<ActF16>, void> {
   VI raw_part(const uint8_t* p, int64_t n, bool = false) const { return _mm512_maskz_loadu_epi8(mask64(n), p); }
 };
 
-// Fp8 encodings (their format as fmt) get their own prefill panel fill.
+// Fp8 encodings (Enc::format: their fp8 format) get their own prefill panel fill.
 template <class Enc>
-struct IsFp8 : std::false_type {
-  using fmt = Fp8Format<4, 3>;
-};
-template <class Fmt, WeightType W>
-struct IsFp8<Fp8Encoding<Fmt, W>> : std::true_type {
-  using fmt = Fmt;
-};
+constexpr bool kIsFp8 = Enc::kType == WeightType::fp8_e4m3 || Enc::kType == WeightType::fp8_e5m2;
 
 // Whether Dec's words carry a per-vector offset delta(f) on top of kOffset.
 template <class D, class = void>
@@ -953,7 +947,7 @@ struct Runner {
           return _mm512_cvtepi32_ps(Enc::kAsym ? _mm512_cvtepu8_epi32(y) : _mm512_cvtepi8_epi32(y));
         };
         put(0, _mm512_fmsub_ps(cvt(b0), s0, z0), _mm512_fmsub_ps(cvt(b1), s1, z1));
-      } else if constexpr (IsFp8<Enc>::value) {
+      } else if constexpr (kIsFp8<Enc>) {
         // fp8 -> fp16 bits -> fp32 (vcvtph2ps), exact, skipping the bf16
         // table decode and its bf16 -> fp32 widening (prefill fp8 ~0.5-1.5%
         // faster). Word i of x holds k = 2i (low byte, vector 0) and 2i + 1
@@ -962,7 +956,7 @@ struct Runner {
         // (subnormals included; vcvtph2ps widens fp16 subnormals exactly),
         // the 2^8 folded into the scales, and its NaN code (magnitude 0x7F,
         // never written by the quantizer) patched only in a unit that has one.
-        using Fmt = typename IsFp8<Enc>::fmt;
+        using Fmt = typename Enc::format;
         const VI x = tail_bytes && u == units - 1 ? dec.raw_part(wr + u * D::kBytes, tail_bytes)
                                                   : dec.raw(wr + u * D::kBytes);
         V t0 = s0, t1 = s1;
