@@ -38,10 +38,12 @@ __global__ void route_kernel(FusedMoeParams p, int32_t* ids, float* weights) {
 // reductions; each of the k picks is a warp arg-max (ties to the lower
 // index). A single thread doing this serially took tens of microseconds for
 // E = 128, k = 8 at batch 1 — longer than the expert products.
-constexpr int kRoutePerLane = (kMaxRoutedExperts + 31) / 32;
-
-template <class Act>
-__device__ void route_token_warp(const FusedMoeParams& p, int64_t t, int32_t* ids, float* weights) {
+// PerLane experts a lane (E <= 32 * PerLane): the loops run over the slots
+// that exist, not over the 16 that E = 512 would need (batch 1 waits for
+// this warp: for E = 128 the 16-slot form took ~4x the instructions).
+template <class Act, int PerLane>
+__device__ void route_token_warp_n(const FusedMoeParams& p, int64_t t, int32_t* ids, float* weights) {
+  constexpr int kRoutePerLane = PerLane;
   const int lane = threadIdx.x % 32;
   const int E = int(p.num_experts), k = int(p.top_k);
   const RoutingParams& r = p.routing;
@@ -110,6 +112,17 @@ __device__ void route_token_warp(const FusedMoeParams& p, int64_t t, int32_t* id
     ids[t * k + lane] = my_id;
     weights[t * k + lane] = my_w * norm;
   }
+}
+
+static_assert(kMaxRoutedExperts <= 16 * 32, "route_token_warp: at most 16 experts a lane");
+template <class Act>
+__device__ void route_token_warp(const FusedMoeParams& p, int64_t t, int32_t* ids, float* weights) {
+  const int64_t E = p.num_experts;
+  if (E <= 32) route_token_warp_n<Act, 1>(p, t, ids, weights);
+  else if (E <= 64) route_token_warp_n<Act, 2>(p, t, ids, weights);
+  else if (E <= 128) route_token_warp_n<Act, 4>(p, t, ids, weights);
+  else if (E <= 256) route_token_warp_n<Act, 8>(p, t, ids, weights);
+  else route_token_warp_n<Act, 16>(p, t, ids, weights);
 }
 
 template <class Act>
@@ -345,6 +358,37 @@ bool group_blocks_enabled() {
   return env;
 }
 
+// group_pairs for at most 32 pairs (a decode step of a few tokens), by one
+// warp: the same result without the block's [32][E] table and its barriers.
+// A copy's row is the number of copies with a lower expert id, or the same id
+// and a lower pair index (stable).
+__device__ void group_pairs_warp(const GroupArgs& a) {
+  const int lane = threadIdx.x & 31, E = a.E;
+  int32_t id = -1;
+  if (lane < a.pairs) {
+    id = a.ids_in[lane];
+    if (id < 0 || id >= E) {
+      id = 0;
+      a.weights[lane] = 0.0f;
+    }
+    a.ids_out[lane] = id;
+  }
+  for (int e = lane; e < E; e += 32) a.counts[e] = 0;
+  __syncwarp();  // the zeros before the counts below (same addresses, other lanes)
+  const unsigned peers = __match_any_sync(0xffffffffu, id);
+  if (id >= 0 && (peers & ((1u << lane) - 1u)) == 0) a.counts[id] = __popc(peers);
+  int32_t slot = 0;
+#pragma unroll
+  for (int l = 0; l < 32; ++l) {
+    const int32_t o = __shfl_sync(0xffffffffu, id, l);
+    slot += o >= 0 && (o < id || (o == id && l < lane));
+  }
+  if (id >= 0) {
+    a.slot_of[lane] = slot;
+    a.token_of[slot] = int32_t(lane / a.k);
+  }
+}
+
 // Routing and grouping in one block for a few tokens (one launch less in a
 // decode step): warp w routes tokens w, w + 32, ...; then the block groups.
 constexpr int64_t kRouteGroupMaxTokens = 64;
@@ -359,7 +403,11 @@ __global__ void __launch_bounds__(kRouteGroupThreads) route_group_kernel(FusedMo
   for (int64_t t = threadIdx.x / 32; t < p.num_tokens; t += kRouteGroupThreads / 32)
     route_token_warp<Act>(p, t, const_cast<int32_t*>(a.ids_in), a.weights);
   __syncthreads();  // the block's global writes are visible to it after the barrier
-  group_pairs(a);
+  if (a.pairs <= 32) {
+    if (threadIdx.x < 32) group_pairs_warp(a);
+  } else {
+    group_pairs(a);
+  }
 }
 
 // x_sorted[slot_of[i]] = x[i / k], 16 bytes at a time where H allows.

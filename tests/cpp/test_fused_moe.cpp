@@ -396,6 +396,37 @@ TEST(FusedMoe, CudaMatchesFloat64LayerAndIsDeterministic) {
     }
 }
 
+// The GPU's warp routing in each of its experts-a-lane variants (E up to 32,
+// 64, 128, 256 and 512), softmax and sigmoid with a bias, against the
+// float64 routing.
+TEST(Routing, CudaMatchesFloat64Routing) {
+  QMOE_SKIP_WITHOUT_CUDA();
+  RoutingParams sigmoid_bias;
+  sigmoid_bias.scoring = Scoring::sigmoid;
+  sigmoid_bias.renormalize = true;
+  for (int E : {8, 32, 33, 64, 100, 128, 255, 256, 300, 512})
+    for (const RoutingParams& r : {softmax(true), sigmoid_bias}) {
+      const uint64_t seed = fresh_seed();
+      const int k = std::min(8, E);
+      const int64_t T = 5;
+      SCOPED_TRACE("E=" + std::to_string(E) + " seed=" + std::to_string(seed));
+      Layer L = Layer::make(ActType::bf16, {WeightType::int4, false}, T, 32, 16, E, k, r, 0, false, seed);
+      DeviceArray<float> logits(L.logits), bias(L.bias), w(std::vector<float>(size_t(T * k), -1.0f));
+      DeviceArray<int32_t> ids(std::vector<int32_t>(size_t(T * k), -1));
+      FusedMoeParams p = L.p;
+      p.router_logits = logits.ptr;
+      p.routing.correction_bias = L.bias.empty() ? nullptr : bias.ptr;
+      const Status st = moe_route(p, ids.ptr, w.ptr, Device{DeviceType::cuda, 0, nullptr});
+      ASSERT_TRUE(st.ok()) << st.message;
+      std::vector<int32_t> rids;
+      std::vector<double> rw;
+      route_ref(L.logits, T, E, k, r, L.bias, rids, rw);
+      EXPECT_EQ(ids.download(), rids);
+      const std::vector<float> got = w.download();
+      for (size_t i = 0; i < got.size(); ++i) EXPECT_NEAR(got[i], rw[i], 1e-5 * std::max(1.0, std::fabs(rw[i])));
+    }
+}
+
 TEST(FusedMoe, CudaNeedsAWorkspace) {
   QMOE_SKIP_WITHOUT_CUDA();
   Layer L = Layer::make(ActType::f16, {WeightType::int4, false}, 4, 64, 32, 8, 2, softmax(false), 0, false, 1);
