@@ -471,39 +471,37 @@ __global__ void swiglu_kernel(const uint16_t* __restrict__ gu, int64_t rows, int
 }
 
 // The shared expert's "counts" (one expert with all T tokens) and, with a
-// gate, scale[t] = sigmoid(x_t · g), block t (256 threads, a fixed order of
-// sums). On the side stream, so that the shared expert need not wait for
-// routing; the weighted sum reads the scales after joining it.
+// gate, scale[t] = sigmoid(x_t · g): one warp a token (a block a token kept
+// 4096 blocks beside the routing and grouping of a 4096-token layer), its
+// lanes' sums reduced in a fixed order. On the side stream, so that the
+// shared expert need not wait for routing; the weighted sum reads the scales
+// after joining it.
+constexpr int kPrologueThreads = 256;
+
 template <class Act>
 __global__ void shared_prologue_kernel(FusedMoeParams p, int32_t* count, float* scale) {
-  const int64_t t = blockIdx.x, H = p.hidden;
-  if (t == 0 && threadIdx.x == 0) *count = int32_t(p.num_tokens);
+  const int64_t t = (int64_t(blockIdx.x) * kPrologueThreads + threadIdx.x) / 32, H = p.hidden;
+  const int lane = threadIdx.x % 32;
+  if (t == 0 && lane == 0) *count = int32_t(p.num_tokens);
   allow_next_grid();
-  if (!p.shared_gate) return;
+  if (!p.shared_gate || t >= p.num_tokens) return;
   const auto* x = static_cast<const uint16_t*>(p.hidden_states) + t * H;
   const auto* g = static_cast<const uint16_t*>(p.shared_gate);
-  __shared__ float partial[32];
   float dot = 0.0f;
-  int64_t h0 = 0;  // 16-byte vectors where both rows allow (one load round for H <= 8 * blockDim)
+  int64_t h0 = 0;  // 16-byte vectors where both rows allow
   if (reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(g) % 16 == 0) {
     h0 = H / 8 * 8;
-    for (int64_t v = threadIdx.x; v < H / 8; v += blockDim.x) {
+    for (int64_t v = lane; v < H / 8; v += 32) {
       float xf[8], gf[8];
       unpack8<Act>(reinterpret_cast<const uint4*>(x)[v], xf);
-      unpack8<Act>(reinterpret_cast<const uint4*>(g)[v], gf);
+      unpack8<Act>(__ldg(reinterpret_cast<const uint4*>(g) + v), gf);
 #pragma unroll
       for (int i = 0; i < 8; ++i) dot += xf[i] * gf[i];
     }
   }
-  for (int64_t h = h0 + threadIdx.x; h < H; h += blockDim.x) dot += Act::to_float(x[h]) * Act::to_float(g[h]);
+  for (int64_t h = h0 + lane; h < H; h += 32) dot += Act::to_float(x[h]) * Act::to_float(g[h]);
   for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = dot;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float s = 0.0f;
-    for (int w = 0; w < int(blockDim.x / 32); ++w) s += partial[w];  // fixed order
-    scale[t] = 1.0f / (1.0f + expf(-s));
-  }
+  if (lane == 0) scale[t] = 1.0f / (1.0f + expf(-dot));
 }
 
 // out[t] = sum_j w[t, j] * y[slot_of[t, j]] in j order (+ shared expert,
@@ -657,8 +655,8 @@ Status fused_moe(const FusedMoeParams& p, const Device& device) {
   const Device shared_device{device.type, device.index, side ? side->stream : device.stream};
   if (Is > 0) {
     visit_act(p.act_type, [&](auto act) {
-      shared_prologue_kernel<decltype(act)><<<p.shared_gate ? unsigned(T) : 1u, 256, 0,
-                                              static_cast<cudaStream_t>(shared_device.stream)>>>(
+      shared_prologue_kernel<decltype(act)><<<p.shared_gate ? blocks(T * 32, kPrologueThreads) : 1u,
+                                              kPrologueThreads, 0, static_cast<cudaStream_t>(shared_device.stream)>>>(
           p, ws.all_tokens, ws.shared_scale);
     });
     if (Status s = launch_status("shared expert prologue kernel"); !s.ok()) return s;
