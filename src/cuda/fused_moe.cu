@@ -131,6 +131,21 @@ __global__ void route_warp_kernel(FusedMoeParams p, int32_t* ids, float* weights
   if (t < p.num_tokens) route_token_warp<Act>(p, t, ids, weights);
 }
 
+// Pair i's expert for the grouping (-1 past the pairs): ids outside [0, E)
+// go to expert 0 with weight 0, so they are never out of bounds; the id is
+// written to ids_out (which may be ids_in: each pair by its own thread).
+__device__ __forceinline__ int32_t take_pair(const int32_t* ids_in, float* weights, int32_t* ids_out, int64_t i,
+                                             int64_t pairs, int E) {
+  if (i >= pairs) return -1;
+  int32_t id = ids_in[i];
+  if (id < 0 || id >= E) {
+    id = 0;
+    weights[i] = 0.0f;
+  }
+  ids_out[i] = id;
+  return id;
+}
+
 // Counts token copies per expert and gives each copy its row in the
 // expert-sorted order, stable (copies of an expert keep their (t, j) order),
 // so the layer is deterministic. One block (up to 32 warps); warp w owns the
@@ -286,15 +301,7 @@ __global__ void __launch_bounds__(kGroupChunk) group_count_kernel(GroupBlocksArg
   allow_next_grid();
   for (int x = tid; x < kWarps * E; x += kGroupChunk) hist[x] = 0;
   const int64_t i = int64_t(blockIdx.x) * kGroupChunk + tid;
-  int32_t id = -1;
-  if (i < a.pairs) {
-    id = a.ids_in[i];
-    if (id < 0 || id >= E) {
-      id = 0;
-      a.weights[i] = 0.0f;
-    }
-    a.ids_out[i] = id;
-  }
+  const int32_t id = take_pair(a.ids_in, a.weights, a.ids_out, i, a.pairs, E);
   const unsigned peers = __match_any_sync(0xffffffffu, id);
   const unsigned below = (1u << lane) - 1u;
   __syncthreads();  // hist is zero
@@ -364,15 +371,7 @@ bool group_blocks_enabled() {
 // and a lower pair index (stable).
 __device__ void group_pairs_warp(const GroupArgs& a) {
   const int lane = threadIdx.x & 31, E = a.E;
-  int32_t id = -1;
-  if (lane < a.pairs) {
-    id = a.ids_in[lane];
-    if (id < 0 || id >= E) {
-      id = 0;
-      a.weights[lane] = 0.0f;
-    }
-    a.ids_out[lane] = id;
-  }
+  const int32_t id = take_pair(a.ids_in, a.weights, a.ids_out, lane, a.pairs, E);
   for (int e = lane; e < E; e += 32) a.counts[e] = 0;
   __syncwarp();  // the zeros before the counts below (same addresses, other lanes)
   const unsigned peers = __match_any_sync(0xffffffffu, id);
