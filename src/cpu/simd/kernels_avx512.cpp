@@ -134,7 +134,7 @@ struct Dec<IntEncoding<Bits, Asym>, std::enable_if_t<(Bits < 8)>> {
   static constexpr float kOffset = 128.0f - float(Enc::kQmin);
   static constexpr bool kVarOffset = kWin > 1;  // whether a wide decode exists
   static constexpr float delta(int f) { return float(128 >> (f % kWin * Bits)) - 128.0f; }
-  static constexpr int kChains1 = Bits == 2 && !Asym ? 2 : 1;
+  static constexpr int kChains1 = Bits == 2 ? 2 : 1;
   explicit Dec(const float*) {}
   VI raw(const uint8_t* p, bool wide = false) const { return flip(loadu(p), wide); }
   VI raw_part(const uint8_t* p, int64_t n, bool wide = false) const {
@@ -659,8 +659,9 @@ struct Runner {
   // more (R x NT accumulators and running sums fill the 32 registers).
   // Chains: for one token, the decoder's kChains1 (one Zen 5 core,
   // L2-resident, 1 vs 2 chains: int4 +13%, fp8 +6%, fp16 weights +15%,
-  // int2 sym -15%, bf16 weights and int2 asym level; int8 keeps 2, as
-  // before; fp16 activations keep 2:
+  // int2 sym -15%, int2 asym -4% (31.5 vs 32.7 GB/s, 3 interleaved rounds),
+  // bf16 weights level; 3 or 4 chains slower for int2 and int4 (int2 sym
+  // 26-28 and 24-25 GB/s); int8 keeps 2, as before; fp16 activations keep 2:
   // two dot products a vector already); for more tokens 1: 2 tokens x 4
   // rows are 8 chains already (a second set spilled registers: one chain
   // measured 4% faster for int2, 20% for int4, 5-10% for int8/fp8).
