@@ -131,19 +131,22 @@ __global__ void route_warp_kernel(FusedMoeParams p, int32_t* ids, float* weights
   if (t < p.num_tokens) route_token_warp<Act>(p, t, ids, weights);
 }
 
-// Pair i's expert for the grouping (-1 past the pairs): ids outside [0, E)
-// go to expert 0 with weight 0, so they are never out of bounds; the id is
-// written to ids_out (which may be ids_in: each pair by its own thread).
-__device__ __forceinline__ int32_t take_pair(const int32_t* ids_in, float* weights, int32_t* ids_out, int64_t i,
-                                             int64_t pairs, int E) {
-  if (i >= pairs) return -1;
-  int32_t id = ids_in[i];
+// The grouping's rule for pair i's expert `id`: ids outside [0, E) go to
+// expert 0 with weight 0, so they are never out of bounds; the id is written
+// to ids_out (which may be the ids' own array: each pair by its own thread).
+__device__ __forceinline__ int32_t settle_pair(int32_t id, int64_t i, float* weights, int32_t* ids_out, int E) {
   if (id < 0 || id >= E) {
     id = 0;
     weights[i] = 0.0f;
   }
   ids_out[i] = id;
   return id;
+}
+
+// Pair i's settled expert, -1 past the pairs.
+__device__ __forceinline__ int32_t take_pair(const int32_t* ids_in, float* weights, int32_t* ids_out, int64_t i,
+                                             int64_t pairs, int E) {
+  return i < pairs ? settle_pair(ids_in[i], i, weights, ids_out, E) : -1;
 }
 
 // Counts token copies per expert and gives each copy its row in the
@@ -199,14 +202,7 @@ __device__ void group_pairs(const GroupArgs& a) {
 #pragma unroll
     for (int u = 0; u < kBatch; ++u) {
       const int64_t i = b0 + 32 * u + lane;
-      int32_t id = ids[u];
-      if (i < end) {
-        if (id < 0 || id >= E) {
-          id = 0;
-          weights[i] = 0.0f;
-        }
-        ids_out[i] = id;
-      }
+      const int32_t id = i < end ? settle_pair(ids[u], i, weights, ids_out, E) : -1;
       const unsigned peers = __match_any_sync(0xffffffffu, id);
       if (id >= 0 && (peers & lanes_below) == 0) hist[warp * E + id] += __popc(peers);
       __syncwarp();
