@@ -5,7 +5,7 @@
 #
 #   bash scripts/gpu-check.sh                 # every stage
 #   bash scripts/gpu-check.sh build test      # some stages
-# Stages: build test sanitize python bench pybench model (default), variants, ab
+# Stages: build test sanitize python bench pybench model (default), variants, ab, profile
 # QMOE_BUILD_TARGETS (e.g. "_ext qmoe") builds only those targets; QMOE_CUDA_ARCHS
 # the architectures (default "80-real;90a-real").
 # The GPU image has no GoogleTest: copy Debian's sources first, and name the
@@ -132,24 +132,92 @@ if want variants; then
   fi
 fi
 
-# A compile-time variant against the default build, decode tables side by
-# side: the library built again with QMOE_AB_CUDA_FLAGS (e.g.
-# -DQMOE_DECODE_BIASED=0) into build/gpu-ab, then alternating gpu_bench.py
-# decode runs (default, variant, default, variant) and bench/compare_runs.py.
+# Compile-time variants of the decode kernel against the default build,
+# decode tables side by side. QMOE_AB_VARIANTS: "NAME=DEF[,DEF...] ...", e.g.
+# "c2=QMOE_DECODE_CHAINS=2 d2c2=QMOE_DECODE_DEPTH=2,QMOE_DECODE_CHAINS=2"
+# (definitions for src/cuda/decode.cu only, through QMOE_DECODE_DEFINES, so
+# each variant recompiles one file of the default build). The old form,
+# QMOE_AB_CUDA_FLAGS, builds the whole library again with those flags as
+# variant "b". Then QMOE_AB_ROUNDS (default 2) rounds of gpu_bench.py decode
+# runs, one per build in turn, and bench/compare_runs.py over all of them.
 if want ab; then
-  say "A/B build with CUDA flags '${QMOE_AB_CUDA_FLAGS:-}'"
-  cmake -S . -B build/gpu-ab -G Ninja -DCMAKE_BUILD_TYPE=Release -DQMOE_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=$ARCHS" \
-    "-DCMAKE_CUDA_FLAGS=${QMOE_AB_CUDA_FLAGS:-}" >>"$LOG" 2>&1 &&
-    cmake --build build/gpu-ab -j "$(nproc)" --target qmoe >>"$LOG" 2>&1 || { say "A/B BUILD FAILED"; status=1; }
-  sel=(--phase decode --backend shim --no-anchors --encodings "${QMOE_VARIANT_ENCODINGS:-int4,int2,int8}"
-       --models "${QMOE_VARIANT_MODELS:-qwen1.5-moe,deepseek-v2-lite,mixtral-8x7b,qwen3-30b-a3b}")
-  for run in a1:$BUILD b1:build/gpu-ab a2:$BUILD b2:build/gpu-ab; do
-    timeout "${QMOE_BENCH_TIMEOUT:-240}" python3 bench/gpu_bench.py "${sel[@]}" --lib "${run#*:}/libqmoe.a" \
-      --out "$OUT/raw/${run%%:*}" --tag "${run%%:*}" >>"$LOG" 2>&1 || status=1
+  libs="$OUT/ab-libs"
+  mkdir -p "$libs"
+  names=(a)
+  if [ -n "${QMOE_AB_PREBUILT:-}" ]; then
+    # Built elsewhere (the GPU machine's single-file compile of decode.cu is
+    # slow): QMOE_AB_PREBUILT/libqmoe.a is "a", each NAME.o a decode.cu.o.
+    cp "$QMOE_AB_PREBUILT/libqmoe.a" "$libs/a.a"
+    for o in "$QMOE_AB_PREBUILT"/*.o; do
+      n=$(basename "$o" .o)
+      mkdir -p "$libs/$n.d" && cp "$o" "$libs/$n.d/decode.cu.o" && cp "$libs/a.a" "$libs/$n.a" &&
+        ar r "$libs/$n.a" "$libs/$n.d/decode.cu.o" && names+=("$n")
+    done
+  else
+    cp "$BUILD/libqmoe.a" "$libs/a.a"
+  fi
+  if [ -n "${QMOE_AB_CUDA_FLAGS:-}" ]; then
+    say "A/B build with CUDA flags '$QMOE_AB_CUDA_FLAGS'"
+    cmake -S . -B build/gpu-ab -G Ninja -DCMAKE_BUILD_TYPE=Release -DQMOE_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=$ARCHS" \
+      "-DCMAKE_CUDA_FLAGS=$QMOE_AB_CUDA_FLAGS" >>"$LOG" 2>&1 &&
+      cmake --build build/gpu-ab -j "$(nproc)" --target qmoe >>"$LOG" 2>&1 &&
+      cp build/gpu-ab/libqmoe.a "$libs/b.a" && names+=(b) || { say "A/B BUILD FAILED"; status=1; }
+  fi
+  for v in ${QMOE_AB_VARIANTS:-}; do
+    name=${v%%=*} defs=${v#*=}
+    say "A/B variant $name: ${defs//,/ }"
+    cmake "$BUILD" "-DQMOE_DECODE_DEFINES=${defs//,/;}" >>"$LOG" 2>&1 &&
+      cmake --build "$BUILD" -j "$(nproc)" --target qmoe >>"$LOG" 2>&1 &&
+      cp "$BUILD/libqmoe.a" "$libs/$name.a" && names+=("$name") || { say "VARIANT $name FAILED"; status=1; }
   done
-  python3 bench/compare_runs.py a1="$OUT/raw/a1" b1="$OUT/raw/b1" a2="$OUT/raw/a2" b2="$OUT/raw/b2" \
-    >"$OUT/raw/ab-compare.txt" 2>&1 || status=1
-  tail -40 "$OUT/raw/ab-compare.txt" | tee -a "$LOG"
+  if [ -n "${QMOE_AB_VARIANTS:-}" ]; then  # the default build again
+    cmake "$BUILD" -DQMOE_DECODE_DEFINES= >>"$LOG" 2>&1 && cmake --build "$BUILD" -j "$(nproc)" --target qmoe >>"$LOG" 2>&1
+  fi
+  sel=(--phase decode --backend shim --no-anchors --encodings "${QMOE_VARIANT_ENCODINGS:-int4,int2,int8}"
+       --models "${QMOE_VARIANT_MODELS:-qwen1.5-moe,deepseek-v2-lite,mixtral-8x7b,qwen3-30b-a3b}"
+       ${QMOE_AB_BENCH_ARGS:-})
+  runs=()
+  for r in $(seq 1 "${QMOE_AB_ROUNDS:-2}"); do
+    for n in "${names[@]}"; do
+      timeout "${QMOE_BENCH_TIMEOUT:-240}" python3 bench/gpu_bench.py "${sel[@]}" --lib "$libs/$n.a" \
+        --out "$OUT/raw/$n$r" --tag "$n$r" >>"$LOG" 2>&1 || status=1
+      runs+=("$n$r=$OUT/raw/$n$r")
+    done
+  done
+  python3 bench/compare_runs.py "${runs[@]}" >"$OUT/ab-compare.txt" 2>&1 || status=1
+  tail -60 "$OUT/ab-compare.txt" | tee -a "$LOG"
+  rm -rf "$libs"
+fi
+
+# An ncu profile (full set, per-instruction stall samples as SASS CSV) of
+# the decode kernel on one row: QMOE_PROFILE_MODEL (default qwen3-30b-a3b),
+# batch 1, int4, gate_up; QMOE_PROFILE_DEFINES profiles a variant (as above).
+# Writes $OUT/profile-NAME.txt.
+if want profile && command -v ncu >/dev/null; then
+  model=${QMOE_PROFILE_MODEL:-qwen3-30b-a3b}
+  say "ncu profile: decode kernel, $model b1 int4 gate_up ${QMOE_PROFILE_DEFINES:-}"
+  if [ -n "${QMOE_PROFILE_DEFINES:-}" ]; then
+    cmake "$BUILD" "-DQMOE_DECODE_DEFINES=${QMOE_PROFILE_DEFINES//,/;}" >>"$LOG" 2>&1 &&
+      cmake --build "$BUILD" -j "$(nproc)" --target qmoe >>"$LOG" 2>&1
+  fi
+  # QMOE_PROFILE_LIBS: "NAME=LIB ..." profiles each library (default: the build's).
+  for entry in ${QMOE_PROFILE_LIBS:-default=$BUILD/libqmoe.a}; do
+    name=${entry%%=*} lib=${entry#*=} rep=/tmp/decode-profile-${entry%%=*}
+    timeout 300 ncu --set full --import-source no -k regex:decode_kernel --launch-skip 3 --launch-count 1 \
+      -f -o "$rep" python3 bench/gpu_bench.py --phase decode --backend shim --lib "$lib" --no-anchors \
+      --models "$model" --batches 1 --encodings int4 --products gate_up --out /tmp/profile-bench \
+      >"$OUT/raw/ncu-$name.log" 2>&1 || status=1
+    # The report is too large to come back: its details page, the stall
+    # reasons and the SASS lines that stall most do.
+    ncu -i "$rep.ncu-rep" --page details >"$OUT/profile-$name.txt" 2>&1
+    python3 scripts/ncu_summary.py "$rep.ncu-rep" >>"$OUT/profile-$name.txt" 2>&1 || status=1
+    say "profile $name"
+    grep -E "Warp Cycles Per Issued|Issued Ipc|Achieved Occupancy|DRAM Throughput|Duration|^  [a-z_]+ +[0-9.]+$" \
+      "$OUT/profile-$name.txt" | head -24 | tee -a "$LOG"
+  done
+  if [ -n "${QMOE_PROFILE_DEFINES:-}" ]; then
+    cmake "$BUILD" -DQMOE_DECODE_DEFINES= >>"$LOG" 2>&1 && cmake --build "$BUILD" -j "$(nproc)" --target qmoe >>"$LOG" 2>&1
+  fi
 fi
 
 if [ -n "$(ls -A "$OUT/raw")" ]; then tar -C "$OUT" -cf "$OUT/raw.tar" raw; fi

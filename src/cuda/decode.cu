@@ -255,13 +255,16 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
     const auto chunk_ok = [&](int mm) {
       return SM == ScaleMode::post || int64_t(mm) * kMacro + c * CB < a.rb;
     };
-    const auto load_group = [&](Raw<CB>(&raw)[kU][2], const int m) {
+    // full: the whole group is before m_end, so no per-step bounds checks
+    // (a constant where inlined: branch-free steps that the compiler can
+    // interleave).
+    const auto load_group = [&](const bool full, Raw<CB>(&raw)[kU][2], const int m) {
       const uint8_t* wp0 = w0 + int64_t(m) * kMacro;
       const uint8_t* wp1 = w1 + int64_t(m) * kMacro;
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
         const int mm = m + u;
-        if (mm >= m_end) break;
+        if (!full && mm >= m_end) break;
         if (chunk_ok(mm)) {
           load_stream(raw[u][0], wp0 + u * kMacro);
           load_stream(raw[u][1], wp1 + u * kMacro);
@@ -271,14 +274,14 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
         }
       }
     };
-    const auto compute_group = [&](const Raw<CB>(&raw)[kU][2], const int m) {
+    const auto compute_group = [&](const bool full, const Raw<CB>(&raw)[kU][2], const int m) {
       const uint16_t* ab[NC];  // this lane's chunk of macro step m, per pass chunk
 #pragma unroll
       for (int ch = 0; ch < NC; ++ch) ab[ch] = arow[ch] + (c * kK + m * kMacroK);
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
         const int mm = m + u;
-        if (mm >= m_end) break;
+        if (!full && mm >= m_end) break;
         const bool cok = chunk_ok(mm);
 
         // Scale and zero of rows g and g+8 for this macro step (post) or chunk (pre).
@@ -362,23 +365,30 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
         Raw<CB> ra[kU][2], rb[kU][2];
         wait_prior_grid();  // (weights first only in the regs pipeline: here it would spill)
         allow_next_grid();
-        load_group(ra, m_begin);
+        constexpr bool kChecked = false;
+        load_group(kChecked, ra, m_begin);
         for (int m = m_begin; m < m_end; m += 2 * kU) {
-          load_group(rb, m + kU);  // loads nothing past m_end
-          compute_group(ra, m);
+          load_group(kChecked, rb, m + kU);  // loads nothing past m_end
+          compute_group(kChecked, ra, m);
           if (m + kU >= m_end) break;
-          load_group(ra, m + 2 * kU);
-          compute_group(rb, m + kU);
+          load_group(kChecked, ra, m + 2 * kU);
+          compute_group(kChecked, rb, m + kU);
         }
       } else {
-        for (int m = m_begin; m < m_end; m += kU) {
+        const auto step = [&](const bool full, const int m) {
           Raw<CB> raw[kU][2];
-          load_group(raw, m);
+          load_group(full, raw, m);
           if (m == m_begin) {  // the weights are in flight; activations come from the previous kernel
             wait_prior_grid();
             allow_next_grid();
           }
-          compute_group(raw, m);
+          compute_group(full, raw, m);
+        };
+        for (int m = m_begin; m < m_end; m += kU) {
+          if (m + kU <= m_end)
+            step(true, m);
+          else
+            step(false, m);
         }
       }
     }
