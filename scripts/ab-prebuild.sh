@@ -18,7 +18,7 @@ stage=build/ab-stage
 launcher=()
 command -v ccache >/dev/null && launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache)
 cmake -S . -B "$base" -G Ninja -DCMAKE_BUILD_TYPE=Release -DQMOE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a-real \
-  -DQMOE_BUILD_TESTS=OFF -DQMOE_BUILD_BENCH=OFF -DQMOE_DECODE_DEFINES= "${launcher[@]}" >/dev/null
+  -DQMOE_BUILD_TESTS=OFF -DQMOE_BUILD_BENCH=OFF "${launcher[@]}" >/dev/null
 echo "== libqmoe.a (sm_90a)"
 cmake --build "$base" --target qmoe
 rm -rf "$stage" && mkdir -p "$stage" build-abpk

@@ -108,8 +108,8 @@ fi
 # Decode kernel variants side by side: one gpu_bench.py decode run per value
 # of a tuning variable (QMOE_VARIANT_VAR, default QMOE_DECODE_PIPE; values
 # QMOE_VARIANT_VALUES, default "1 2"; see src/cuda/decode.h), into
-# raw/<var>=<value>, for bench/compare_runs.py; with QMOE_NCU=1 an ncu
-# profile of one batch-1 row per value.
+# raw/<var>=<value>, for bench/compare_runs.py (stage profile: an ncu
+# profile).
 if want variants; then
   var=${QMOE_VARIANT_VAR:-QMOE_DECODE_PIPE}
   values=${QMOE_VARIANT_VALUES:-${QMOE_PIPES:-1 2}}
@@ -120,33 +120,21 @@ if want variants; then
       --backend shim --lib "$BUILD/libqmoe.a" --no-anchors "${sel[@]}" --out "$OUT/raw/$var=$v" \
       --tag "$var=$v" >>"$LOG" 2>&1 || status=1
   done
-  if [ "${QMOE_NCU:-0}" = 1 ] && command -v ncu >/dev/null; then
-    for v in $values; do
-      env "$var=$v" timeout 180 ncu --kernel-name regex:decode_kernel --launch-skip 3 --launch-count 1 \
-        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-        --section SchedulerStats --section MemoryWorkloadAnalysis \
-        python3 bench/gpu_bench.py --phase decode --backend shim --lib "$BUILD/libqmoe.a" --no-anchors \
-        --models qwen1.5-moe --batches 1 --encodings int4 --products gate_up --out "$OUT/raw/ncu-$v" \
-        >"$OUT/raw/ncu-$var=$v.txt" 2>&1 || status=1
-    done
-  fi
 fi
 
 # Compile-time variants of the decode kernel against the default build,
-# decode tables side by side. QMOE_AB_VARIANTS: "NAME=DEF[,DEF...] ...", e.g.
-# "c2=QMOE_DECODE_CHAINS=2 d2c2=QMOE_DECODE_DEPTH=2,QMOE_DECODE_CHAINS=2"
-# (definitions for src/cuda/decode.cu only, through QMOE_DECODE_DEFINES, so
-# each variant recompiles one file of the default build). The old form,
-# QMOE_AB_CUDA_FLAGS, builds the whole library again with those flags as
-# variant "b". Then QMOE_AB_ROUNDS (default 2) rounds of gpu_bench.py decode
-# runs, one per build in turn, and bench/compare_runs.py over all of them.
+# decode tables side by side. QMOE_AB_PREBUILT: a folder that
+# scripts/ab-prebuild.sh filled elsewhere (libqmoe.a, the default, as "a";
+# each NAME.o a decode.cu.o of a variant: one compile of decode.cu takes
+# minutes on the GPU machine). QMOE_AB_CUDA_FLAGS instead builds the whole
+# library again here with those flags, as variant "b". Then QMOE_AB_ROUNDS
+# (default 2) rounds of gpu_bench.py decode runs, one per build in turn, and
+# bench/compare_runs.py over all of them (QMOE_AB_BENCH_ARGS: more options).
 if want ab; then
   libs="$OUT/ab-libs"
   mkdir -p "$libs"
   names=(a)
   if [ -n "${QMOE_AB_PREBUILT:-}" ]; then
-    # Built elsewhere (the GPU machine's single-file compile of decode.cu is
-    # slow): QMOE_AB_PREBUILT/libqmoe.a is "a", each NAME.o a decode.cu.o.
     cp "$QMOE_AB_PREBUILT/libqmoe.a" "$libs/a.a"
     for o in "$QMOE_AB_PREBUILT"/*.o; do
       n=$(basename "$o" .o)
@@ -162,16 +150,6 @@ if want ab; then
       "-DCMAKE_CUDA_FLAGS=$QMOE_AB_CUDA_FLAGS" >>"$LOG" 2>&1 &&
       cmake --build build/gpu-ab -j "$(nproc)" --target qmoe >>"$LOG" 2>&1 &&
       cp build/gpu-ab/libqmoe.a "$libs/b.a" && names+=(b) || { say "A/B BUILD FAILED"; status=1; }
-  fi
-  for v in ${QMOE_AB_VARIANTS:-}; do
-    name=${v%%=*} defs=${v#*=}
-    say "A/B variant $name: ${defs//,/ }"
-    cmake "$BUILD" "-DQMOE_DECODE_DEFINES=${defs//,/;}" >>"$LOG" 2>&1 &&
-      cmake --build "$BUILD" -j "$(nproc)" --target qmoe >>"$LOG" 2>&1 &&
-      cp "$BUILD/libqmoe.a" "$libs/$name.a" && names+=("$name") || { say "VARIANT $name FAILED"; status=1; }
-  done
-  if [ -n "${QMOE_AB_VARIANTS:-}" ]; then  # the default build again
-    cmake "$BUILD" -DQMOE_DECODE_DEFINES= >>"$LOG" 2>&1 && cmake --build "$BUILD" -j "$(nproc)" --target qmoe >>"$LOG" 2>&1
   fi
   sel=(--phase decode --backend shim --no-anchors --encodings "${QMOE_VARIANT_ENCODINGS:-int4,int2,int8}"
        --models "${QMOE_VARIANT_MODELS:-qwen1.5-moe,deepseek-v2-lite,mixtral-8x7b,qwen3-30b-a3b}"
@@ -189,18 +167,14 @@ if want ab; then
   rm -rf "$libs"
 fi
 
-# An ncu profile (full set, per-instruction stall samples as SASS CSV) of
-# the decode kernel on one row: QMOE_PROFILE_MODEL (default qwen3-30b-a3b),
-# batch 1, int4, gate_up; QMOE_PROFILE_DEFINES profiles a variant (as above).
+# An ncu profile (full set; stall reasons and the SASS lines that stall
+# most, through scripts/ncu_summary.py) of the decode kernel on one row:
+# QMOE_PROFILE_MODEL (default qwen3-30b-a3b), batch 1, int4, gate_up, for
+# each library of QMOE_PROFILE_LIBS ("NAME=LIB ...", default the build's).
 # Writes $OUT/profile-NAME.txt.
 if want profile && command -v ncu >/dev/null; then
   model=${QMOE_PROFILE_MODEL:-qwen3-30b-a3b}
-  say "ncu profile: decode kernel, $model b1 int4 gate_up ${QMOE_PROFILE_DEFINES:-}"
-  if [ -n "${QMOE_PROFILE_DEFINES:-}" ]; then
-    cmake "$BUILD" "-DQMOE_DECODE_DEFINES=${QMOE_PROFILE_DEFINES//,/;}" >>"$LOG" 2>&1 &&
-      cmake --build "$BUILD" -j "$(nproc)" --target qmoe >>"$LOG" 2>&1
-  fi
-  # QMOE_PROFILE_LIBS: "NAME=LIB ..." profiles each library (default: the build's).
+  say "ncu profile: decode kernel, $model b1 int4 gate_up"
   for entry in ${QMOE_PROFILE_LIBS:-default=$BUILD/libqmoe.a}; do
     name=${entry%%=*} lib=${entry#*=} rep=/tmp/decode-profile-${entry%%=*}
     timeout 300 ncu --set full --import-source no -k regex:decode_kernel --launch-skip 3 --launch-count 1 \
@@ -215,9 +189,6 @@ if want profile && command -v ncu >/dev/null; then
     grep -E "Warp Cycles Per Issued|Issued Ipc|Achieved Occupancy|DRAM Throughput|Duration|^  [a-z_]+ +[0-9.]+$" \
       "$OUT/profile-$name.txt" | head -24 | tee -a "$LOG"
   done
-  if [ -n "${QMOE_PROFILE_DEFINES:-}" ]; then
-    cmake "$BUILD" -DQMOE_DECODE_DEFINES= >>"$LOG" 2>&1 && cmake --build "$BUILD" -j "$(nproc)" --target qmoe >>"$LOG" 2>&1
-  fi
 fi
 
 if [ -n "$(ls -A "$OUT/raw")" ]; then tar -C "$OUT" -cf "$OUT/raw.tar" raw; fi
