@@ -385,7 +385,7 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
           compute_group(full, raw, m);
         };
         for (int m = m_begin; m < m_end; m += kU) {
-          if (m + kU <= m_end)
+          if (m + kU <= m_end)  // two calls: each inlined copy sees a constant
             step(true, m);
           else
             step(false, m);
