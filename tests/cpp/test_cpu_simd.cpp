@@ -83,6 +83,8 @@ std::vector<Shape> shapes(WeightType w, bool prefill) {
   if (!prefill)  // more rows than one result buffer (256), a row tail per step
     s.push_back({"long_rows", 517, w == WeightType::native16 ? 1000 : 1024,
                  w == WeightType::native16 ? 0 : 128, {1, 8, 2, 3, 6, 7, 4}});
+  if (!prefill && w == WeightType::native16)  // 8 tokens: K in chunks that fit L1, a K tail in the last
+    s.push_back({"k_chunks", 19, 4136, 0, {8, 0, 7, 1}});
   if (prefill && w != WeightType::native16)  // K over two panel chunks (fp16 activations)
     s.push_back({"long_k", 40, 4608, 256, c});
   if (prefill)  // enough rows for prefill items of several panels, a partial last panel
