@@ -9,17 +9,25 @@
 //                (qmoe-bench does not rotate), REPS calls (16), median, against the
 //                all-threads read bandwidth measured just before and after
 //   pre  ENC...  prefill E=2 N=K=4096, 256 tokens an expert, THR threads (1)
+//   actl1 K [CHUNK...]  the 8-token decode's register loop alone (2 bf16
+//                weight rows x 8 tokens, 16 accumulators, 32 steps of rows
+//                over K), walking K whole or in CHUNKs: GFLOP/s a core while
+//                the tokens' activations fit L1 or not (AVX512_BF16 only)
 // ACT=f16 for fp16 activations. Built as BUILD/bench/qmoe-cpu-probe.
+#include <immintrin.h>
 #include <qmoe/qmoe.h>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <string>
 #include <vector>
+#include <memory>
+#include <cstdlib>
 #include <random>
 #include <algorithm>
 #include <array>
 #include "cpu_anchors.h"
+#include "cpu/isa.h"
 using namespace qmoe;
 static double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 struct Enc { WeightType t; bool asym; };
@@ -60,9 +68,62 @@ static void make(Prob& pr, Enc enc, int64_t E, int64_t N, int64_t K, std::vector
   int64_t active = 0; for (auto c : counts) active += c > 0;
   pr.bytes = active * weight_bytes_per_expert(p);
 }
+// The decode's 8-token inner loop (src/cpu/simd/kernels_avx512.cpp) without
+// decode or folds: GFLOP/s of vdpbf16ps, K walked in chunks of `chunk`.
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) static double act_l1_loop(int64_t K, int64_t chunk) {
+  constexpr int kTokens = 8, kSteps = 32;
+  // 64-byte aligned, as the library's tensors from PyTorch are
+  auto buffer = [](int64_t n) {
+    auto* p = static_cast<uint16_t*>(std::aligned_alloc(64, size_t((n * 2 + 63) / 64 * 64)));
+    std::fill(p, p + n, uint16_t(0x3f80));
+    return std::unique_ptr<uint16_t, void (*)(void*)>(p, std::free);
+  };
+  const auto act = buffer(kTokens * K), w = buffer(2 * kSteps * K);
+  __m512 total = _mm512_setzero_ps();
+  const int reps = int(std::max<int64_t>(1, 400 * 4096 / K));
+  const double t0 = now();
+  for (int r = 0; r < reps; ++r)
+    for (int64_t c0 = 0; c0 < K; c0 += chunk)
+      for (int s = 0; s < kSteps; ++s) {
+        __m512 acc[2][kTokens];
+        for (auto& q : acc)
+          for (auto& x : q) x = _mm512_setzero_ps();
+        const uint16_t* w0 = w.get() + (2 * s) * K;
+        const uint16_t* w1 = w0 + K;
+        const int64_t c1 = std::min(K, c0 + chunk);
+        for (int64_t k = c0; k < c1; k += 32) {
+          const __m512i a0 = _mm512_loadu_si512(w0 + k), a1 = _mm512_loadu_si512(w1 + k);
+#pragma GCC unroll 8
+          for (int t = 0; t < kTokens; ++t) {
+            const __m512i x = _mm512_loadu_si512(act.get() + t * K + k);
+            acc[0][t] = _mm512_dpbf16_ps(acc[0][t], (__m512bh)a0, (__m512bh)x);
+            acc[1][t] = _mm512_dpbf16_ps(acc[1][t], (__m512bh)a1, (__m512bh)x);
+          }
+        }
+        for (auto& q : acc)
+          for (auto& x : q) total = _mm512_add_ps(total, x);
+      }
+  const double dt = now() - t0;
+  if (_mm512_reduce_add_ps(total) == 1.0f) std::printf(" ");  // keep the sums
+  return double(reps) * kSteps * (K / 32) * 2 * kTokens * 64 / dt / 1e9;
+}
+
 int main(int argc, char** argv) {
+  if (argc >= 3 && std::string(argv[1]) == "actl1") {
+    if (!cpu::isa_supported(cpu::Isa::avx512) || !__builtin_cpu_supports("avx512bf16")) {
+      std::fprintf(stderr, "actl1 needs AVX512_BF16\n");
+      return 2;
+    }
+    const int64_t K = atoll(argv[2]);
+    std::vector<int64_t> chunks = {K};
+    for (int i = 3; i < argc; ++i) chunks.push_back(atoll(argv[i]));
+    for (int64_t c : chunks)
+      std::printf("actl1 K=%lld chunk=%lld (activations %lld KB): %.0f GFLOP/s a core\n", (long long)K,
+                  (long long)c, (long long)(8 * std::min(c, K) * 2 / 1024), act_l1_loop(K, c));
+    return 0;
+  }
   if (argc < 3 || (std::string(argv[1]) != "l2" && std::string(argv[1]) != "dram" && std::string(argv[1]) != "pre")) {
-    std::fprintf(stderr, "usage: qmoe-cpu-probe l2|dram|pre ENCODING... (see the header of bench/cpu_decode_probe.cpp)\n");
+    std::fprintf(stderr, "usage: qmoe-cpu-probe l2|dram|pre ENCODING... | actl1 K [CHUNK...] (see the header of bench/cpu_decode_probe.cpp)\n");
     return 2;
   }
   std::string mode = argv[1];
