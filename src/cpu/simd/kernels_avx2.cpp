@@ -35,7 +35,8 @@ inline __m128i load128(const void* p) { return _mm_loadu_si128(reinterpret_cast<
 
 // ---------------------------------------------------------------- decoders
 // Dec<Enc>::values(p, v): kUnit weights (kBytes packed bytes at p) -> kVecs
-// ymm of 8 fp32 code values (before scale and zero; times kFactor for fp8).
+// ymm of 8 fp32 code values (before scale and zero; times kFactor for fp8;
+// plus kSymZero, which the zero point takes off, for symmetric codes).
 // Lane i of vector v holds the weight at k = perm(8 v + i) of the unit.
 template <class Enc, class = void>
 struct Dec;
@@ -43,7 +44,7 @@ struct Dec;
 template <bool Asym>
 struct Dec<IntEncoding<8, Asym>, void> {
   static constexpr int kUnit = 16, kBytes = 16, kVecs = 2;
-  static constexpr float kFactor = 1.0f;
+  static constexpr float kFactor = 1.0f, kSymZero = 0.0f;
   static int perm(int p) { return p; }
   static void values(const uint8_t* p, V* v) {
     const __m128i b = load128(p);
@@ -58,21 +59,24 @@ struct Dec<IntEncoding<8, Asym>, void> {
 };
 
 // int4 / int2: 8 bytes -> 8 dwords; field f of each byte is vector f.
+// Symmetric (two's complement) fields are read unsigned with their top bit
+// flipped, q + 2^(Bits-1), by one xor of the bytes: the 2^(Bits-1) is taken
+// off with the zero point (kSymZero), in the same fmsub.
 template <int Bits, bool Asym>
 struct Dec<IntEncoding<Bits, Asym>, std::enable_if_t<(Bits < 8)>> {
   using Enc = IntEncoding<Bits, Asym>;
   static constexpr int kVecs = Enc::kPerByte, kUnit = 8 * kVecs, kBytes = 8;
   static constexpr float kFactor = 1.0f;
+  static constexpr float kSymZero = Asym ? 0.0f : float(1 << (Bits - 1));
   static int perm(int p) { return kVecs * (p % 8) + p / 8; }
   static void values(const uint8_t* p, V* v) {
-    const VI b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-    for (int f = 0; f < kVecs; ++f) {
-      VI c = _mm256_and_si256(_mm256_srli_epi32(b, f * Bits), _mm256_set1_epi32(int(Enc::kMask)));
-      if constexpr (!Asym)  // two's complement field: (c ^ half) - half
-        c = _mm256_sub_epi32(_mm256_xor_si256(c, _mm256_set1_epi32(1 << (Bits - 1))),
-                             _mm256_set1_epi32(1 << (Bits - 1)));
-      v[f] = _mm256_cvtepi32_ps(c);
+    VI b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    if constexpr (!Asym) {  // the top bit of every field of the byte
+      constexpr int kTops = Bits == 4 ? 0x88 : 0xAA;
+      b = _mm256_xor_si256(b, _mm256_set1_epi32(kTops));
     }
+    for (int f = 0; f < kVecs; ++f)
+      v[f] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(b, f * Bits), _mm256_set1_epi32(int(Enc::kMask))));
   }
 };
 
@@ -85,6 +89,7 @@ struct Dec<Fp8Encoding<Fmt, W>, void> {
   static constexpr int kUnit = 16, kBytes = 16, kVecs = 2;
   static constexpr int kShift = 10 - Fmt::kManBits;
   static constexpr float kFactor = float(1u << (15 - Fmt::kBias));  // 2^(15 - bias)
+  static constexpr float kSymZero = 0.0f;
   static int perm(int p) { return p; }
   static void values(const uint8_t* p, V* v) {
     const VI w = _mm256_cvtepu8_epi16(load128(p));
@@ -102,7 +107,7 @@ struct Dec<Fp8Encoding<Fmt, W>, void> {
 template <class Act>
 struct Dec<Native16Encoding<Act>, void> {
   static constexpr int kUnit = 16, kBytes = 32, kVecs = 2;
-  static constexpr float kFactor = 1.0f;
+  static constexpr float kFactor = 1.0f, kSymZero = 0.0f;
   static int perm(int p) { return p; }
   static V cvt(__m128i h) {
     if constexpr (std::is_same_v<Act, ActF16>) return _mm256_cvtph_ps(h);
@@ -195,7 +200,7 @@ struct Runner {
       const uint16_t* sp = scales + (e * N + r) * G;
       for (int64_t g = 0; g < G; ++g) {
         s[g] = half_to_float<Act>(sp[g]) * D::kFactor;
-        sz[g] = Enc::kAsym ? s[g] * half_to_float<Act>(zeros[(e * N + r) * G + g]) : 0.0f;
+        sz[g] = s[g] * (Enc::kAsym ? half_to_float<Act>(zeros[(e * N + r) * G + g]) : D::kSymZero);
       }
     } else {
       s[0] = 1.0f;
