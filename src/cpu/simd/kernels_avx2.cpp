@@ -144,6 +144,15 @@ inline float hsum(V v) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
 
+inline float dot(const float* x, const float* y, int64_t n) {
+  V acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i), acc);
+  float r = hsum(acc);
+  for (; i < n; ++i) r += x[i] * y[i];
+  return r;
+}
+
 // ---------------------------------------------------------------- one call
 template <class Act, class Enc>
 struct Runner {
@@ -157,7 +166,8 @@ struct Runner {
   const uint16_t* zeros;
   const uint16_t* act;
   uint16_t* out;
-  Buf act_buf;  // fp32 activations [T, Kp], permuted like the decode
+  Buf act_buf;   // fp32 activations [T, Kp], permuted like the decode
+  Buf asum_buf;  // [T, G] sums of each group's activations (decode of scaled codes)
 
   explicit Runner(const MoeGemmParams& params)
       : p(params),
@@ -230,22 +240,33 @@ struct Runner {
   // Few tokens: C accumulator chains a token (one chain was bound by the
   // FMA's 4-cycle latency: one Zen 5 core, L2-resident, 1 token, int4
   // 4.5 GB/s, int2 2.4), units two at a time where the registers allow.
+  // Up to 4 tokens the codes go into the dot products as they are and each
+  // group's sums take the scale after (tot += s_g * sum q a), the zero point
+  // once a row (- sum_g s_g z_g sum_{k in g} a_k): no fmsub a vector. With
+  // 8 tokens the running sums would not fit the 16 registers: (q - z) * s
+  // a vector, as in the prefill panel.
   template <int NT>
-  void decode_rows(int64_t e, int64_t r0, int64_t r1, const float* const* a, float* s, float* sz,
-                   float* res) const {
+  void decode_rows(int64_t e, int64_t r0, int64_t r1, const float* const* a, const float* const* as,
+                   float* s, float* sz, float* res) const {
     constexpr int C = NT == 1 ? 4 : NT == 2 ? 2 : 1;  // chains a token
     constexpr int UN = NT <= 2 ? 2 : 1;               // units a step
+    constexpr bool kPost = Enc::kScaled && NT <= 4;  // scale after the dot products
     const int64_t nr = r1 - r0;
     for (int64_t r = r0; r < r1; ++r) {
       const uint8_t* wr = w + (e * N + r) * row_bytes;
       row_scales(e, r, s, sz);
-      V acc[C][NT];
-      for (int c = 0; c < C; ++c)
-        for (int t = 0; t < NT; ++t) acc[c][t] = _mm256_setzero_ps();
+      V acc[C][NT], tot[NT];
+      auto zero = [&] {
+        for (int c = 0; c < C; ++c)
+          for (int t = 0; t < NT; ++t) acc[c][t] = _mm256_setzero_ps();
+      };
       auto step = [&](int64_t u, auto un_c) {
         constexpr int un = decltype(un_c)::value;
         V v[un][D::kVecs];
-        for (int q = 0; q < un; ++q) unit(wr, u + q, s, sz, v[q]);
+        for (int q = 0; q < un; ++q) {
+          if constexpr (kPost) D::values(wr + (u + q) * D::kBytes, v[q]);
+          else unit(wr, u + q, s, sz, v[q]);
+        }
         for (int q = 0; q < un; ++q)
           for (int j = 0; j < D::kVecs; ++j)
             for (int t = 0; t < NT; ++t) {
@@ -253,13 +274,29 @@ struct Runner {
               c = _mm256_fmadd_ps(v[q][j], _mm256_loadu_ps(a[t] + (u + q) * D::kUnit + 8 * j), c);
             }
       };
-      int64_t u = 0;
-      for (; u + UN <= units; u += UN) step(u, std::integral_constant<int, UN>{});
-      for (; u < units; ++u) step(u, std::integral_constant<int, 1>{});
-      for (int t = 0; t < NT; ++t) {
-        V tot = acc[0][t];
-        for (int c = 1; c < C; ++c) tot = _mm256_add_ps(tot, acc[c][t]);
-        res[t * nr + (r - r0)] = hsum(tot);
+      auto units_of = [&](int64_t u0, int64_t u1) {
+        int64_t u = u0;
+        for (; u + UN <= u1; u += UN) step(u, std::integral_constant<int, UN>{});
+        for (; u < u1; ++u) step(u, std::integral_constant<int, 1>{});
+      };
+      auto chains = [&](int t) {
+        V d = acc[0][t];
+        for (int c = 1; c < C; ++c) d = _mm256_add_ps(d, acc[c][t]);
+        return d;
+      };
+      if constexpr (kPost) {
+        for (int t = 0; t < NT; ++t) tot[t] = _mm256_setzero_ps();
+        for (int64_t g = 0; g < G; ++g) {
+          zero();
+          units_of(g * upg, (g + 1) * upg);
+          const V sv = _mm256_set1_ps(s[g]);
+          for (int t = 0; t < NT; ++t) tot[t] = _mm256_fmadd_ps(chains(t), sv, tot[t]);
+        }
+        for (int t = 0; t < NT; ++t) res[t * nr + (r - r0)] = hsum(tot[t]) - dot(sz, as[t], G);
+      } else {
+        zero();
+        units_of(0, units);
+        for (int t = 0; t < NT; ++t) res[t * nr + (r - r0)] = hsum(chains(t));
       }
     }
   }
@@ -320,8 +357,19 @@ struct Runner {
     Plan plan(p, row_bytes, nb, threads);
 
     act_buf.alloc(size_t(T * Kp * 4));
+    const bool sums = Enc::kScaled && plan.decode_tokens > 0;
+    if (sums) asum_buf.alloc(size_t(T * G * 4));
     auto prep = [&](int64_t b, int) {
-      for (int64_t t = b * 16; t < min64(T, (b + 1) * 16); ++t) prep_token(t);
+      for (int64_t t = b * 16; t < min64(T, (b + 1) * 16); ++t) {
+        prep_token(t);
+        if (sums)  // (a group holds whole units: permuted within a unit, same sum)
+          for (int64_t g = 0; g < G; ++g) {
+            const float* x = act_row(t) + g * gs;
+            V acc = _mm256_setzero_ps();
+            for (int64_t k = 0; k < gs; k += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(x + k));
+            asum_buf.as<float>()[t * G + g] = hsum(acc);
+          }
+      }
     };
     parallel(ceil_div(T, 16), prep);
 
@@ -343,15 +391,19 @@ struct Runner {
         return;
       }
       const float* a[kDecodeMaxTokens];
-      for (int t = 0; t < kDecodeMaxTokens; ++t) a[t] = act_row(t0 + min64(t, nt - 1));
+      const float* as[kDecodeMaxTokens];
+      for (int t = 0; t < kDecodeMaxTokens; ++t) {
+        a[t] = act_row(t0 + min64(t, nt - 1));
+        as[t] = sums ? asum_buf.as<float>() + (t0 + min64(t, nt - 1)) * G : nullptr;
+      }
       const int64_t nr = it.r1 - it.r0;
       for (int64_t c0 = 0; c0 < nr; c0 += chunk) {
         const int64_t r0 = it.r0 + c0, r1 = it.r0 + min64(nr, c0 + chunk);
         switch (padded_tokens(nt)) {
-          case 1: decode_rows<1>(e, r0, r1, a, s, sz, res); break;
-          case 2: decode_rows<2>(e, r0, r1, a, s, sz, res); break;
-          case 4: decode_rows<4>(e, r0, r1, a, s, sz, res); break;
-          default: decode_rows<8>(e, r0, r1, a, s, sz, res); break;
+          case 1: decode_rows<1>(e, r0, r1, a, as, s, sz, res); break;
+          case 2: decode_rows<2>(e, r0, r1, a, as, s, sz, res); break;
+          case 4: decode_rows<4>(e, r0, r1, a, as, s, sz, res); break;
+          default: decode_rows<8>(e, r0, r1, a, as, s, sz, res); break;
         }
         for (int64_t t = 0; t < nt; ++t)
           for (int64_t r = r0; r < r1; ++r)
