@@ -3,10 +3,12 @@
 # lent GPU, where one compile of src/cuda/decode.cu takes minutes:
 #
 #   bash scripts/ab-prebuild.sh c2=QMOE_DECODE_CHAINS=2 d2=QMOE_DECODE_DEPTH=2,X=1
+#   bash scripts/ab-prebuild.sh k4=@experiment/int4-k4-pairs
 #
 # builds libqmoe.a once (sm_90a, build/ab-base), then decode.cu once per
-# NAME=DEF[,DEF...] with those definitions, and packs the library and the
-# NAME.o objects into build-abpk/libs.tar.gz. On the GPU machine (carry
+# NAME=DEF[,DEF...] with those definitions, or per NAME=@REV from the
+# sources (src/, include/) of that git revision, and packs the library and
+# the NAME.o objects into build-abpk/libs.tar.gz. On the GPU machine (carry
 # build-abpk):
 #
 #   mkdir -p build-ab && tar -C build-ab -xzf build-abpk/libs.tar.gz &&
@@ -28,10 +30,20 @@ cmd=$(cd "$base" && ninja -t commands qmoe | grep -F 'src/cuda/decode.cu -o' | t
 [ -n "$cmd" ] || { echo "no compile command for decode.cu" >&2; exit 1; }
 for v in "$@"; do
   name=${v%%=*} defs=${v#*=}
-  echo "== variant $name: ${defs//,/ }"
-  vcmd=${cmd/ -x cu / $(printf -- '-D%s ' ${defs//,/ })-x cu }
+  vcmd=$cmd
+  if [[ $defs == @* ]]; then  # decode.cu and its headers as they are at that revision
+    echo "== variant $name: sources of ${defs#@}"
+    tree=$PWD/$stage/$name-src
+    mkdir -p "$tree" && git archive "${defs#@}" src include | tar -x -C "$tree"
+    vcmd=${vcmd//$PWD\/src/$tree/src}
+    vcmd=${vcmd//$PWD\/include/$tree/include}
+  else
+    echo "== variant $name: ${defs//,/ }"
+    vcmd=${vcmd/ -x cu / $(printf -- '-D%s ' ${defs//,/ })-x cu }
+  fi
   vcmd=${vcmd% -o *}" -o $PWD/$stage/$name.o"
   (cd "$base" && eval "$vcmd")
+  rm -rf "$PWD/$stage/$name-src"
 done
 tar -C "$stage" -cf - . | gzip -6 >build-abpk/libs.tar.gz
 ls -la build-abpk/libs.tar.gz
