@@ -22,6 +22,44 @@ def load(path):
         return json.load(f)
 
 
+def variant_summary(names, rows):
+    """Runs named VARIANT_rN (scripts/gpu-check.sh ab: a_r1, a_r2, k4_r1, ...;
+    older calls: VARIANT + round digits): each variant's
+    mean time a row against the first variant's, as a geometric mean over the
+    rows both have, and the rows more than 1% faster or slower."""
+    import math
+    import re
+
+    def variant(n):
+        return re.sub(r"_r\d+$", "", n) if re.search(r"_r\d+$", n) else (re.sub(r"\d+$", "", n) or n)
+
+    variants = []
+    for n in names:
+        if variant(n) not in variants:
+            variants.append(variant(n))
+    if len(variants) < 2:
+        return
+    def mean_time(per, v):
+        ts = [r["qmoe_ms"] for n, r in per.items() if variant(n) == v and r.get("qmoe_ms")]
+        return sum(ts) / len(ts) if ts else None
+    base = variants[0]
+    print()
+    print(f"Variants against {base} (mean of each variant's rounds a row):")
+    print()
+    print("| variant | rows | time / " + base + " (geometric mean) | rows > 1% faster | rows > 1% slower |")
+    print("|---|---:|---:|---:|---:|")
+    for v in variants[1:]:
+        ratios = []
+        for per in rows.values():
+            b, t = mean_time(per, base), mean_time(per, v)
+            if b and t:
+                ratios.append(t / b)
+        if not ratios:
+            continue
+        g = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+        print(f"| {v} | {len(ratios)} | {g:.3f} | {sum(x < 0.99 for x in ratios)} | {sum(x > 1.01 for x in ratios)} |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="NAME=DIR")
@@ -69,6 +107,7 @@ def main():
             cls = ">= 32 MB" if mb >= 32 else ("8-32 MB" if mb >= 8 else None)
             if cls:
                 summary.setdefault((enc, cls), []).append(d["pct_floor"])
+    variant_summary(names, rows)
     print()
     print("Default path, % of the floor (issue 3 targets: >= 80% on rows >= 32 MB, >= 60% on 8-32 MB):")
     print()

@@ -128,8 +128,9 @@ fi
 # each NAME.o a decode.cu.o of a variant: one compile of decode.cu takes
 # minutes on the GPU machine). QMOE_AB_CUDA_FLAGS instead builds the whole
 # library again here with those flags, as variant "b". Then QMOE_AB_ROUNDS
-# (default 2) rounds of gpu_bench.py decode runs, one per build in turn, and
-# bench/compare_runs.py over all of them (QMOE_AB_BENCH_ARGS: more options).
+# (default 2) rounds of gpu_bench.py decode runs, one per build in turn
+# (NAME_rN), and bench/compare_runs.py over all of them, with each variant's
+# geometric-mean time against "a" (QMOE_AB_BENCH_ARGS: more options).
 if want ab; then
   libs="$OUT/ab-libs"
   mkdir -p "$libs"
@@ -158,8 +159,8 @@ if want ab; then
   for r in $(seq 1 "${QMOE_AB_ROUNDS:-2}"); do
     for n in "${names[@]}"; do
       timeout "${QMOE_BENCH_TIMEOUT:-240}" python3 bench/gpu_bench.py "${sel[@]}" --lib "$libs/$n.a" \
-        --out "$OUT/raw/$n$r" --tag "$n$r" >>"$LOG" 2>&1 || status=1
-      runs+=("$n$r=$OUT/raw/$n$r")
+        --out "$OUT/raw/${n}_r$r" --tag "${n}_r$r" >>"$LOG" 2>&1 || status=1
+      runs+=("${n}_r$r=$OUT/raw/${n}_r$r")
     done
   done
   python3 bench/compare_runs.py "${runs[@]}" >"$OUT/ab-compare.txt" 2>&1 || status=1
