@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 
 
 def load(path):
@@ -27,9 +29,6 @@ def variant_summary(names, rows):
     older calls: VARIANT + round digits): each variant's
     mean time a row against the first variant's, as a geometric mean over the
     rows both have, and the rows more than 1% faster or slower."""
-    import math
-    import re
-
     def variant(n):
         return re.sub(r"_r\d+$", "", n) if re.search(r"_r\d+$", n) else (re.sub(r"\d+$", "", n) or n)
 

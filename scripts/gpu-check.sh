@@ -177,7 +177,7 @@ if want profile && command -v ncu >/dev/null; then
   model=${QMOE_PROFILE_MODEL:-qwen3-30b-a3b}
   say "ncu profile: decode kernel, $model b1 int4 gate_up"
   for entry in ${QMOE_PROFILE_LIBS:-default=$BUILD/libqmoe.a}; do
-    name=${entry%%=*} lib=${entry#*=} rep=/tmp/decode-profile-${entry%%=*}
+    name=${entry%%=*} lib=${entry#*=} rep=/tmp/decode-profile-$name
     timeout 300 ncu --set full --import-source no -k regex:decode_kernel --launch-skip 3 --launch-count 1 \
       -f -o "$rep" python3 bench/gpu_bench.py --phase decode --backend shim --lib "$lib" --no-anchors \
       --models "$model" --batches 1 --encodings int4 --products gate_up --out /tmp/profile-bench \

@@ -360,9 +360,11 @@ struct Runner {
     const bool sums = Enc::kScaled && plan.decode_tokens > 0;
     if (sums) asum_buf.alloc(size_t(T * G * 4));
     auto prep = [&](int64_t b, int) {
+      int64_t e = 0;
       for (int64_t t = b * 16; t < min64(T, (b + 1) * 16); ++t) {
         prep_token(t);
-        if (sums)  // (a group holds whole units: permuted within a unit, same sum)
+        while (plan.offsets[e + 1] <= t) ++e;
+        if (sums && plan.is_decode_expert(e))  // (a group holds whole units: permuted within a unit, same sum)
           for (int64_t g = 0; g < G; ++g) {
             const float* x = act_row(t) + g * gs;
             V acc = _mm256_setzero_ps();
