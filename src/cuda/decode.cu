@@ -72,6 +72,7 @@ struct DecodeArgs {
   int pg_shift;   // log2 of the macro steps (post) or chunks (pre) per group
   int nmacro;     // macro steps per row: ceil(rb / (4 * CB))
   int wk, wn;     // warps of a block along K and along N (wk * wn == kWarps)
+  int wk_shift, wn_shift;  // their log2 (powers of two: shifts, not divisions, before the first load)
   // Fused-layer options (DecodeFusion): activation row r is act_rows[r] when
   // act_rows is set; glu = I > 0: rows n and I + n are the gate and up rows
   // of output column n, out is [T, I] = SiLU(gate) * up.
@@ -216,7 +217,7 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, c = lane & 3;
-  const int wn = warp % a.wn, kw = warp / a.wn;
+  const int wn = warp & (a.wn - 1), kw = warp >> a.wn_shift;
   // A tile is 16 rows, or (glu) 8 gate rows with their 8 up rows as rows 8-15
   // of the mma, so a lane holds gate and up of the same outputs.
   const int n0 = (int(blockIdx.x) * a.wn + wn) * (a.glu ? 8 : 16);
@@ -226,8 +227,8 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
   const int64_t row1 = a.glu ? row0 + a.glu : int64_t(s.e) * a.N + min(n0 + g + 8, a.N - 1);
   const uint8_t* w0 = a.w + row0 * a.rb + c * CB;
   const uint8_t* w1 = a.w + row1 * a.rb + c * CB;
-  const int m_begin = int(int64_t(kw) * a.nmacro / a.wk);
-  const int m_end = int(int64_t(kw + 1) * a.nmacro / a.wk);
+  const int m_begin = int((int64_t(kw) * a.nmacro) >> a.wk_shift);
+  const int m_end = int((int64_t(kw + 1) * a.nmacro) >> a.wk_shift);
 
   for (int64_t tb = s.t0; tb < s.t1; tb += 8 * NC) {
     float acc[NC][4];
@@ -546,6 +547,8 @@ Status launch_pipe(const MoeGemmParams& p, const DecodeFusion& f, cudaStream_t s
   }
   a.wk = wk;
   a.wn = kWarps / wk;
+  a.wk_shift = __builtin_ctz(unsigned(a.wk));
+  a.wn_shift = __builtin_ctz(unsigned(a.wn));
   const dim3 grid(unsigned((tiles + a.wn - 1) / a.wn), unsigned(slots));
   // Early launch only for a grid of one wave (2 blocks an SM): on H100 it
   // took 3-12% off the batch-1 rows of ARK's decode product, while grids of
