@@ -170,25 +170,27 @@ fi
 
 # An ncu profile (full set; stall reasons and the SASS lines that stall
 # most, through scripts/ncu_summary.py) of the decode kernel on one row:
-# QMOE_PROFILE_MODEL (default qwen3-30b-a3b), batch 1, int4, gate_up, for
-# each library of QMOE_PROFILE_LIBS ("NAME=LIB ...", default the build's).
+# QMOE_PROFILE_MODEL (default qwen3-30b-a3b), QMOE_PROFILE_BATCH (1),
+# QMOE_PROFILE_ENC (int4), QMOE_PROFILE_PRODUCT (gate_up), for each library
+# of QMOE_PROFILE_LIBS ("NAME=LIB ...", default the build's).
 # Writes $OUT/profile-NAME.txt.
 if want profile && command -v ncu >/dev/null; then
-  model=${QMOE_PROFILE_MODEL:-qwen3-30b-a3b}
-  say "ncu profile: decode kernel, $model b1 int4 gate_up"
+  model=${QMOE_PROFILE_MODEL:-qwen3-30b-a3b} batch=${QMOE_PROFILE_BATCH:-1}
+  enc=${QMOE_PROFILE_ENC:-int4} product=${QMOE_PROFILE_PRODUCT:-gate_up}
+  say "ncu profile: decode kernel, $model b$batch $enc $product"
   for entry in ${QMOE_PROFILE_LIBS:-default=$BUILD/libqmoe.a}; do
     name=${entry%%=*} lib=${entry#*=} rep=/tmp/decode-profile-$name
     timeout 300 ncu --set full --import-source no -k regex:decode_kernel --launch-skip 3 --launch-count 1 \
       -f -o "$rep" python3 bench/gpu_bench.py --phase decode --backend shim --lib "$lib" --no-anchors \
-      --models "$model" --batches 1 --encodings int4 --products gate_up --out /tmp/profile-bench \
+      --models "$model" --batches "$batch" --encodings "$enc" --products "$product" --out /tmp/profile-bench \
       >"$OUT/raw/ncu-$name.log" 2>&1 || status=1
     # The report is too large to come back: its details page, the stall
     # reasons and the SASS lines that stall most do.
     ncu -i "$rep.ncu-rep" --page details >"$OUT/profile-$name.txt" 2>&1
     python3 scripts/ncu_summary.py "$rep.ncu-rep" >>"$OUT/profile-$name.txt" 2>&1 || status=1
     say "profile $name"
-    grep -E "Warp Cycles Per Issued|Issued Ipc|Achieved Occupancy|DRAM Throughput|Duration|^  [a-z_]+ +[0-9.]+$" \
-      "$OUT/profile-$name.txt" | head -24 | tee -a "$LOG"
+    grep -E "Warp Cycles Per Issued|Issued Ipc|Achieved Occupancy|DRAM Throughput|Duration|L1/TEX Hit Rate|L2 Hit Rate|L1/TEX Cache Throughput|L2 Cache Throughput|^  [a-z_]+ +[0-9.]+$" \
+      "$OUT/profile-$name.txt" | head -30 | tee -a "$LOG"
   done
 fi
 
