@@ -11,7 +11,9 @@
 // A warp computes a 16-row x 8-token tile with mma.sync.m16n8k16 (f16 or bf16
 // operands, fp32 accumulation): weights are the A operand (m = 16 rows), the
 // expert's tokens the B operand (n = 8; 9-24 tokens are 2-3 B fragments on
-// the same A, more take several passes). Lane (g = lane/4, c = lane%4) owns
+// the same A, more take several passes; for 9-24 tokens of 4-, 2- and
+// 16-bit weights a warp takes two 16-row tiles, each B fragment feeding two A
+// fragments: pairs_row_tiles). Lane (g = lane/4, c = lane%4) owns
 // rows g and g+8 and, in each "macro step" of 4*CB bytes of a row, the
 // CB-byte chunk c: one 16-byte (or 8-byte) load per row straight from the
 // [E, N, K_packed] layout, no repack. The dot product does not care about the
@@ -188,7 +190,24 @@ __device__ __forceinline__ int64_t covered_by_counts(const int32_t* __restrict__
 }
 
 // ------------------------------------------------------------------ kernel
-template <class Act, class Enc, int CB, ScaleMode SM, Pipe P, int NC>
+// Whether passes of 9+ tokens take two row tiles a warp (decode_tile's RT).
+// Measured on H200 (Mixtral b64, 17-24 tokens an expert): int4 and int2 1.5x
+// faster, bf16 1.2-1.4x, int8 3-9% slower (its 16-bit scaling costs more than
+// the L1 traffic it saves, the activations being a smaller share of its
+// bytes). Not in the prefetch pipeline of quantized weights (a tuning
+// option): two tiles' buffers spill there.
+template <class Enc, ScaleMode SM, Pipe P>
+constexpr bool pairs_row_tiles() {
+  if constexpr (SM == ScaleMode::none) return true;
+  else return P == Pipe::regs && Enc::kBits <= 4;
+}
+
+// RT row tiles a warp: with RT = 2 (passes of 9-24 tokens) each B fragment
+// of activations feeds two A fragments, half the activation traffic through
+// L1 a weight byte (with three B fragments an A fragment, L1 throughput, not
+// DRAM, bounded these passes: 96% of it, ncu, Mixtral b64 int4 on H200). The
+// block's wn row tiles then go in pairs, and its K in twice the pieces.
+template <class Act, class Enc, int CB, ScaleMode SM, Pipe P, int NC, int RT>
 __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, float (*red)[16][32]) {
   using D = Dequant<Act, Enc>;
   using H = Half<Act>;
@@ -204,38 +223,51 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
   // half a group per buffer for the two buffers of the prefetch pipeline.
   constexpr int kURegs = std::max(1, (NC == 1 ? 64 : 32) / CB / (kK >= 32 && kBits < 4 ? 2 : 1) /
                                          (kK > 32 ? 2 : 1) / (NC >= 3 ? 2 : 1) /
-                                         (SM == ScaleMode::pre || (Enc::kAsym && CB == 8) ? 2 : 1));
+                                         (SM == ScaleMode::pre || (Enc::kAsym && CB == 8) ? 2 : 1) / RT);
   constexpr int kU = P == Pipe::prefetch ? std::max(1, kURegs / 2) : kURegs;
   constexpr int kMacroK = kMacro * 8 / kBits;  // k values per macro step
   static_assert(kWords * D::kWordPairs == 2 * kSteps, "a chunk feeds whole mma steps");
   static_assert(kActVec >= 1, "activation chunk of at least 16 bytes");
   // Where the scale is applied: in fp32 after the mma ("post", also for
   // passes of 24 tokens: their partial sums fit 128 registers without spills)
-  // or to the A operand in 16-bit ("pre").
-  constexpr bool kPost = SM == ScaleMode::post;
-  constexpr bool kPre = SM == ScaleMode::pre;
+  // or to the A operand in 16-bit ("pre"). Two row tiles (RT = 2) scale in
+  // 16-bit whatever the group: fp32 partial sums of both tiles would spill.
+  constexpr bool kPost = SM == ScaleMode::post && RT == 1;
+  constexpr bool kPre = SM == ScaleMode::pre || (SM == ScaleMode::post && RT == 2);
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, c = lane & 3;
-  const int wn = warp & (a.wn - 1), kw = warp >> a.wn_shift;
+  // The warp grid: wn / RT warps along N (RT tiles each), wk * RT along K
+  // (the launcher keeps wn >= 2 wherever an expert may have 9+ tokens).
+  const int wn_shift = a.wn_shift - (RT - 1), wk_shift = a.wk_shift + (RT - 1);
+  const int wn = warp & ((1 << wn_shift) - 1), kw = warp >> wn_shift;
   // A tile is 16 rows, or (glu) 8 gate rows with their 8 up rows as rows 8-15
   // of the mma, so a lane holds gate and up of the same outputs.
-  const int n0 = (int(blockIdx.x) * a.wn + wn) * (a.glu ? 8 : 16);
+  const int tile_rows = a.glu ? 8 : 16;
+  const int n_first = (int(blockIdx.x) * a.wn + RT * wn) * tile_rows;
   const int rows = a.glu ? a.glu : a.N;
-  const bool tile_ok = n0 < rows;
-  const int64_t row0 = int64_t(s.e) * a.N + min(n0 + g, rows - 1);
-  const int64_t row1 = a.glu ? row0 + a.glu : int64_t(s.e) * a.N + min(n0 + g + 8, a.N - 1);
-  const uint8_t* w0 = a.w + row0 * a.rb + c * CB;
-  const uint8_t* w1 = a.w + row1 * a.rb + c * CB;
-  const int m_begin = int((int64_t(kw) * a.nmacro) >> a.wk_shift);
-  const int m_end = int((int64_t(kw + 1) * a.nmacro) >> a.wk_shift);
+  const bool tile_ok = n_first < rows;  // (a second tile past the end computes row rows - 1 unstored)
+  int64_t row0[RT], row1[RT];
+  const uint8_t *w0[RT], *w1[RT];
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt) {
+    const int n0 = n_first + rt * tile_rows;
+    row0[rt] = int64_t(s.e) * a.N + min(n0 + g, rows - 1);
+    row1[rt] = a.glu ? row0[rt] + a.glu : int64_t(s.e) * a.N + min(n0 + g + 8, a.N - 1);
+    w0[rt] = a.w + row0[rt] * a.rb + c * CB;
+    w1[rt] = a.w + row1[rt] * a.rb + c * CB;
+  }
+  const int m_begin = int((int64_t(kw) * a.nmacro) >> wk_shift);
+  const int m_end = int((int64_t(kw + 1) * a.nmacro) >> wk_shift);
 
   for (int64_t tb = s.t0; tb < s.t1; tb += 8 * NC) {
-    float acc[NC][4];
+    float acc[RT][NC][4];
 #pragma unroll
-    for (int ch = 0; ch < NC; ++ch)
+    for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) acc[ch][i] = 0.0f;
+      for (int ch = 0; ch < NC; ++ch)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[rt][ch][i] = 0.0f;
 
     // Row start of this lane's B token (tokens past the expert's end read the
     // expert's last row: their columns of the product are never stored).
@@ -247,8 +279,13 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
     }
     // Scales (and zeros) of rows g and g+8: offsets from the tensors' bases,
     // which stay kernel parameters (few registers held across the loop).
-    const int64_t so0 = row0 * a.groups;
-    const int d01 = int((row1 - row0) * a.groups);
+    int64_t so0[RT];
+    int d01[RT];
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt) {
+      so0[rt] = row0[rt] * a.groups;
+      d01[rt] = int((row1[rt] - row0[rt]) * a.groups);
+    }
 
     // Loads of the kU macro steps from m (those before m_end); chunks past
     // the row's end (pre / none modes) read as zero codes, which decode to
@@ -259,23 +296,25 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
     // full: the whole group is before m_end, so no per-step bounds checks
     // (a constant where inlined: branch-free steps that the compiler can
     // interleave).
-    const auto load_group = [&](const bool full, Raw<CB>(&raw)[kU][2], const int m) {
-      const uint8_t* wp0 = w0 + int64_t(m) * kMacro;
-      const uint8_t* wp1 = w1 + int64_t(m) * kMacro;
+    // raw[u][2 * rt + h]: macro step m + u of row g + 8h of tile rt.
+    const auto load_group = [&](const bool full, Raw<CB>(&raw)[kU][2 * RT], const int m) {
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
         const int mm = m + u;
         if (!full && mm >= m_end) break;
-        if (chunk_ok(mm)) {
-          load_stream(raw[u][0], wp0 + u * kMacro);
-          load_stream(raw[u][1], wp1 + u * kMacro);
-        } else {
 #pragma unroll
-          for (int i = 0; i < kWords; ++i) raw[u][0].v[i] = raw[u][1].v[i] = 0u;
+        for (int rt = 0; rt < RT; ++rt) {
+          if (chunk_ok(mm)) {
+            load_stream(raw[u][2 * rt], w0[rt] + int64_t(mm) * kMacro);
+            load_stream(raw[u][2 * rt + 1], w1[rt] + int64_t(mm) * kMacro);
+          } else {
+#pragma unroll
+            for (int i = 0; i < kWords; ++i) raw[u][2 * rt].v[i] = raw[u][2 * rt + 1].v[i] = 0u;
+          }
         }
       }
     };
-    const auto compute_group = [&](const bool full, const Raw<CB>(&raw)[kU][2], const int m) {
+    const auto compute_group = [&](const bool full, const Raw<CB>(&raw)[kU][2 * RT], const int m) {
       const uint16_t* ab[NC];  // this lane's chunk of macro step m, per pass chunk
 #pragma unroll
       for (int ch = 0; ch < NC; ++ch) ab[ch] = arow[ch] + (c * kK + m * kMacroK);
@@ -285,28 +324,34 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
         if (!full && mm >= m_end) break;
         const bool cok = chunk_ok(mm);
 
-        // Scale and zero of rows g and g+8 for this macro step (post) or chunk (pre).
-        typename D::Zero z0{}, z1{};
-        [[maybe_unused]] float s0 = 1.0f, s1 = 1.0f;
-        [[maybe_unused]] uint32_t sp0 = 0, sp1 = 0;
-        if constexpr (SM != ScaleMode::none) {
-          const int idx = SM == ScaleMode::post ? mm : 4 * mm + c;
-          const int grp = min(idx >> a.pg_shift, a.groups - 1);  // chunks past the row's end
-          const uint16_t* sc = a.scales + so0 + grp;
-          const uint16_t sb0 = __ldg(sc), sb1 = __ldg(sc + d01);
-          if constexpr (Enc::kAsym) {
-            const uint16_t* zr = a.zeros + so0 + grp;
-            z0 = D::zero(H::to_float(__ldg(zr)));
-            z1 = D::zero(H::to_float(__ldg(zr + d01)));
-          } else {
-            z0 = z1 = D::zero(0.0f);
-          }
-          if constexpr (kPost) {
-            s0 = H::to_float(sb0) * D::kPostScale;
-            s1 = H::to_float(sb1) * D::kPostScale;
-          } else {
-            sp0 = cok ? uint32_t(sb0) * 0x10001u : 0u;
-            sp1 = cok ? uint32_t(sb1) * 0x10001u : 0u;
+        // Scale and zero of rows g and g+8 of each tile for this macro step
+        // (post) or chunk (pre).
+        typename D::Zero z0[RT]{}, z1[RT]{};
+        [[maybe_unused]] float s0[RT], s1[RT];
+        [[maybe_unused]] uint32_t sp0[RT], sp1[RT];
+#pragma unroll
+        for (int rt = 0; rt < RT; ++rt) {
+          s0[rt] = s1[rt] = 1.0f;
+          sp0[rt] = sp1[rt] = 0u;
+          if constexpr (SM != ScaleMode::none) {
+            const int idx = SM == ScaleMode::post ? mm : 4 * mm + c;
+            const int grp = min(idx >> a.pg_shift, a.groups - 1);  // chunks past the row's end
+            const uint16_t* sc = a.scales + so0[rt] + grp;
+            const uint16_t sb0 = __ldg(sc), sb1 = __ldg(sc + d01[rt]);
+            if constexpr (Enc::kAsym) {
+              const uint16_t* zr = a.zeros + so0[rt] + grp;
+              z0[rt] = D::zero(H::to_float(__ldg(zr)));
+              z1[rt] = D::zero(H::to_float(__ldg(zr + d01[rt])));
+            } else {
+              z0[rt] = z1[rt] = D::zero(0.0f);
+            }
+            if constexpr (kPost) {
+              s0[rt] = H::to_float(sb0) * D::kPostScale;
+              s1[rt] = H::to_float(sb1) * D::kPostScale;
+            } else {
+              sp0[rt] = cok ? uint32_t(sb0) * 0x10001u : 0u;
+              sp1[rt] = cok ? uint32_t(sb1) * 0x10001u : 0u;
+            }
           }
         }
 
@@ -314,48 +359,55 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
         // token 8ch + g, the weight words whose pairs start there decoded to
         // A fragments (rows g and g+8), then the mma steps. Written in this
         // order to keep few fragments alive at once.
-        float part[kPost ? NC : 1][4];
+        float part[RT][NC][4];  // (post only)
 #pragma unroll
-        for (int ch = 0; ch < (kPost ? NC : 1); ++ch)
+        for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-          for (int i = 0; i < 4; ++i) part[ch][i] = 0.0f;
-        float(*dst)[4] = kPost ? part : acc;
-        uint32_t pa[2 * kSteps], pb[2 * kSteps];
+          for (int ch = 0; ch < NC; ++ch)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) part[rt][ch][i] = 0.0f;
+        float(*dst)[NC][4] = kPost ? part : acc;
+        uint32_t pa[RT][2 * kSteps], pb[RT][2 * kSteps];
 #pragma unroll
         for (int v = 0; v < kActVec; ++v) {
           uint32_t bw[NC][4];
 #pragma unroll
           for (int ch = 0; ch < NC; ++ch) load_act(bw[ch], cok ? ab[ch] + (u * kMacroK + 8 * v) : arow[ch]);
 #pragma unroll
-          for (int i = 0; i < kWords; ++i) {
-            if ((i * D::kWordPairs) / 4 != v) continue;
-            D::word(raw[u][0].v[i], z0, pa + i * D::kWordPairs);
-            D::word(raw[u][1].v[i], z1, pb + i * D::kWordPairs);
-            if constexpr (kPre) {
+          for (int rt = 0; rt < RT; ++rt) {
 #pragma unroll
-              for (int q = i * D::kWordPairs; q < (i + 1) * D::kWordPairs; ++q) {
-                pa[q] = H::mul(D::exact(pa[q]), sp0);
-                pb[q] = H::mul(D::exact(pb[q]), sp1);
+            for (int i = 0; i < kWords; ++i) {
+              if ((i * D::kWordPairs) / 4 != v) continue;
+              D::word(raw[u][2 * rt].v[i], z0[rt], pa[rt] + i * D::kWordPairs);
+              D::word(raw[u][2 * rt + 1].v[i], z1[rt], pb[rt] + i * D::kWordPairs);
+              if constexpr (kPre) {
+#pragma unroll
+                for (int q = i * D::kWordPairs; q < (i + 1) * D::kWordPairs; ++q) {
+                  pa[rt][q] = H::mul(D::exact(pa[rt][q]), sp0[rt]);
+                  pb[rt][q] = H::mul(D::exact(pb[rt][q]), sp1[rt]);
+                }
               }
             }
-          }
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int st = 2 * v + h;
+            for (int h = 0; h < 2; ++h) {
+              const int st = 2 * v + h;
 #pragma unroll
-            for (int ch = 0; ch < NC; ++ch)
-              mma<Act>(dst[ch], pa[2 * st], pb[2 * st], pa[2 * st + 1], pb[2 * st + 1], bw[ch][2 * h],
-                       bw[ch][2 * h + 1]);
+              for (int ch = 0; ch < NC; ++ch)
+                mma<Act>(dst[rt][ch], pa[rt][2 * st], pb[rt][2 * st], pa[rt][2 * st + 1],
+                         pb[rt][2 * st + 1], bw[ch][2 * h], bw[ch][2 * h + 1]);
+            }
           }
         }
         if constexpr (kPost) {
 #pragma unroll
-          for (int ch = 0; ch < NC; ++ch) {
-            acc[ch][0] = fmaf(s0, part[ch][0], acc[ch][0]);
-            acc[ch][1] = fmaf(s0, part[ch][1], acc[ch][1]);
-            acc[ch][2] = fmaf(s1, part[ch][2], acc[ch][2]);
-            acc[ch][3] = fmaf(s1, part[ch][3], acc[ch][3]);
-          }
+          for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+            for (int ch = 0; ch < NC; ++ch) {
+              acc[rt][ch][0] = fmaf(s0[rt], part[rt][ch][0], acc[rt][ch][0]);
+              acc[rt][ch][1] = fmaf(s0[rt], part[rt][ch][1], acc[rt][ch][1]);
+              acc[rt][ch][2] = fmaf(s1[rt], part[rt][ch][2], acc[rt][ch][2]);
+              acc[rt][ch][3] = fmaf(s1[rt], part[rt][ch][3], acc[rt][ch][3]);
+            }
         }
       }
     };
@@ -363,7 +415,7 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
     if (tile_ok && m_begin < m_end) {
       if constexpr (P == Pipe::prefetch) {
         // Two buffers: group m + kU is in flight while group m is computed.
-        Raw<CB> ra[kU][2], rb[kU][2];
+        Raw<CB> ra[kU][2 * RT], rb[kU][2 * RT];
         wait_prior_grid();  // (weights first only in the regs pipeline: here it would spill)
         allow_next_grid();
         constexpr bool kChecked = false;
@@ -377,7 +429,7 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
         }
       } else {
         const auto step = [&](const bool full, const int m) {
-          Raw<CB> raw[kU][2];
+          Raw<CB> raw[kU][2 * RT];
           load_group(full, raw, m);
           if (m == m_begin) {  // the weights are in flight; activations come from the previous kernel
             wait_prior_grid();
@@ -394,46 +446,56 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
       }
     }
 
-    // Sum the wk partial tiles of each row tile; warp kw == 0 writes.
-    if (a.wk > 1) {
-      if (kw > 0) {
+    // Sum the partial tiles of the warps along K; warp kw == 0 writes. One
+    // tile at a time: `red` holds 16 values a lane.
+    const int nwk = 1 << wk_shift;
 #pragma unroll
-        for (int ch = 0; ch < NC; ++ch)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) red[(kw - 1) * a.wn + wn][ch * 4 + i][lane] = acc[ch][i];
-      }
-      __syncthreads();
-      if (kw == 0) {
-        for (int j = 1; j < a.wk; ++j)
+    for (int rt = 0; rt < RT; ++rt) {
+      if (nwk > 1) {
+        const int slot0 = wn - (1 << wn_shift);  // slot of (kw, wn): (kw - 1) * warps along N + wn
+        if (kw > 0) {
 #pragma unroll
           for (int ch = 0; ch < NC; ++ch)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) acc[ch][i] += red[(j - 1) * a.wn + wn][ch * 4 + i][lane];
+            for (int i = 0; i < 4; ++i) red[slot0 + (kw << wn_shift)][ch * 4 + i][lane] = acc[rt][ch][i];
+        }
+        __syncthreads();
+        if (kw == 0) {
+          for (int j = 1; j < nwk; ++j)
+#pragma unroll
+            for (int ch = 0; ch < NC; ++ch)
+#pragma unroll
+              for (int i = 0; i < 4; ++i) acc[rt][ch][i] += red[slot0 + (j << wn_shift)][ch * 4 + i][lane];
+        }
+        __syncthreads();  // `red` is reused by the next tile and pass
       }
     }
     if (kw == 0 && tile_ok) {
-      // acc[ch][2h + j]: row n0 + g + 8h, token tb + 8ch + 2c + j.
+      // acc[rt][ch][2h + j]: row n0 + g + 8h of tile rt, token tb + 8ch + 2c + j.
 #pragma unroll
-      for (int ch = 0; ch < NC; ++ch)
+      for (int rt = 0; rt < RT; ++rt) {
+        const int n0 = n_first + rt * tile_rows;
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const int64_t t = tb + 8 * ch + 2 * c + j;
-          if (t >= s.t1) continue;
-          if (a.glu) {  // SiLU(gate) * up of the 16-bit products, as the unfused layer
-            const int n = n0 + g;
-            const float gate = H::to_float(H::from_float(acc[ch][j]));
-            const float up = H::to_float(H::from_float(acc[ch][2 + j]));
-            if (n < a.glu) a.out[t * a.glu + n] = H::from_float(silu(gate) * up);
-            continue;
+        for (int ch = 0; ch < NC; ++ch)
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const int64_t t = tb + 8 * ch + 2 * c + j;
+            if (t >= s.t1) continue;
+            if (a.glu) {  // SiLU(gate) * up of the 16-bit products, as the unfused layer
+              const int n = n0 + g;
+              const float gate = H::to_float(H::from_float(acc[rt][ch][j]));
+              const float up = H::to_float(H::from_float(acc[rt][ch][2 + j]));
+              if (n < a.glu) a.out[t * a.glu + n] = H::from_float(silu(gate) * up);
+              continue;
+            }
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int n = n0 + g + 8 * h;
+              if (n < a.N) a.out[t * a.N + n] = H::from_float(acc[rt][ch][2 * h + j]);
+            }
           }
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int n = n0 + g + 8 * h;
-            if (n < a.N) a.out[t * a.N + n] = H::from_float(acc[ch][2 * h + j]);
-          }
-        }
+      }
     }
-    if (a.wk > 1) __syncthreads();  // `red` is reused by the next pass
   }
 }
 
@@ -455,15 +517,17 @@ __global__ void __launch_bounds__(kThreads, 2) decode_kernel(const DecodeArgs a)
     // expert's weights once; more than 24 tokens take several passes). Small
     // groups (16-bit scaling) keep passes of at most 16 tokens: their extra
     // operands leave no registers for a third B fragment; nor do chunks of 64
-    // codes (int2, 16-byte chunks).
+    // codes (int2, 16-byte chunks). Passes of 9+ tokens take two row tiles a
+    // warp.
     constexpr bool kThree = SM != ScaleMode::pre && CB * 8 / Enc::kBits <= 32;
+    constexpr int kRT = pairs_row_tiles<Enc, SM, P>() ? 2 : 1;
     const int64_t nt = s.t1 - s.t0;
     if (nt <= 8)
-      decode_tile<Act, Enc, CB, SM, P, 1>(a, s, red);
+      decode_tile<Act, Enc, CB, SM, P, 1, 1>(a, s, red);
     else if (nt <= 16 || !kThree)
-      decode_tile<Act, Enc, CB, SM, P, 2>(a, s, red);
+      decode_tile<Act, Enc, CB, SM, P, 2, kRT>(a, s, red);
     else
-      decode_tile<Act, Enc, CB, SM, P, kThree ? 3 : 2>(a, s, red);
+      decode_tile<Act, Enc, CB, SM, P, kThree ? 3 : 2, kRT>(a, s, red);
   }
 
   // Rows that no expert covers (counts summing to less than T) are zeros
@@ -539,11 +603,14 @@ Status launch_pipe(const MoeGemmParams& p, const DecodeFusion& f, cudaStream_t s
   const int64_t tiles = f.swiglu ? (p.n / 2 + 7) / 8 : (p.n + 15) / 16;
   const int64_t slots = std::min(p.num_experts, p.total_tokens);
   const int64_t target = int64_t(sm_count()) * 10;
+  // Where an expert may have 9+ tokens and the kernel pairs row tiles, at
+  // least two warps along N.
+  const int max_wk = pairs_row_tiles<Enc, SM, P>() && p.total_tokens > 8 ? kWarps / 2 : kWarps;
   int wk = 1;
   if (tuning().k_warps > 0) {
-    while (wk * 2 <= tuning().k_warps && wk < kWarps && a.nmacro >= 2 * wk) wk *= 2;
+    while (wk * 2 <= tuning().k_warps && wk < max_wk && a.nmacro >= 2 * wk) wk *= 2;
   } else {
-    while (wk < kWarps && tiles * slots * wk < target && a.nmacro >= 4 * wk) wk *= 2;
+    while (wk < max_wk && tiles * slots * wk < target && a.nmacro >= 4 * wk) wk *= 2;
   }
   a.wk = wk;
   a.wn = kWarps / wk;
