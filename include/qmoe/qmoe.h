@@ -89,7 +89,7 @@ Status moe_gemm_decode(const MoeGemmParams& p, const Device& device = {});
 Status moe_gemm_prefill(const MoeGemmParams& p, const Device& device = {});
 // Chooses decode or prefill from T and E alone (host-known: no device sync):
 // decode when T <= decode_threshold * E. The default is ARK's 4; the measured
-// crossover on an H100 is 8 for int4 weights (docs/PERFORMANCE.md).
+// crossover on an H200 is 16 for quantized weights (docs/PERFORMANCE.md).
 Status moe(const MoeGemmParams& p, const Device& device = {}, Phase phase = Phase::automatic,
            int64_t decode_threshold = 4);
 // ARK's 16-bit grouped GEMM: weights [E, K, N] in the activation dtype,

@@ -325,11 +325,11 @@ def moe(activations: Any, weights: Any, num_tokens_per_expert: Any, *, scales: A
 
     phase: "decode", "prefill", or "auto": decode when T <= decode_threshold * E,
     decided from the shapes alone (never a host-device synchronisation).
-    decode_threshold: int >= 0 (ARK's default 4). Measured on an H100
-    (bench/gpu_bench.py --phase crossover, docs/PERFORMANCE.md): with int4
-    weights the decode kernel stays faster up to 8 tokens per expert, so 8
-    suits int4; with 16-bit weights the prefill kernel was 3-19% faster at
-    every count measured. Other arguments as moe_gemm_decode.
+    decode_threshold: int >= 0 (ARK's default 4). Measured on an H200
+    (bench/gpu_bench.py --phase crossover, docs/PERFORMANCE.md): with int4,
+    int2 and int8 weights the decode kernel stays faster up to 16 tokens per
+    expert, so 16 suits them; with 16-bit weights the prefill kernel was
+    faster from 8 tokens per expert. Other arguments as moe_gemm_decode.
     """
     if compiling():
         return torch_ops().moe(activations, weights, num_tokens_per_expert, scales=scales,

@@ -574,15 +574,21 @@ SideStream* side_stream(int device) {
   return s.stream ? &s : nullptr;
 }
 
-// The layer's decode/prefill choice, from the crossover measured on H100
+// The layer's decode/prefill choice, from the crossover measured on H200
 // (bench/gpu_bench.py --phase crossover, docs/PERFORMANCE.md): with quantized
-// weights the decode kernel takes 13-45% less time than the wgmma prefill up
-// to 8 tokens per expert and more from 16, so decode up to 8 copies per
-// expert on average; 16-bit weights keep moe()'s default of 4 (there prefill
-// was 3-19% faster at every count measured, with all experts active; fewer
-// active experts were not measured).
+// weights the decode kernel takes less time than the wgmma prefill up to 16
+// tokens per expert on every row measured (int4 at 16: 8-66% less), and more
+// from 32 on most, so decode up to 16 copies per expert on average; 16-bit
+// weights keep moe()'s default of 4 (there prefill was faster from 8).
+// QMOE_LAYER_DECODE_TOKENS (tokens per expert, for measuring the crossover)
+// overrides both.
 Phase layer_phase(const MoeGemmParams& q) {
-  return choose_phase(q, q.weight_type == WeightType::native16 ? 4 : 8);
+  static const int forced = [] {
+    const char* v = std::getenv("QMOE_LAYER_DECODE_TOKENS");
+    return v ? std::atoi(v) : 0;
+  }();
+  if (forced > 0) return choose_phase(q, forced);
+  return choose_phase(q, q.weight_type == WeightType::native16 ? 4 : 16);
 }
 
 // SiLU·mul in the wgmma prefill kernel's epilogue (QMOE_PREFILL_GLU=0: a
