@@ -287,6 +287,7 @@ struct GroupBlocksArgs {
   int64_t pairs, k;
   int E;
   int32_t *ids_out, *counts, *slot_of, *token_of, *block_counts;
+  int slices;  // group_place_kernel: threads an expert that sum the block counts
 };
 
 __global__ void __launch_bounds__(kGroupChunk) group_count_kernel(GroupBlocksArgs a) {
@@ -317,19 +318,39 @@ __global__ void __launch_bounds__(kGroupChunk) group_count_kernel(GroupBlocksArg
 }
 
 __global__ void __launch_bounds__(kGroupChunk) group_place_kernel(GroupBlocksArgs a) {
-  extern __shared__ int32_t sm[];  // first row of expert e [E], copies in earlier blocks [E], scan scratch [32]
+  // first row of expert e [E], copies in earlier blocks [E], scan scratch
+  // [32], the slices' sums [2][kGroupChunk]
+  extern __shared__ int32_t sm[];
   int32_t* first = sm;
   int32_t* before = sm + a.E;
   int32_t* scratch = sm + 2 * a.E;
-  const int tid = threadIdx.x, E = a.E, b = int(blockIdx.x);
+  int32_t* part_total = scratch + 32;
+  int32_t* part_before = part_total + kGroupChunk;
+  const int tid = threadIdx.x, E = a.E, b = int(blockIdx.x), nb = int(gridDim.x);
   wait_prior_grid();  // block_counts, ranks and ids of group_count_kernel
   allow_next_grid();
-  int32_t total = 0, bef = 0;  // thread e (E <= kMaxRoutedExperts <= 512 threads)
-  if (tid < E)
-    for (int bb = 0; bb < int(gridDim.x); ++bb) {
-      const int32_t c = a.block_counts[int64_t(bb) * E + tid];
+  // The block counts summed by all threads: thread (s, e) = tid (s * E + e)
+  // takes slice s of the blocks for expert e (loads coalesced along e, a
+  // few independent loads a thread, not one thread walking every block).
+  const int slices = a.slices;  // <= kGroupChunk / E
+  const int e = tid % E, s = tid / E;
+  const int per = (nb + slices - 1) / slices;
+  int32_t tot = 0, bef = 0;
+  if (s < slices)
+    for (int bb = s * per; bb < min(nb, (s + 1) * per); ++bb) {
+      const int32_t c = a.block_counts[int64_t(bb) * E + e];
       bef += bb < b ? c : 0;
-      total += c;
+      tot += c;
+    }
+  part_total[tid] = tot;
+  part_before[tid] = bef;
+  __syncthreads();
+  int32_t total = 0;  // thread e
+  bef = 0;
+  if (tid < E)
+    for (int j = 0; j < slices; ++j) {
+      total += part_total[j * E + tid];
+      bef += part_before[j * E + tid];
     }
   const int32_t start = block_exclusive_scan<int32_t>(tid < E ? total : 0, scratch);
   if (tid < E) {
@@ -684,12 +705,20 @@ Status fused_moe(const FusedMoeParams& p, const Device& device) {
       return s;
     }
     if (group_blocks_enabled()) {
+      // QMOE_GROUP_SLICES=1: one thread an expert sums the block counts (as
+      // before the seventh session), for measurements.
+      static const bool one_slice = [] {
+        const char* v = std::getenv("QMOE_GROUP_SLICES");
+        return v && v[0] == '1';
+      }();
+      const int slices = one_slice ? 1 : std::max(1, kGroupChunk / int(E));
       const GroupBlocksArgs gb{ga.ids_in, ws.topk_weights, pairs, K, int(E), ws.topk_ids, ws.counts,
-                               ws.slot_of, ws.token_of, ws.block_counts};
+                               ws.slot_of, ws.token_of, ws.block_counts, slices};
       const unsigned nb = blocks(pairs, kGroupChunk);
       const size_t count_smem = size_t(kGroupChunk / 32) * size_t(E) * 4;  // <= 32 KB (E <= 512)
       launch_kernel(group_count_kernel, dim3(nb), dim3(kGroupChunk), count_smem, stream, early, gb);
-      launch_kernel(group_place_kernel, dim3(nb), dim3(kGroupChunk), size_t(2 * E + 32) * 4, stream, early, gb);
+      launch_kernel(group_place_kernel, dim3(nb), dim3(kGroupChunk), size_t(2 * E + 32 + 2 * kGroupChunk) * 4,
+                    stream, early, gb);
       if (Status s = launch_status("grouping kernels"); !s.ok()) return s;
     } else {
       if (smem > 48 * 1024) cudaFuncSetAttribute(group_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
