@@ -26,8 +26,9 @@
 //    Per 32-wide k chunk: gather + decode the A fragments of both m64
 //    blocks (16 registers), wgmma.fence, 4 wgmma (2 k16 steps x 2 blocks),
 //    commit, wait until at most one group is in flight, so the decode of
-//    the next chunk overlaps this chunk's wgmmas; one arrival per warp on
-//    a stage's `empty` mbarrier once both its groups completed. The two
+//    the next chunk overlaps this chunk's wgmmas; one arrival per thread
+//    on a stage's `empty` mbarrier once both its groups completed (each
+//    thread after its own reads of the stage's scale words). The two
 //    consumer warpgroups run independently as well.
 //
 // k order. wgmma reads B (tokens) in natural k order from shared memory, so
@@ -487,18 +488,14 @@ struct WKernel {
         }
         wgmma_commit();
         wgmma_wait<1>();
-        if (q == 0 && prev >= 0) {
-          __syncwarp();
-          if ((threadIdx.x & 31) == 0) mbar_arrive(empty_bar(sm, prev));
-        }
+        if (q == 0 && prev >= 0) mbar_arrive(empty_bar(sm, prev));
       }
       prev = st;
     }
     wgmma_wait<0>();
     fence_regs(acc[0]);
     fence_regs(acc[1]);
-    __syncwarp();
-    if ((threadIdx.x & 31) == 0 && prev >= 0) mbar_arrive(empty_bar(sm, prev));
+    if (prev >= 0) mbar_arrive(empty_bar(sm, prev));
     // Accumulator d[4j + 2h + i] of block mb: weight row rbase + 8h + g,
     // token 8j + 2c + i.
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
@@ -578,7 +575,7 @@ __global__ void __launch_bounds__(384, 1) wgmma_kernel(const WArgs a, const __gr
   if (tid == 0) {
     for (int s = 0; s < C::STAGES; ++s) {
       mbar_init(sm.full + 8 * s, 128);  // the producer's 128 threads (+ TMA bytes)
-      mbar_init(sm.empty + 8 * s, 8);   // one arrival per consumer warp
+      mbar_init(sm.empty + 8 * s, 256);  // every consumer thread, after its own reads of the stage
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
