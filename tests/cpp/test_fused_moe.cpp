@@ -246,6 +246,13 @@ std::vector<LayerCase> layer_cases() {
           {{WeightType::native16, false}, 4, softmax(true), 32, false, 136, 64},
           // More tokens than the CUDA layer routes and groups in one kernel.
           {{WeightType::int8, true}, 100, softmax(true), 0, false},
+          // 9-24 copies an expert still decoded (the CUDA layer decodes up to
+          // 16 on average): the decode kernel's two row tiles a warp with the
+          // SiLU·mul epilogue, scales of whole 64-byte steps (group 128) and
+          // of 16-bit scaling (group 16); H = 144: nine 16-row tiles of the
+          // down product, the last pair half past the end.
+          {{WeightType::int4, false}, 64, softmax(true), 0, false, 256, 128, 128},
+          {{WeightType::int2, true}, 60, softmax(false), 0, false, 144, 48},
           // Grouping: several steps of 32 copies per warp, shared expert in prefill.
           {{WeightType::int4, false}, 700, softmax(true), 32, true},
           // Prefill on the fast path (group 32; on sm_90 the wgmma kernel with
