@@ -287,7 +287,6 @@ struct GroupBlocksArgs {
   int64_t pairs, k;
   int E;
   int32_t *ids_out, *counts, *slot_of, *token_of, *block_counts;
-  int slices;  // group_place_kernel: threads an expert that sum the block counts
 };
 
 __global__ void __launch_bounds__(kGroupChunk) group_count_kernel(GroupBlocksArgs a) {
@@ -332,7 +331,7 @@ __global__ void __launch_bounds__(kGroupChunk) group_place_kernel(GroupBlocksArg
   // The block counts summed by all threads: thread (s, e) = tid (s * E + e)
   // takes slice s of the blocks for expert e (loads coalesced along e, a
   // few independent loads a thread, not one thread walking every block).
-  const int slices = a.slices;  // <= kGroupChunk / E
+  const int slices = max(1, kGroupChunk / E);  // E <= kMaxRoutedExperts <= kGroupChunk
   const int e = tid % E, s = tid / E;
   const int per = (nb + slices - 1) / slices;
   int32_t tot = 0, bef = 0;
@@ -705,15 +704,8 @@ Status fused_moe(const FusedMoeParams& p, const Device& device) {
       return s;
     }
     if (group_blocks_enabled()) {
-      // QMOE_GROUP_SLICES=1: one thread an expert sums the block counts (as
-      // before the seventh session), for measurements.
-      static const bool one_slice = [] {
-        const char* v = std::getenv("QMOE_GROUP_SLICES");
-        return v && v[0] == '1';
-      }();
-      const int slices = one_slice ? 1 : std::max(1, kGroupChunk / int(E));
       const GroupBlocksArgs gb{ga.ids_in, ws.topk_weights, pairs, K, int(E), ws.topk_ids, ws.counts,
-                               ws.slot_of, ws.token_of, ws.block_counts, slices};
+                               ws.slot_of, ws.token_of, ws.block_counts};
       const unsigned nb = blocks(pairs, kGroupChunk);
       const size_t count_smem = size_t(kGroupChunk / 32) * size_t(E) * 4;  // <= 32 KB (E <= 512)
       launch_kernel(group_count_kernel, dim3(nb), dim3(kGroupChunk), count_smem, stream, early, gb);
