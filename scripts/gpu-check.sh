@@ -169,20 +169,27 @@ if want ab; then
 fi
 
 # An ncu profile (full set; stall reasons and the SASS lines that stall
-# most, through scripts/ncu_summary.py) of the decode kernel on one row:
-# QMOE_PROFILE_MODEL (default qwen3-30b-a3b), QMOE_PROFILE_BATCH (1),
-# QMOE_PROFILE_ENC (int4), QMOE_PROFILE_PRODUCT (gate_up), for each library
-# of QMOE_PROFILE_LIBS ("NAME=LIB ...", default the build's).
-# Writes $OUT/profile-NAME.txt.
+# most, through scripts/ncu_summary.py) of one kernel on one row:
+# QMOE_PROFILE_PHASE (decode, or prefill: the decode kernel or the prefill
+# kernels), QMOE_PROFILE_MODEL (default qwen3-30b-a3b), QMOE_PROFILE_BATCH
+# (tokens before top-k; default 1, prefill 4096), QMOE_PROFILE_ENC (int4),
+# QMOE_PROFILE_PRODUCT (gate_up), for each library of QMOE_PROFILE_LIBS
+# ("NAME=LIB ...", default the build's). Writes $OUT/profile-NAME.txt.
 if want profile && command -v ncu >/dev/null; then
-  model=${QMOE_PROFILE_MODEL:-qwen3-30b-a3b} batch=${QMOE_PROFILE_BATCH:-1}
+  phase=${QMOE_PROFILE_PHASE:-decode}
+  if [ "$phase" = prefill ]; then
+    kernel='regex:wgmma_kernel|prefill' batch=${QMOE_PROFILE_BATCH:-4096} rows=(--prefill-batches)
+  else
+    kernel='regex:decode_kernel' batch=${QMOE_PROFILE_BATCH:-1} rows=(--batches)
+  fi
+  model=${QMOE_PROFILE_MODEL:-qwen3-30b-a3b}
   enc=${QMOE_PROFILE_ENC:-int4} product=${QMOE_PROFILE_PRODUCT:-gate_up}
-  say "ncu profile: decode kernel, $model b$batch $enc $product"
+  say "ncu profile: $phase kernel, $model b$batch $enc $product"
   for entry in ${QMOE_PROFILE_LIBS:-default=$BUILD/libqmoe.a}; do
-    name=${entry%%=*} lib=${entry#*=} rep=/tmp/decode-profile-$name
-    timeout 300 ncu --set full --import-source no -k regex:decode_kernel --launch-skip 3 --launch-count 1 \
-      -f -o "$rep" python3 bench/gpu_bench.py --phase decode --backend shim --lib "$lib" --no-anchors \
-      --models "$model" --batches "$batch" --encodings "$enc" --products "$product" --out /tmp/profile-bench \
+    name=${entry%%=*} lib=${entry#*=} rep=/tmp/$phase-profile-$name
+    timeout 300 ncu --set full --import-source no -k "$kernel" --launch-skip 3 --launch-count 1 \
+      -f -o "$rep" python3 bench/gpu_bench.py --phase "$phase" --backend shim --lib "$lib" --no-anchors \
+      --models "$model" "${rows[@]}" "$batch" --encodings "$enc" --products "$product" --out /tmp/profile-bench \
       >"$OUT/raw/ncu-$name.log" 2>&1 || status=1
     # The report is too large to come back: its details page, the stall
     # reasons and the SASS lines that stall most do.
