@@ -191,7 +191,7 @@ __device__ __forceinline__ int64_t covered_by_counts(const int32_t* __restrict__
 
 // ------------------------------------------------------------------ kernel
 // Whether passes of 9+ tokens take two row tiles a warp (decode_tile's RT).
-// Measured on H200 (Mixtral b64, 17-24 tokens an expert): int4 and int2 1.5x
+// Measured on H200 (Mixtral b64: 8 experts, up to 19 tokens each): int4 and int2 1.5x
 // faster, bf16 1.2-1.4x, int8 3-9% slower (its 16-bit scaling costs more than
 // the L1 traffic it saves, the activations being a smaller share of its
 // bytes). Not in the prefetch pipeline of quantized weights (a tuning
