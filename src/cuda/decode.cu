@@ -111,9 +111,13 @@ __device__ __forceinline__ void load_stream(Raw<8>& r, const uint8_t* p) {
       : "l"(p));
 }
 
-// Activations are re-read by every row tile: keep them in L1.
+// Activations are re-read by every row tile: keep them in L1. A plain load,
+// not __ldg: in an early launch (common.cuh) they are the previous kernel's
+// output, and a read-only load is an invariant load to the compiler, which
+// may hoist it above wait_prior_grid (seen on H200: the fused layer's down
+// product read rows of SiLU·mul before the gate/up product wrote them).
 __device__ __forceinline__ void load_act(uint32_t* w, const uint16_t* p) {
-  const uint4 x = __ldg(reinterpret_cast<const uint4*>(p));
+  const uint4 x = *reinterpret_cast<const uint4*>(p);
   w[0] = x.x;
   w[1] = x.y;
   w[2] = x.z;
@@ -140,6 +144,9 @@ __device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uin
 // ------------------------------------------------------------------ schedule
 // The j-th expert (in expert order) whose token range, clamped as in
 // expert_range, is not empty. Called by whole warps; the result is uniform.
+// The counts come from an earlier kernel of the stream: they are read through
+// L2 (ld.global.cg, not an invariant __ldg that could be hoisted above
+// wait_prior_grid or served from lines cached before that kernel wrote them).
 struct Slot {
   int e;
   int64_t t0, t1;
@@ -151,7 +158,7 @@ __device__ __forceinline__ bool find_active_expert(const int32_t* __restrict__ c
   int64_t base = 0;  // clamped token offset of expert i0
   for (int i0 = 0; i0 < E && base < T; i0 += 32) {
     const int i = i0 + lane;
-    const int64_t cnt = i < E ? max(__ldg(counts + i), 0) : 0;
+    const int64_t cnt = i < E ? max(__ldcg(counts + i), 0) : 0;
     int64_t incl = cnt;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
@@ -181,7 +188,7 @@ __device__ __forceinline__ int64_t covered_by_counts(const int32_t* __restrict__
   const int lane = threadIdx.x & 31;
   int64_t base = 0;
   for (int i0 = 0; i0 < E && base < T; i0 += 32) {
-    int64_t cnt = i0 + lane < E ? max(__ldg(counts + i0 + lane), 0) : 0;
+    int64_t cnt = i0 + lane < E ? max(__ldcg(counts + i0 + lane), 0) : 0;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) cnt += __shfl_xor_sync(0xffffffffu, cnt, o);
     base = min(base + cnt, T);
@@ -276,7 +283,7 @@ __device__ __forceinline__ void decode_tile(const DecodeArgs& a, const Slot& s, 
 #pragma unroll
     for (int ch = 0; ch < NC; ++ch) {
       const int64_t r = min(tb + 8 * ch + g, s.t1 - 1);
-      arow[ch] = a.act + (a.act_rows ? int64_t(__ldg(a.act_rows + r)) : r) * a.K;
+      arow[ch] = a.act + (a.act_rows ? int64_t(__ldcg(a.act_rows + r)) : r) * a.K;
     }
     // Scales (and zeros) of rows g and g+8: offsets from the tensors' bases,
     // which stay kernel parameters (few registers held across the loop).

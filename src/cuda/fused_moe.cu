@@ -522,19 +522,22 @@ __global__ void shared_prologue_kernel(FusedMoeParams p, int32_t* count, float* 
 // out[t] = sum_j w[t, j] * y[slot_of[t, j]] in j order (+ shared expert,
 // scaled by sigmoid(x·g) when a gate is given). One block a token; 16-byte
 // vectors where H and `out` allow (the same arithmetic in the same order).
+// No __restrict__ (read-only loads): y comes from the previous kernel of an
+// early launch, and must be read after wait_prior_grid (decode.cu's load_act).
 template <class Act>
-__global__ void combine_kernel(FusedMoeParams p, const float* __restrict__ weights,
-                               const int32_t* __restrict__ slot_of, const uint16_t* __restrict__ y,
-                               const uint16_t* __restrict__ shared_out, const float* __restrict__ gate_scale) {
+__global__ void combine_kernel(FusedMoeParams p, const float* weights, const int32_t* slot_of, const uint16_t* y,
+                               const uint16_t* shared_out, const float* gate_scale) {
   const int64_t t = blockIdx.x;
   const int64_t H = p.hidden, K = p.top_k;
   // Before wait_prior_grid (early launch): only what routing (kernels
-  // before the previous one) wrote: rows and weights.
+  // before the previous one) wrote: rows and weights, through L2 (an
+  // earlier call's lines may still be in this SM's L1; see decode.cu's
+  // find_active_expert).
   __shared__ int32_t rows[32];  // top_k <= 32
   __shared__ float wts[32];
   if (threadIdx.x < K) {
-    rows[threadIdx.x] = slot_of[t * K + threadIdx.x];
-    wts[threadIdx.x] = weights[t * K + threadIdx.x];
+    rows[threadIdx.x] = __ldcg(slot_of + t * K + threadIdx.x);
+    wts[threadIdx.x] = __ldcg(weights + t * K + threadIdx.x);
   }
   __syncthreads();
   wait_prior_grid();  // the experts' outputs
