@@ -106,6 +106,9 @@ struct WCfg {
   static constexpr int STAGES_RAW = (208 * 1024) / STAGE;
   static constexpr int STAGES = STAGES_RAW > 8 ? 8 : STAGES_RAW;
   static constexpr int kThreads = 384;
+  // The TMA's swizzle of a quantized weight tile (WGather reads it back):
+  // 64-byte for the 64-byte rows of 8-bit codes, none for 4-bit and 2-bit.
+  static constexpr CUtensorMapSwizzle kWSwizzle = kBits == 8 ? CU_TENSOR_MAP_SWIZZLE_64B : CU_TENSOR_MAP_SWIZZLE_NONE;
   static_assert(STAGES >= 3, "pipeline depth");
   static_assert((TOK_BYTES + W_BYTES) % 1024 == 0, "scale words after 1024-aligned buffers");
   using Dec = PrefillDecode<Act, Enc>;
@@ -194,10 +197,10 @@ __device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
 }
 
 // ---------------------------------------------------------------------------
-// Gather: the raw codes of lane c (= lane % 4) for weight row `row` (shared
-// address of the row's stage bytes) and 32-wide k chunk q, in the order
-// PrefillDecode::decode takes: k group i (k 8i..8i+7 of the chunk) gives
-// the lane's pair (8i + 2c, 8i + 2c + 1).
+// Gather: the raw codes of lane c (= lane % 4) for weight row r of the
+// stage's weight tile (shared memory at `tile`) and 32-wide k chunk q, in
+// the order PrefillDecode::decode takes: k group i (k 8i..8i+7 of the chunk)
+// gives the lane's pair (8i + 2c, 8i + 2c + 1).
 // ---------------------------------------------------------------------------
 template <class Enc, int Bits = Enc::kBits>
 struct WGather;
@@ -205,19 +208,26 @@ struct WGather;
 // int4: 16 bytes per chunk; byte c of each 4-byte word.
 template <class Enc>
 struct WGather<Enc, 4> {
-  __device__ static __forceinline__ uint32_t get(const unsigned char* row, int q, int c) {
-    const uint4 v = *reinterpret_cast<const uint4*>(row + 16 * q);
+  __device__ static __forceinline__ uint32_t get(const unsigned char* tile, int r, int q, int c) {
+    const uint4 v = *reinterpret_cast<const uint4*>(tile + 32 * r + 16 * q);
     const uint32_t sel = uint32_t(c) | (uint32_t(c + 4) << 4);
     return __byte_perm(__byte_perm(v.x, v.y, sel), __byte_perm(v.z, v.w, sel), 0x5410u);
   }
 };
 
-// int8 / fp8: 32 bytes per chunk; the c-th 16-bit half of each 8 bytes.
+// int8 / fp8: 32 bytes per chunk; the c-th 16-bit half of each 8 bytes. The
+// tile's 64-byte rows are 64-byte swizzled (the TMA writes 16-byte unit j of
+// row r at 16 (j ^ ((r >> 1) & 3))): the 8 rows a warp reads then lie in
+// different banks (unswizzled, rows r and r + 2 share theirs: 4 wavefronts
+// a load instead of 1).
 template <class Enc>
 struct WGather<Enc, 8> {
-  __device__ static __forceinline__ uint2 get(const unsigned char* row, int q, int c) {
-    const uint4 u = *reinterpret_cast<const uint4*>(row + 32 * q);
-    const uint4 v = *reinterpret_cast<const uint4*>(row + 32 * q + 16);
+  __device__ static __forceinline__ uint2 get(const unsigned char* tile, int r, int q, int c) {
+    // 16-byte unit j of the row at (64 r + 16 x) ^ 16 j, x = (r >> 1) & 3:
+    // one lane base, then constant xors (the row's other bits are untouched).
+    const uint32_t base = uint32_t(64 * r) | uint32_t(16 * ((r >> 1) & 3));
+    const uint4 u = *reinterpret_cast<const uint4*>(tile + (base ^ uint32_t(32 * q)));
+    const uint4 v = *reinterpret_cast<const uint4*>(tile + (base ^ uint32_t(32 * q + 16)));
     const bool hi = (c & 2) != 0;
     const uint32_t sel = (c & 1) ? 0x7632u : 0x5410u;
     return make_uint2(__byte_perm(hi ? u.y : u.x, hi ? u.w : u.z, sel),
@@ -228,8 +238,8 @@ struct WGather<Enc, 8> {
 // int2: 8 bytes per chunk; nibble c of each 16-bit word.
 template <class Enc>
 struct WGather<Enc, 2> {
-  __device__ static __forceinline__ uint16_t get(const unsigned char* row, int q, int c) {
-    const uint2 w = *reinterpret_cast<const uint2*>(row + 8 * q);
+  __device__ static __forceinline__ uint16_t get(const unsigned char* tile, int r, int q, int c) {
+    const uint2 w = *reinterpret_cast<const uint2*>(tile + 16 * r + 8 * q);
     const uint32_t x = (w.x >> (4 * c)) & 0x000f000fu;   // words 0, 1: bits 0..3, 16..19
     const uint32_t y = (w.y >> (4 * c)) & 0x000f000fu;   // words 2, 3
     const uint32_t z = x | (y << 8);                     // 0..3 w0, 8..11 w2, 16..19 w1, 24..27 w3
@@ -423,13 +433,14 @@ struct WKernel {
       }
     } else {
       const unsigned char* sw = stage + C::TOK_BYTES;
+      __builtin_assume((rbase & 15) == 0);  // tile_row: the lane's rows are g and 8 + g mod 16
       const uint32_t* sS = reinterpret_cast<const uint32_t*>(stage + C::TOK_BYTES + C::W_BYTES) + q * C::BN;
       const uint32_t* sZ = sS + 2 * C::BN;
       uint32_t b[2][4];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int r = rbase + 8 * h + g;
-        const auto raw = WGather<Enc>::get(sw + r * C::KPB, q, c);
+        const auto raw = WGather<Enc>::get(sw, r, q, c);
         const uint32_t s2 = C::kScaled ? sS[r] : 0u;
         const uint32_t bias = C::kBias ? sZ[r] : Dec::kSymBias;
         Dec::decode(raw, s2, bias, b[h]);
@@ -717,7 +728,7 @@ bool launch_variant(const MoeGemmParams& p, cudaStream_t stream, Status* status,
                  : C::kNative ? make_map(&maps.w, p.weights, CU_TENSOR_MAP_DATA_TYPE_UINT16, uint64_t(p.k), wrows,
                                          uint64_t(kp), C::BK, glu ? C::BN / 2 : C::BN, CU_TENSOR_MAP_SWIZZLE_128B)
                               : make_map(&maps.w, p.weights, CU_TENSOR_MAP_DATA_TYPE_UINT8, uint64_t(kp), wrows,
-                                         uint64_t(kp), C::KPB, glu ? C::BN / 2 : C::BN, CU_TENSOR_MAP_SWIZZLE_NONE);
+                                         uint64_t(kp), C::KPB, glu ? C::BN / 2 : C::BN, C::kWSwizzle);
   if (!wok) return false;
 
   WArgs a;
