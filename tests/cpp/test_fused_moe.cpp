@@ -258,7 +258,9 @@ std::vector<LayerCase> layer_cases() {
           // Prefill on the fast path (group 32; on sm_90 the wgmma kernel with
           // SiLU·mul as the gate/up epilogue): one and two 128-output tiles.
           {{WeightType::int4, true}, 300, softmax(true), 32, true, 128, 96, 32},
-          {{WeightType::native16, false}, 200, softmax(false), 0, false, 128, 160, 32}};
+          {{WeightType::native16, false}, 200, softmax(false), 0, false, 128, 160, 32},
+          // From 1024 tokens the CUDA layer forks the shared expert after grouping.
+          {{WeightType::fp8_e4m3, false}, 1030, softmax(false), 32, true}};
 }
 
 TEST(FusedMoe, CpuMatchesFloat64Layer) {
