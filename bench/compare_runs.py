@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
-"""Side-by-side decode tables of several bench/gpu_bench.py runs of one call.
+"""Side-by-side tables of several benchmark runs of one call.
 
     python3 bench/compare_runs.py NAME=DIR [NAME=DIR ...] [--default ENC=NAME,...,*=NAME]
+    python3 bench/compare_runs.py NAME=FILE.json [NAME=FILE.json ...]
 
 Each DIR holds a decode.json written by `gpu_bench.py --phase decode` (for
-example the QMOE_DECODE_PIPE variants of `scripts/gpu-check.sh variants`).
-Rows are matched by label and encoding; every run's time and % of its own
-floor are printed, then, per encoding, the range of % floor of the default
-run (--default: which run is the library's default for an encoding) over
-the issue's row classes (>= 32 MB of active weights, 8-32 MB).
+example the QMOE_DECODE_PIPE variants of `scripts/gpu-check.sh variants`);
+each FILE.json is a `prefill_bench.py --json` file (scripts/gpu-check.sh
+ab-prefill). Rows are matched by label and encoding; every run's time and %
+of its own floor are printed, then, for runs named VARIANT_rN, each variant's
+time against the first, and for decode runs, per encoding, the range of %
+floor of the default run (--default: which run is the library's default for
+an encoding) over issue 3's row classes (>= 32 MB of active weights, 8-32 MB).
 """
 from __future__ import annotations
 
@@ -20,8 +23,17 @@ import re
 
 
 def load(path):
-    with open(os.path.join(path, "decode.json")) as f:
-        return json.load(f)
+    """A run in the decode schema: a gpu_bench.py decode directory, or a
+    prefill_bench.py JSON file (rows labelled "shape (path)")."""
+    if os.path.isdir(path):
+        with open(os.path.join(path, "decode.json")) as f:
+            return json.load(f)
+    with open(path) as f:
+        d = json.load(f)
+    return {"meta": {"card": d["card"], "date": "", "copy_bw_GBps": d["copy_bw"] / 1e9, "phase": "prefill",
+                     "dense_TFLOPs": d["dense_rate"] / 1e12},
+            "rows": [{"label": f"{r['shape']} ({r['path']})", "encoding": r["enc"], "qmoe_ms": r["us"] / 1e3,
+                      "pct_floor": r["pct_floor"]} for r in d["rows"]]}
 
 
 def variant_summary(names, rows):
@@ -78,17 +90,23 @@ def main():
         default[enc] = name
 
     meta = runs[0][1]["meta"]
+    prefill = meta.get("phase") == "prefill"
     rows = {}
     for name, data in runs:
         for r in data["rows"]:
             rows.setdefault((r["label"], r["encoding"]), {})[name] = r
     names = [n for n, _ in runs]
-    print(f"{meta['card']}, {meta['date']}; device copy {meta['copy_bw_GBps']:.0f} GB/s (bytes read + "
-          f"written, each run measures its own); activations {meta['act']}, group size {meta['group_size']}.")
+    if prefill:
+        print(f"{meta['card']}; prefill_bench.py rows; device copy {meta['copy_bw_GBps']:.0f} GB/s, dense bf16 "
+              f"{meta['dense_TFLOPs']:.0f} TFLOP/s (first run; each run measures its own anchors).")
+    else:
+        print(f"{meta['card']}, {meta['date']}; device copy {meta['copy_bw_GBps']:.0f} GB/s (bytes read + "
+              f"written, each run measures its own); activations {meta['act']}, group size {meta['group_size']}.")
     print()
-    print("| row | enc | active MB | floor us | " + " | ".join(f"{n} us | {n} % floor" for n in names) +
-          " | default |")
-    print("|---|---|---:|---:|" + "---:|---:|" * len(names) + "---|")
+    extra = "" if prefill else " active MB | floor us |"
+    print("| row | enc |" + extra + " " + " | ".join(f"{n} us | {n} % floor" for n in names) +
+          ("" if prefill else " | default") + " |")
+    print("|---|---|" + ("" if prefill else "---:|---:|") + "---:|---:|" * len(names) + ("" if prefill else "---|"))
     summary = {}
     for (label, enc), per in rows.items():
         first = next(iter(per.values()))
@@ -97,6 +115,9 @@ def main():
             r = per.get(n)
             t = r and r.get("qmoe_ms")
             cells.append(f"{t * 1e3:.1f} | {r['pct_floor']:.1f}" if t else "- | -")
+        if prefill:
+            print(f"| {label} | {enc} | " + " | ".join(cells) + " |")
+            continue
         dflt = default.get(enc, default["*"])
         print(f"| {label} | {enc} | {first['active_weight_MB']:.1f} | {first['floor_ms'] * 1e3:.1f} | " +
               " | ".join(cells) + f" | {dflt} |")
@@ -107,6 +128,8 @@ def main():
             if cls:
                 summary.setdefault((enc, cls), []).append(d["pct_floor"])
     variant_summary(names, rows)
+    if prefill:
+        return
     print()
     print("Default path, % of the floor (issue 3 targets: >= 80% on rows >= 32 MB, >= 60% on 8-32 MB):")
     print()

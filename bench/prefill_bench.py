@@ -169,6 +169,8 @@ def main():
     ap.add_argument("--shapes", default="", help="comma-separated substrings of shape labels to run")
     ap.add_argument("--profile", default="", help="E,N,K,T,enc: three plain calls (for ncu), no timing")
     ap.add_argument("--paths", default="", help="comma list of wgmma,mma: time each kernel (default: the library's choice)")
+    ap.add_argument("--json", default="", help="write the rows here (default: $OUT/prefill_bench*.json "
+                    "where $OUT is set); bench/compare_runs.py reads such files side by side")
     args = ap.parse_args()
     known = set(BITS) | {e + "a" for e in BITS if e not in ("native16", "ekn16")}
     bad = [e for e in args.encodings.split(",") if e and e not in known]
@@ -302,10 +304,10 @@ def main():
             del probs, one
             torch.cuda.empty_cache()
     out = os.environ.get("OUT")
-    if out:
+    if out or args.json:
         import json
         tag = "".join(f"_{k.split('_')[-1].lower()}-{v}" for k, v in switches.items() if v)
-        with open(os.path.join(out, f"prefill_bench{tag}.json"), "w") as f:
+        with open(args.json or os.path.join(out, f"prefill_bench{tag}.json"), "w") as f:
             json.dump(dict(card=name, copy_bw=copy_bw, dense_rate=dense_rate, switches=switches, rows=rows), f,
                       indent=1)
 

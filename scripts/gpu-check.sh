@@ -5,7 +5,7 @@
 #
 #   bash scripts/gpu-check.sh                 # every stage
 #   bash scripts/gpu-check.sh build test      # some stages
-# Stages: build test sanitize python bench pybench model (default), variants, ab, profile
+# Stages: build test sanitize python bench pybench model (default), variants, ab, ab-prefill, profile
 # QMOE_BUILD_TARGETS (e.g. "_ext qmoe") builds only those targets; QMOE_CUDA_ARCHS
 # the architectures (default "80-real;90a-real").
 # The GPU image has no GoogleTest: copy Debian's sources first, and name the
@@ -122,25 +122,28 @@ if want variants; then
   done
 fi
 
-# Compile-time variants of the decode kernel against the default build,
-# decode tables side by side. QMOE_AB_PREBUILT: a folder that
-# scripts/ab-prebuild.sh filled elsewhere (libqmoe.a, the default, as "a";
-# each NAME.o a decode.cu.o of a variant: one compile of decode.cu takes
-# minutes on the GPU machine). QMOE_AB_CUDA_FLAGS instead builds the whole
-# library again here with those flags, as variant "b". Then QMOE_AB_ROUNDS
-# (default 2) rounds of gpu_bench.py decode runs, one per build in turn
+# Compile-time variants of the kernels against the default build, their
+# tables side by side. QMOE_AB_PREBUILT: a folder that scripts/ab-prebuild.sh
+# filled elsewhere (libqmoe.a, the default, as "a"; each NAME.d/ the objects
+# of a variant, which replace those of the library: one compile of a kernel
+# file takes minutes on the GPU machine). QMOE_AB_CUDA_FLAGS instead builds
+# the whole library again here with those flags, as variant "b". Then
+# QMOE_AB_ROUNDS (default 2) rounds of runs, one per build in turn
 # (NAME_rN), and bench/compare_runs.py over all of them, with each variant's
-# geometric-mean time against "a" (QMOE_AB_BENCH_ARGS: more options).
-if want ab; then
+# geometric-mean time against "a":
+#   ab          gpu_bench.py decode tables (QMOE_AB_BENCH_ARGS: more options);
+#   ab-prefill  prefill_bench.py tables (QMOE_AB_PREFILL_ARGS, default
+#               "--encodings int4,int8,fp8_e4m3,native16").
+ab_libs() {  # fills $libs with a.a and NAME.a; sets names=(a NAME...)
   libs="$OUT/ab-libs"
   mkdir -p "$libs"
   names=(a)
   if [ -n "${QMOE_AB_PREBUILT:-}" ]; then
     cp "$QMOE_AB_PREBUILT/libqmoe.a" "$libs/a.a"
-    for o in "$QMOE_AB_PREBUILT"/*.o; do
-      n=$(basename "$o" .o)
-      mkdir -p "$libs/$n.d" && cp "$o" "$libs/$n.d/decode.cu.o" && cp "$libs/a.a" "$libs/$n.a" &&
-        ar r "$libs/$n.a" "$libs/$n.d/decode.cu.o" && names+=("$n")
+    for d in "$QMOE_AB_PREBUILT"/*.d; do
+      [ -d "$d" ] || continue
+      n=$(basename "$d" .d)
+      cp "$libs/a.a" "$libs/$n.a" && ar r "$libs/$n.a" "$d"/*.o && names+=("$n")
     done
   else
     cp "$BUILD/libqmoe.a" "$libs/a.a"
@@ -152,6 +155,10 @@ if want ab; then
       cmake --build build/gpu-ab -j "$(nproc)" --target qmoe >>"$LOG" 2>&1 &&
       cp build/gpu-ab/libqmoe.a "$libs/b.a" && names+=(b) || { say "A/B BUILD FAILED"; status=1; }
   fi
+}
+
+if want ab; then
+  ab_libs
   sel=(--phase decode --backend shim --no-anchors --encodings "${QMOE_VARIANT_ENCODINGS:-int4,int2,int8}"
        --models "${QMOE_VARIANT_MODELS:-qwen1.5-moe,deepseek-v2-lite,mixtral-8x7b,qwen3-30b-a3b}"
        ${QMOE_AB_BENCH_ARGS:-})
@@ -165,6 +172,24 @@ if want ab; then
   done
   python3 bench/compare_runs.py "${runs[@]}" >"$OUT/ab-compare.txt" 2>&1 || status=1
   tail -60 "$OUT/ab-compare.txt" | tee -a "$LOG"
+  rm -rf "$libs"
+fi
+
+if want ab-prefill; then
+  ab_libs
+  say "prefill A/B: ${names[*]}"
+  runs=()
+  for r in $(seq 1 "${QMOE_AB_ROUNDS:-2}"); do
+    for n in "${names[@]}"; do
+      # shellcheck disable=SC2086
+      timeout "${QMOE_BENCH_TIMEOUT:-240}" python3 bench/prefill_bench.py --lib "$libs/$n.a" \
+        ${QMOE_AB_PREFILL_ARGS:---encodings int4,int8,fp8_e4m3,native16} --json "$OUT/raw/prefill-${n}_r$r.json" \
+        >>"$LOG" 2>&1 || status=1
+      runs+=("${n}_r$r=$OUT/raw/prefill-${n}_r$r.json")
+    done
+  done
+  python3 bench/compare_runs.py "${runs[@]}" >"$OUT/ab-prefill.txt" 2>&1 || status=1
+  tail -40 "$OUT/ab-prefill.txt" | tee -a "$LOG"
   rm -rf "$libs"
 fi
 
