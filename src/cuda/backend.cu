@@ -1,8 +1,6 @@
 // CUDA backend: device checks and the choice of kernel for a phase.
-#include <cstdlib>
-#include <string>
-
 #include "core/backend.h"
+#include "core/env.h"
 #include "cuda/common.cuh"
 #include "cuda/kernels.h"
 
@@ -28,8 +26,7 @@ bool early_launch_supported(int device) {
   if (device < 0 || device >= 64) return false;
   if (cached[device] == 0) {
     int major = 0;
-    const char* env = std::getenv("QMOE_PDL");
-    const bool off = env && env[0] == '0';
+    const bool off = env_is("QMOE_PDL", "0");
     if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
       cudaGetLastError();
       major = 0;

@@ -6,11 +6,10 @@
 #include <algorithm>
 #include <atomic>
 #include <climits>
-#include <cstdlib>
-#include <string>
 #include <utility>
 
 #include "core/backend.h"
+#include "core/env.h"
 #include "core/fused_moe_workspace.h"
 #include "core/routing.h"
 #include "cuda/common.cuh"
@@ -378,10 +377,7 @@ std::atomic<int> g_group_blocks{-1};
 bool group_blocks_enabled() {
   const int o = g_group_blocks.load(std::memory_order_relaxed);
   if (o >= 0) return o != 0;
-  static const bool env = [] {
-    const char* v = std::getenv("QMOE_GROUP_BLOCKS");
-    return !(v && v[0] == '0');
-  }();
+  static const bool env = !env_is("QMOE_GROUP_BLOCKS", "0");
   return env;
 }
 
@@ -610,10 +606,7 @@ SideStream* side_stream(int device) {
 // QMOE_LAYER_DECODE_TOKENS (tokens per expert, for measuring the crossover)
 // overrides both.
 Phase layer_phase(const MoeGemmParams& q) {
-  static const int forced = [] {
-    const char* v = std::getenv("QMOE_LAYER_DECODE_TOKENS");
-    return v ? std::atoi(v) : 0;
-  }();
+  static const int forced = env_int("QMOE_LAYER_DECODE_TOKENS");
   if (forced > 0) return choose_phase(q, forced);
   return choose_phase(q, q.weight_type == WeightType::native16 ? 4 : 16);
 }
@@ -621,10 +614,7 @@ Phase layer_phase(const MoeGemmParams& q) {
 // SiLU·mul in the wgmma prefill kernel's epilogue (QMOE_PREFILL_GLU=0: a
 // separate kernel after the product, for comparison).
 bool prefill_swiglu_epilogue() {
-  static const bool on = [] {
-    const char* v = std::getenv("QMOE_PREFILL_GLU");
-    return !(v && v[0] == '0');
-  }();
+  static const bool on = !env_is("QMOE_PREFILL_GLU", "0");
   return on;
 }
 
@@ -632,10 +622,7 @@ bool prefill_swiglu_epilogue() {
 // QMOE_SHARED_FORK=early forks it first always, for comparison.
 constexpr int64_t kSharedForkLateTokens = 1024;
 bool shared_fork_late() {
-  static const bool late = [] {
-    const char* v = std::getenv("QMOE_SHARED_FORK");
-    return !(v && std::string(v) == "early");
-  }();
+  static const bool late = !env_is("QMOE_SHARED_FORK", "early");
   return late;
 }
 

@@ -5,9 +5,8 @@
 // falls back to the decode or generic kernel, which handle any shape.
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
+#include "core/env.h"
 #include "cuda/kernels.h"
 
 namespace qmoe::cuda {
@@ -21,20 +20,14 @@ bool launch_wgmma_bf16(const MoeGemmParams& p, cudaStream_t stream, Status* stat
 namespace {
 std::atomic<int> g_scales{-1}, g_tiles{-1}, g_wgmma{-1};
 std::atomic<int> g_last_path{0};
-int env_choice(const char* name, const char* a, int va, const char* b, int vb) {
-  const char* v = std::getenv(name);
-  if (v && a && std::strcmp(v, a) == 0) return va;
-  if (v && b && std::strcmp(v, b) == 0) return vb;
-  return 0;
-}
 }  // namespace
 int scale_path_override() {
-  static const int env = env_choice("QMOE_PREFILL_SCALES", "ldg", 1, nullptr, 0);
+  static const int env = env_is("QMOE_PREFILL_SCALES", "ldg") ? 1 : 0;
   const int o = g_scales.load(std::memory_order_relaxed);
   return o >= 0 ? o : env;
 }
 int tile_override() {
-  static const int env = env_choice("QMOE_PREFILL_TILES", "256", 1, "128", 2);
+  static const int env = env_is("QMOE_PREFILL_TILES", "256") ? 1 : env_is("QMOE_PREFILL_TILES", "128") ? 2 : 0;
   const int o = g_tiles.load(std::memory_order_relaxed);
   return o >= 0 ? o : env;
 }
@@ -48,7 +41,7 @@ void set_overrides(int scales, int tiles) {
 // takes precedence: 0 off, 1 on, -1 the environment's choice.
 constexpr bool kWgmmaDefault = true;
 bool wgmma_enabled() {
-  static const int env = env_choice("QMOE_PREFILL_WGMMA", "0", 1, "1", 2);
+  static const int env = env_is("QMOE_PREFILL_WGMMA", "0") ? 1 : env_is("QMOE_PREFILL_WGMMA", "1") ? 2 : 0;
   const int o = g_wgmma.load(std::memory_order_relaxed);
   if (o >= 0) return o != 0;
   return env == 0 ? kWgmmaDefault : env == 2;
