@@ -157,40 +157,46 @@ ab_libs() {  # fills $libs with a.a and NAME.a; sets names=(a NAME...)
   fi
 }
 
-if want ab; then
-  ab_libs
-  sel=(--phase decode --backend shim --no-anchors --encodings "${QMOE_VARIANT_ENCODINGS:-int4,int2,int8}"
-       --models "${QMOE_VARIANT_MODELS:-qwen1.5-moe,deepseek-v2-lite,mixtral-8x7b,qwen3-30b-a3b}"
-       ${QMOE_AB_BENCH_ARGS:-})
-  runs=()
+# QMOE_AB_ROUNDS interleaved rounds of `$2 NAME ROUND` (runs the benchmark
+# of one library, prints NAME_rROUND=RESULT; non-zero if it failed) over the
+# libraries of ab_libs, then bench/compare_runs.py over them into $OUT/$1.
+ab_rounds() {
+  local result=$1 run=$2 runs=() one
   for r in $(seq 1 "${QMOE_AB_ROUNDS:-2}"); do
     for n in "${names[@]}"; do
-      timeout "${QMOE_BENCH_TIMEOUT:-240}" python3 bench/gpu_bench.py "${sel[@]}" --lib "$libs/$n.a" \
-        --out "$OUT/raw/${n}_r$r" --tag "${n}_r$r" >>"$LOG" 2>&1 || status=1
-      runs+=("${n}_r$r=$OUT/raw/${n}_r$r")
+      one=$("$run" "$n" "$r") || status=1
+      runs+=("$one")
     done
   done
-  python3 bench/compare_runs.py "${runs[@]}" >"$OUT/ab-compare.txt" 2>&1 || status=1
-  tail -60 "$OUT/ab-compare.txt" | tee -a "$LOG"
+  python3 bench/compare_runs.py "${runs[@]}" >"$OUT/$result" 2>&1 || status=1
+  tail -60 "$OUT/$result" | tee -a "$LOG"
   rm -rf "$libs"
+}
+ab_decode_run() {
+  local sel=(--phase decode --backend shim --no-anchors --encodings "${QMOE_VARIANT_ENCODINGS:-int4,int2,int8}"
+             --models "${QMOE_VARIANT_MODELS:-qwen1.5-moe,deepseek-v2-lite,mixtral-8x7b,qwen3-30b-a3b}"
+             ${QMOE_AB_BENCH_ARGS:-})
+  echo "$1_r$2=$OUT/raw/$1_r$2"
+  timeout "${QMOE_BENCH_TIMEOUT:-240}" python3 bench/gpu_bench.py "${sel[@]}" --lib "$libs/$1.a" \
+    --out "$OUT/raw/$1_r$2" --tag "$1_r$2" >>"$LOG" 2>&1
+}
+ab_prefill_run() {
+  echo "$1_r$2=$OUT/raw/prefill-$1_r$2.json"
+  # shellcheck disable=SC2086
+  timeout "${QMOE_BENCH_TIMEOUT:-240}" python3 bench/prefill_bench.py --lib "$libs/$1.a" \
+    ${QMOE_AB_PREFILL_ARGS:---encodings int4,int8,fp8_e4m3,native16} --json "$OUT/raw/prefill-$1_r$2.json" \
+    >>"$LOG" 2>&1
+}
+
+if want ab; then
+  ab_libs
+  ab_rounds ab-compare.txt ab_decode_run
 fi
 
 if want ab-prefill; then
   ab_libs
   say "prefill A/B: ${names[*]}"
-  runs=()
-  for r in $(seq 1 "${QMOE_AB_ROUNDS:-2}"); do
-    for n in "${names[@]}"; do
-      # shellcheck disable=SC2086
-      timeout "${QMOE_BENCH_TIMEOUT:-240}" python3 bench/prefill_bench.py --lib "$libs/$n.a" \
-        ${QMOE_AB_PREFILL_ARGS:---encodings int4,int8,fp8_e4m3,native16} --json "$OUT/raw/prefill-${n}_r$r.json" \
-        >>"$LOG" 2>&1 || status=1
-      runs+=("${n}_r$r=$OUT/raw/prefill-${n}_r$r.json")
-    done
-  done
-  python3 bench/compare_runs.py "${runs[@]}" >"$OUT/ab-prefill.txt" 2>&1 || status=1
-  tail -40 "$OUT/ab-prefill.txt" | tee -a "$LOG"
-  rm -rf "$libs"
+  ab_rounds ab-prefill.txt ab_prefill_run
 fi
 
 # An ncu profile (full set; stall reasons and the SASS lines that stall
