@@ -225,13 +225,16 @@ struct WGather<Enc, 8> {
   __device__ static __forceinline__ uint2 get(const unsigned char* tile, int r, int q, int c) {
     // 16-byte unit j of the row at (64 r + 16 x) ^ 16 j, x = (r >> 1) & 3:
     // one lane base, then constant xors (the row's other bits are untouched).
+    // The lane's halves c and c + 4 of a unit are in its words c / 2 and
+    // c / 2 + 2: two 4-byte loads a unit (a warp's 16 distinct words lie in
+    // 16 banks: one wavefront), no lane select of 16-byte loads.
     const uint32_t base = uint32_t(64 * r) | uint32_t(16 * ((r >> 1) & 3));
-    const uint4 u = *reinterpret_cast<const uint4*>(tile + (base ^ uint32_t(32 * q)));
-    const uint4 v = *reinterpret_cast<const uint4*>(tile + (base ^ uint32_t(32 * q + 16)));
-    const bool hi = (c & 2) != 0;
+    const uint32_t w = 4u * uint32_t(c >> 1);
+    const unsigned char* u = tile + ((base ^ uint32_t(32 * q)) + w);
+    const unsigned char* v = tile + ((base ^ uint32_t(32 * q + 16)) + w);
     const uint32_t sel = (c & 1) ? 0x7632u : 0x5410u;
-    return make_uint2(__byte_perm(hi ? u.y : u.x, hi ? u.w : u.z, sel),
-                      __byte_perm(hi ? v.y : v.x, hi ? v.w : v.z, sel));
+    return make_uint2(__byte_perm(*reinterpret_cast<const uint32_t*>(u), *reinterpret_cast<const uint32_t*>(u + 8), sel),
+                      __byte_perm(*reinterpret_cast<const uint32_t*>(v), *reinterpret_cast<const uint32_t*>(v + 8), sel));
   }
 };
 
