@@ -493,7 +493,8 @@ def touched_bytes(ids_list, q, shape) -> float:
 
 
 KERNEL_NAMES = (  # short names of qmoe's kernels in the profiler's (demangled) names
-    ("route_group_kernel", "route+group"), ("route_warp_kernel", "route"), ("route_kernel", "route"),
+    ("route_group_kernel", "route+group"), ("route_count_kernel", "route+count"), ("route_warp_kernel", "route"),
+    ("route_kernel", "route"),
     ("group_kernel", "group"), ("group_count_kernel", "group"), ("group_place_kernel", "group"),
     ("gather_kernel", "gather"), ("swiglu_kernel", "swiglu"),
     ("combine_kernel", "combine"), ("decode_kernel", "decode product"), ("prefill", "prefill product"),

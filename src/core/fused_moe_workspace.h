@@ -1,12 +1,21 @@
 // How fused_moe's workspace is carved, shared by the CPU and CUDA layers.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 
 #include "qmoe/fused_moe.h"
 
 namespace qmoe {
+
+// Tokens one block of the CUDA layer's routing kernel routes (a warp each)
+// and then counts by expert (block_counts has a row a block): 32 from 1024
+// tokens (fewer rows for the grouping to sum), 8 below (blocks of 256
+// threads: a 1024-thread block waits for a whole free SM, which the shared
+// expert's products, forked before routing there, may hold). At most 128
+// rows up to 4096 tokens.
+inline size_t route_block_tokens(size_t T) { return T >= 1024 ? 32 : 8; }
 
 struct FusedWorkspace {
   int32_t* topk_ids;     // [T*k]
@@ -22,7 +31,7 @@ struct FusedWorkspace {
   uint16_t* shared_gate_up;  // [T, 2Is]
   uint16_t* shared_act;      // [T, Is]
   uint16_t* shared_out;      // [T, H]
-  int32_t* block_counts;     // [ceil(T*k / 512), E] copies of each expert in each block of 512 pairs (CUDA grouping)
+  int32_t* block_counts;     // [blocks, E] copies of each expert in each block of pairs (CUDA grouping)
   float* shared_scale;       // [T] the shared expert's gate, sigmoid(x·g) (CUDA)
 
   // Lays the buffers out from `base` (nullptr: only counts the bytes).
@@ -49,7 +58,10 @@ struct FusedWorkspace {
     w.shared_gate_up = static_cast<uint16_t*>(take(T * 2 * Is * 2));
     w.shared_act = static_cast<uint16_t*>(take(T * Is * 2));
     w.shared_out = static_cast<uint16_t*>(take(Is ? T * H * 2 : 0));
-    w.block_counts = static_cast<int32_t*>(take((T * K + 511) / 512 * E * 4));
+    // Blocks of 512 pairs (the caller's top-k) or of route_block_tokens(T) tokens (routing).
+    const size_t rbt = route_block_tokens(T);
+    const size_t count_blocks = std::max((T * K + 511) / 512, (T + rbt - 1) / rbt);
+    w.block_counts = static_cast<int32_t*>(take(count_blocks * E * 4));
     w.shared_scale = static_cast<float*>(take(Is ? T * 4 : 0));
     if (ws) *ws = w;
     return off;

@@ -268,44 +268,45 @@ __global__ void __launch_bounds__(kGroupThreads) group_kernel(GroupArgs a) { gro
 
 // Grouping over many blocks (more tokens than one block routes and groups):
 // the same result as group_pairs (stable: copies of an expert keep their
-// (t, j) order; ids outside [0, E) go to expert 0 with weight 0), in two
-// kernels of one pair a thread, so the work spreads over the SMs instead of
-// walking 32-pair steps in one block.
-//  1. group_count_kernel: block b takes pairs [512 b, 512 b + 512); each
-//     pair's rank among the block's copies of its expert (per-warp counts
-//     through __match_any_sync, then a prefix over the warps) goes to
-//     slot_of, the block's count of each expert to block_counts[b][e].
+// (t, j) order; ids outside [0, E) go to expert 0 with weight 0), one pair a
+// thread, so the work spreads over the SMs instead of walking 32-pair steps
+// in one block. Block b takes the `chunk` pairs [b chunk, (b + 1) chunk):
+//  1. count_chunk: each pair's rank among the block's copies of its expert
+//     (per-warp counts through __match_any_sync, then a prefix over the
+//     warps) goes to slot_of, the block's count of each expert to
+//     block_counts[b][e]. Its own kernel (group_count_kernel, chunks of 512)
+//     for the caller's top-k; with routing it ends the routing kernel
+//     (route_count_kernel: one kernel less in the chain).
 //  2. group_place_kernel: block b sums block_counts over the blocks before
 //     it (per expert) and over all blocks (the counts, scanned into the
 //     experts' first rows): slot = first row of the expert + copies in
 //     earlier blocks + rank in the block; token_of[slot] = pair / k.
-constexpr int kGroupChunk = 512;  // pairs a block, one a thread
+constexpr int kGroupChunk = 512;  // pairs a block of group_count_kernel, one a thread; group_place_kernel's threads
 
 struct GroupBlocksArgs {
   const int32_t* ids_in;
   float* weights;
   int64_t pairs, k;
   int E;
+  int chunk;  // pairs a block (<= the counting block's threads)
   int32_t *ids_out, *counts, *slot_of, *token_of, *block_counts;
 };
 
-__global__ void __launch_bounds__(kGroupChunk) group_count_kernel(GroupBlocksArgs a) {
-  constexpr int kWarps = kGroupChunk / 32;
-  extern __shared__ int32_t hist[];  // [kWarps][E]
+// Step 1 for block b; hist: shared [ceil(chunk / 32)][E].
+__device__ void count_chunk(const GroupBlocksArgs& a, int32_t* hist) {
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, E = a.E;
-  wait_prior_grid();  // the ids come from routing
-  allow_next_grid();
-  for (int x = tid; x < kWarps * E; x += kGroupChunk) hist[x] = 0;
-  const int64_t i = int64_t(blockIdx.x) * kGroupChunk + tid;
-  const int32_t id = take_pair(a.ids_in, a.weights, a.ids_out, i, a.pairs, E);
-  const unsigned peers = __match_any_sync(0xffffffffu, id);
+  const int rows = (a.chunk + 31) / 32;  // the warps that hold pairs
+  for (int x = tid; x < rows * E; x += blockDim.x) hist[x] = 0;
+  const int64_t i = int64_t(blockIdx.x) * a.chunk + tid;
+  const int32_t id = tid < a.chunk ? take_pair(a.ids_in, a.weights, a.ids_out, i, a.pairs, E) : -1;
+  const unsigned peers = warp < rows ? __match_any_sync(0xffffffffu, id) : 0u;  // whole warps
   const unsigned below = (1u << lane) - 1u;
   __syncthreads();  // hist is zero
   if (id >= 0 && (peers & below) == 0) hist[warp * E + id] = __popc(peers);  // the warp's row: one writer an id
   __syncthreads();
-  for (int e = tid; e < E; e += kGroupChunk) {  // exclusive prefix over the warps; the block's count
+  for (int e = tid; e < E; e += blockDim.x) {  // exclusive prefix over the warps; the block's count
     int32_t run = 0;
-    for (int w = 0; w < kWarps; ++w) {
+    for (int w = 0; w < rows; ++w) {
       const int32_t c = hist[w * E + e];
       hist[w * E + e] = run;
       run += c;
@@ -314,6 +315,31 @@ __global__ void __launch_bounds__(kGroupChunk) group_count_kernel(GroupBlocksArg
   }
   __syncthreads();
   if (id >= 0) a.slot_of[i] = hist[warp * E + id] + __popc(peers & below);
+}
+
+__global__ void __launch_bounds__(kGroupChunk) group_count_kernel(GroupBlocksArgs a) {
+  extern __shared__ int32_t hist[];
+  wait_prior_grid();  // the caller's ids
+  allow_next_grid();
+  count_chunk(a, hist);
+}
+
+// Routing and step 1 in one kernel: warp w of block b routes token b W + w
+// (W = the block's warps, route_block_tokens: 8 or 32) into the ids and
+// weights (chunk = W k pairs, at most 32 W: the block's threads), then the
+// block counts them. Launched normally (the first kernel of the layer); the
+// place kernel may start early: it waits for this grid's end before it reads.
+constexpr int kRouteCountMaxThreads = 1024;
+// One instantiation per expert slots a lane (its own register budget: 1024
+// threads leave 64 registers a thread).
+template <class Act, int kRoutePerLane>
+__global__ void __launch_bounds__(kRouteCountMaxThreads) route_count_kernel(FusedMoeParams p, GroupBlocksArgs a) {
+  extern __shared__ int32_t hist[];
+  allow_next_grid();
+  const int64_t t = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (t < p.num_tokens) route_token_warp_n<Act, kRoutePerLane>(p, t, a.ids_out, a.weights);
+  __syncthreads();  // the block's ids and weights (global) are visible to it
+  count_chunk(a, hist);
 }
 
 __global__ void __launch_bounds__(kGroupChunk) group_place_kernel(GroupBlocksArgs a) {
@@ -326,13 +352,14 @@ __global__ void __launch_bounds__(kGroupChunk) group_place_kernel(GroupBlocksArg
   int32_t* part_total = scratch + 32;
   int32_t* part_before = part_total + kGroupChunk;
   const int tid = threadIdx.x, E = a.E, b = int(blockIdx.x), nb = int(gridDim.x);
-  wait_prior_grid();  // block_counts, ranks and ids of group_count_kernel
+  wait_prior_grid();  // block_counts, ranks and ids of the counting kernel
   allow_next_grid();
-  // The pair's expert and rank first: their loads overlap the counts' sum.
-  const int64_t i = int64_t(b) * kGroupChunk + tid;
-  const bool live = i < a.pairs;
-  const int32_t id = live ? a.ids_out[i] : 0;
-  const int32_t rank = live ? a.slot_of[i] : 0;
+  // The block's first pair's expert and rank first: their loads overlap the
+  // counts' sum (a chunk of up to 1024 pairs takes a second round below).
+  const int64_t i0 = int64_t(b) * a.chunk + tid;
+  const bool live = tid < a.chunk && i0 < a.pairs;
+  const int32_t id = live ? a.ids_out[i0] : 0;
+  const int32_t rank = live ? a.slot_of[i0] : 0;
   // The block counts summed by all threads: thread (s, e) = tid (s * E + e)
   // takes slice s of the blocks for expert e (loads coalesced along e, a
   // few independent loads a thread, not one thread walking every block).
@@ -365,6 +392,14 @@ __global__ void __launch_bounds__(kGroupChunk) group_place_kernel(GroupBlocksArg
   __syncthreads();
   if (live) {
     const int32_t slot = first[id] + before[id] + rank;
+    a.slot_of[i0] = slot;
+    a.token_of[slot] = int32_t(i0 / a.k);
+  }
+  for (int j = tid + kGroupChunk; j < a.chunk; j += kGroupChunk) {
+    const int64_t i = int64_t(b) * a.chunk + j;
+    if (i >= a.pairs) break;
+    const int32_t e_i = a.ids_out[i];
+    const int32_t slot = first[e_i] + before[e_i] + a.slot_of[i];
     a.slot_of[i] = slot;
     a.token_of[slot] = int32_t(i / a.k);
   }
@@ -628,6 +663,13 @@ bool shared_fork_late() {
 
 unsigned blocks(int64_t n, int per) { return unsigned((n + per - 1) / per); }
 
+// Routing and counting in one kernel (route_count_kernel); QMOE_ROUTE_COUNT=0:
+// a kernel each, for comparison.
+bool route_count_enabled() {
+  static const bool on = !env_is("QMOE_ROUTE_COUNT", "0");
+  return on;
+}
+
 }  // namespace
 
 // Test hook: 1 grouping over many blocks, 0 one block, -1 the environment's choice.
@@ -713,18 +755,41 @@ Status fused_moe(const FusedMoeParams& p, const Device& device) {
     });
     if (Status s = launch_status("routing and grouping kernel"); !s.ok()) return s;
   } else {
+    // Routing with the grouping's counting step in its kernel where the
+    // routing is one warp a token and grouping spans many blocks.
+    const bool route_count = !p.topk_ids && p.routing.num_groups <= 1 && group_blocks_enabled() &&
+                             route_count_enabled();
     if (p.topk_ids) {
       cudaMemcpyAsync(ws.topk_weights, p.topk_weights, size_t(pairs) * 4, cudaMemcpyDeviceToDevice, stream);
       ga.ids_in = p.topk_ids;
-    } else if (Status s = route(p, ws.topk_ids, ws.topk_weights, device); !s.ok()) {
-      return s;
+    } else if (!route_count) {
+      if (Status s = route(p, ws.topk_ids, ws.topk_weights, device); !s.ok()) return s;
     }
     if (group_blocks_enabled()) {
-      const GroupBlocksArgs gb{ga.ids_in, ws.topk_weights, pairs, K, int(E), ws.topk_ids, ws.counts,
-                               ws.slot_of, ws.token_of, ws.block_counts};
-      const unsigned nb = blocks(pairs, kGroupChunk);
-      const size_t count_smem = size_t(kGroupChunk / 32) * size_t(E) * 4;  // <= 32 KB (E <= 512)
-      launch_kernel(group_count_kernel, dim3(nb), dim3(kGroupChunk), count_smem, stream, early, gb);
+      GroupBlocksArgs gb{ga.ids_in, ws.topk_weights, pairs, K, int(E), kGroupChunk, ws.topk_ids, ws.counts,
+                         ws.slot_of, ws.token_of, ws.block_counts};
+      unsigned nb;
+      if (route_count) {
+        const int tokens = int(route_block_tokens(size_t(T)));
+        gb.chunk = int(tokens * K);  // <= 32 tokens (K <= kMaxTopK = 32)
+        nb = blocks(T, tokens);
+        const size_t count_smem = size_t(gb.chunk + 31) / 32 * size_t(E) * 4;  // a row a warp of pairs: <= 64 KB
+        visit_act(p.act_type, [&](auto act) {
+          using Act = decltype(act);
+          const auto kernel = E <= 32    ? route_count_kernel<Act, 1>
+                              : E <= 64  ? route_count_kernel<Act, 2>
+                              : E <= 128 ? route_count_kernel<Act, 4>
+                              : E <= 256 ? route_count_kernel<Act, 8>
+                                         : route_count_kernel<Act, 16>;
+          if (count_smem > 48 * 1024)
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(count_smem));
+          launch_kernel(kernel, dim3(nb), dim3(32 * tokens), count_smem, stream, false, p, gb);
+        });
+      } else {
+        nb = blocks(pairs, kGroupChunk);
+        const size_t count_smem = size_t(kGroupChunk / 32) * size_t(E) * 4;  // <= 32 KB (E <= 512)
+        launch_kernel(group_count_kernel, dim3(nb), dim3(kGroupChunk), count_smem, stream, early, gb);
+      }
       launch_kernel(group_place_kernel, dim3(nb), dim3(kGroupChunk), size_t(2 * E + 32 + 2 * kGroupChunk) * 4,
                     stream, early, gb);
       if (Status s = launch_status("grouping kernels"); !s.ok()) return s;

@@ -228,6 +228,7 @@ struct LayerCase {
   bool gate;
   int64_t H = 64, I = 48;
   int64_t gs = 16;  // group size (32 and more: the CUDA prefill fast path can take it)
+  int64_t E = 16, k = 4;
 };
 
 std::vector<LayerCase> layer_cases() {
@@ -260,7 +261,12 @@ std::vector<LayerCase> layer_cases() {
           {{WeightType::int4, true}, 300, softmax(true), 32, true, 128, 96, 32},
           {{WeightType::native16, false}, 200, softmax(false), 0, false, 128, 160, 32},
           // From 1024 tokens the CUDA layer forks the shared expert after grouping.
-          {{WeightType::fp8_e4m3, false}, 1030, softmax(false), 32, true}};
+          {{WeightType::fp8_e4m3, false}, 1030, softmax(false), 32, true},
+          // Top-20 of 40: from 1024 tokens the CUDA routing kernel's blocks of
+          // 32 tokens count 640 copies, more than the place kernel's 512
+          // threads (a second round); below, blocks of 8 tokens.
+          {{WeightType::int4, false}, 1100, softmax(true), 0, false, 64, 48, 16, 40, 20},
+          {{WeightType::int4, true}, 150, softmax(false), 0, false, 64, 48, 16, 40, 20}};
 }
 
 TEST(FusedMoe, CpuMatchesFloat64Layer) {
@@ -268,7 +274,7 @@ TEST(FusedMoe, CpuMatchesFloat64Layer) {
     for (const LayerCase& c : layer_cases()) {
       const uint64_t seed = fresh_seed();
       SCOPED_TRACE(name(at, c.enc) + " T=" + std::to_string(c.T) + " seed=" + std::to_string(seed));
-      Layer L = Layer::make(at, c.enc, c.T, c.H, c.I, 16, 4, c.routing, c.shared_I, c.gate, seed, c.gs);
+      Layer L = Layer::make(at, c.enc, c.T, c.H, c.I, c.E, c.k, c.routing, c.shared_I, c.gate, seed, c.gs);
       const Status st = fused_moe(L.p);
       ASSERT_TRUE(st.ok()) << st.message;
       const Comparison cmp = L.compare_out(L.out);
@@ -349,7 +355,7 @@ TEST(FusedMoe, CudaMatchesFloat64LayerAndIsDeterministic) {
     for (const LayerCase& c : layer_cases()) {
       const uint64_t seed = fresh_seed();
       SCOPED_TRACE(name(at, c.enc) + " T=" + std::to_string(c.T) + " seed=" + std::to_string(seed));
-      Layer L = Layer::make(at, c.enc, c.T, c.H, c.I, 16, 4, c.routing, c.shared_I, c.gate, seed, c.gs);
+      Layer L = Layer::make(at, c.enc, c.T, c.H, c.I, c.E, c.k, c.routing, c.shared_I, c.gate, seed, c.gs);
       DeviceProblem gu(L.gate_up), dn(L.down);
       std::unique_ptr<DeviceProblem> sgu, sdn;
       DeviceArray<uint16_t> x(L.x), gate(L.shared_gate), out(L.out);
