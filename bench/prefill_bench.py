@@ -62,8 +62,14 @@ extern "C" int qmoe_prefill_c(int act, int wtype, int asym, long long E, long lo
   return 0;
 }
 namespace qmoe::cuda::prefill { void set_wgmma_override(int on); }
+namespace qmoe::cuda::prefill { int last_path(); }
 extern "C" void qmoe_prefill_path_c(int on) { qmoe::cuda::prefill::set_wgmma_override(on); }
+extern "C" int qmoe_prefill_last_path_c() { return qmoe::cuda::prefill::last_path(); }
 """
+
+# The kernel the library's last prefill call took (qmoe::cuda::prefill::last_path):
+# moe_gemm_prefill takes the decode kernel for few tokens an expert (quantized weights).
+KERNELS = {1: "mma", 2: "wgmma", 3: "decode"}
 
 # ekn16: 16-bit weights in moe_gemm's [E, K, N] layout (qmoe.moe_gemm).
 WTYPES = {"native16": 0, "ekn16": 0, "int8": 1, "int4": 2, "int2": 3, "fp8_e4m3": 4, "fp8_e5m2": 5}
@@ -86,6 +92,7 @@ def build_shim(lib):
     dll.qmoe_prefill_c.argtypes = ([ctypes.c_int] * 3 + [ctypes.c_longlong] * 5 + [ctypes.c_void_p] * 7
                                    + [ctypes.c_int] * 2)
     dll.qmoe_prefill_path_c.argtypes = [ctypes.c_int]
+    dll.qmoe_prefill_last_path_c.restype = ctypes.c_int
     return dll
 
 
@@ -244,7 +251,7 @@ def main():
     encs = args.encodings.split(",")
     rows = []
     print(f"{'shape':24s} {'enc':9s} {'path':6s} {'qmoe us':>9s} {'TFLOP/s':>8s} {'%dense':>7s} {'%floor':>7s} "
-          f"{'gmm us':>8s} {'x gmm':>6s} {'loop us':>8s} {'dense us':>9s}", flush=True)
+          f"{'gmm us':>8s} {'x gmm':>6s} {'loop us':>8s} {'dense us':>9s}  kernel", flush=True)
     for label, E, N, K, T, split in shapes:
         # Each shape's split from its own seed: the same counts whichever shapes run.
         counts = split_tokens(T, E, split, torch.Generator().manual_seed(99))
@@ -295,11 +302,12 @@ def main():
                 floor_s = max(moved / copy_bw, flops / dense_rate)
                 r = dict(shape=label, enc=encname, path=path, us=ms * 1e3, tflops=flops / (ms * 1e-3) / 1e12,
                          pct_dense=100 * (flops / (ms * 1e-3)) / dense_here, pct_floor=100 * floor_s / (ms * 1e-3),
-                         gmm_us=ms_gmm * 1e3, x_gmm=ms_gmm / ms, loop_us=ms_loop * 1e3, dense_us=ms_dense * 1e3)
+                         gmm_us=ms_gmm * 1e3, x_gmm=ms_gmm / ms, loop_us=ms_loop * 1e3, dense_us=ms_dense * 1e3,
+                         kernel=KERNELS.get(dll.qmoe_prefill_last_path_c(), "?"))
                 rows.append(r)
                 print(f"{label:24s} {encname:9s} {path:6s} {r['us']:9.1f} {r['tflops']:8.1f} {r['pct_dense']:6.1f}% "
                       f"{r['pct_floor']:6.1f}% {r['gmm_us']:8.1f} {r['x_gmm']:6.2f} {r['loop_us']:8.1f} "
-                      f"{r['dense_us']:9.1f}", flush=True)
+                      f"{r['dense_us']:9.1f}  {r['kernel']}", flush=True)
             dll.qmoe_prefill_path_c(-1)
             del probs, one
             torch.cuda.empty_cache()

@@ -49,9 +49,15 @@ Status run(const MoeGemmParams& p, Phase phase, const Device& device) {
   // overlap the previous kernel's tail (a qmoe kernel's, from its early
   // allow_next_grid(); any other kernel's, as its blocks exit).
   const DecodeFusion early{nullptr, false, early_launch_supported(device.index), false};
-  const bool fast = phase == Phase::decode ? launch_decode(p, stream, &s, early)
-                                           : (launch_prefill(p, stream, &s) ||
-                                              launch_decode(p, stream, &s, early));
+  bool fast;
+  if (phase == Phase::decode) {
+    fast = launch_decode(p, stream, &s, early);
+  } else if (prefill_prefers_decode(p) && launch_decode(p, stream, &s, early)) {
+    note_prefill_took_decode();
+    fast = true;
+  } else {
+    fast = launch_prefill(p, stream, &s) || launch_decode(p, stream, &s, early);
+  }
   if (!fast) s = launch_generic(p, stream);
   return s;
 }

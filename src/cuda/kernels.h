@@ -38,5 +38,10 @@ Status check_operands(const MoeGemmParams& p, int device);
 // glu = I > 0 (the fused layer; p.n = 2I, gate rows first): p.out is [T, I] =
 // SiLU(gate) * up, on the sm_90 wgmma kernel only (false elsewhere).
 bool launch_prefill(const MoeGemmParams& p, cudaStream_t stream, Status* status, int64_t glu = 0);
+// Whether a prefill call (moe_gemm_prefill, or moe choosing prefill) of
+// these sizes is faster on the decode kernel (few tokens an expert); then
+// the caller launches that and records it (note_prefill_took_decode).
+bool prefill_prefers_decode(const MoeGemmParams& p);
+void note_prefill_took_decode();
 
 }  // namespace qmoe::cuda

@@ -5,6 +5,7 @@
 // falls back to the decode or generic kernel, which handle any shape.
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 
 #include "core/env.h"
 #include "cuda/kernels.h"
@@ -47,8 +48,9 @@ bool wgmma_enabled() {
   return env == 0 ? kWgmmaDefault : env == 2;
 }
 void set_wgmma_override(int on) { g_wgmma.store(on, std::memory_order_relaxed); }
-// The kernel the last launch_prefill call launched: 1 mma.sync, 2 wgmma
-// (tests check that the path they force is the one that ran).
+// The kernel the last prefill call launched: 1 mma.sync, 2 wgmma, 3 the
+// decode kernel (prefill_prefers_decode) (tests check that the path they
+// force is the one that ran; prefill_bench.py names it).
 int last_path() { return g_last_path.load(std::memory_order_relaxed); }
 
 bool launch_wgmma(const MoeGemmParams& p, cudaStream_t stream, Status* status, int64_t glu) {
@@ -60,6 +62,22 @@ bool launch_wgmma(const MoeGemmParams& p, cudaStream_t stream, Status* status, i
 namespace {
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 }  // namespace
+
+// Quantized weights with at most 16 tokens an expert on average: the decode
+// kernel (passes of up to 24 tokens, each reading the expert's weights once)
+// took 13-45% less time than the wgmma kernel there (decode / prefill
+// crossover tables of docs/PERFORMANCE.md, H100 and H200), the rule the fused
+// layer's layer_phase follows too; 16-bit weights were faster on the prefill
+// kernels at every count. Never where a test or benchmark forces a prefill
+// kernel (set_wgmma_override); QMOE_PREFILL_DECODE_TOKENS=N sets the average
+// (0: never).
+bool prefill_prefers_decode(const MoeGemmParams& p) {
+  if (prefill::g_wgmma.load(std::memory_order_relaxed) >= 0) return false;
+  static const int64_t tokens = std::getenv("QMOE_PREFILL_DECODE_TOKENS") ? env_int("QMOE_PREFILL_DECODE_TOKENS") : 16;
+  if (p.weight_type == WeightType::native16 || p.layout != WeightLayout::ENK) return false;
+  return p.total_tokens <= tokens * p.num_experts;
+}
+void note_prefill_took_decode() { prefill::g_last_path.store(3, std::memory_order_relaxed); }
 
 // Rules of the fast path:
 //   - ARK layout [E, N, K_packed]; or 16-bit weights in moe_gemm's [E, K, N]

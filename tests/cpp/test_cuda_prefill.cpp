@@ -23,7 +23,7 @@
 namespace qmoe::cuda::prefill {
 void set_overrides(int scales, int tiles);
 void set_wgmma_override(int on);  // 0 off, 1 on (where it applies), -1 environment
-int last_path();                  // 1 mma.sync, 2 wgmma
+int last_path();                  // 1 mma.sync, 2 wgmma, 3 the decode kernel
 }  // namespace qmoe::cuda::prefill
 
 namespace qmoe::test {
@@ -153,6 +153,35 @@ TEST_P(CudaPrefill, ManyExpertsPublicApi) {
     const Status st = moe_gemm_prefill(dp.params, cuda_device());
     ASSERT_TRUE(st.ok()) << st.message;
     expect_path(path);
+    QMOE_CUDA_OK(cudaDeviceSynchronize());
+    const Comparison c = compare(pr, dp.out.download(), pr.reference());
+    EXPECT_EQ(c.unwritten, 0);
+    EXPECT_LT(c.rel_error, tolerance(at));
+  }
+}
+
+// No kernel forced: moe_gemm_prefill takes the decode kernel for quantized
+// weights with at most 16 tokens an expert on average (and for 16-bit weights
+// never), a prefill kernel above; both against float64, uneven counts with an
+// empty expert and one expert past a decode pass (24 tokens).
+TEST_P(CudaPrefill, PublicApiPicksDecodeForFewTokens) {
+  QMOE_SKIP_WITHOUT_CUDA();
+  const auto [at, enc] = GetParam();
+  const bool quantized = enc.type != WeightType::native16;
+  for (const auto& [counts, decode] : {std::pair{std::vector<int32_t>{30, 0, 9, 25, 16, 0, 3, 45}, quantized},
+                                       std::pair{std::vector<int32_t>{70, 10, 0, 60}, false}}) {
+    const uint64_t seed = fresh_seed();
+    const int64_t T = std::accumulate(counts.begin(), counts.end(), int64_t(0));
+    SCOPED_TRACE(name(at, enc) + " T=" + std::to_string(T) + " seed=" + std::to_string(seed));
+    Problem pr = Problem::random(at, enc, 136, 256, 64, counts, seed);
+    DeviceProblem dp(pr);
+    dp.poison();
+    const Status st = moe_gemm_prefill(dp.params, cuda_device());
+    ASSERT_TRUE(st.ok()) << st.message;
+    if (decode)
+      EXPECT_EQ(cuda::prefill::last_path(), 3);
+    else
+      EXPECT_NE(cuda::prefill::last_path(), 3);
     QMOE_CUDA_OK(cudaDeviceSynchronize());
     const Comparison c = compare(pr, dp.out.download(), pr.reference());
     EXPECT_EQ(c.unwritten, 0);
