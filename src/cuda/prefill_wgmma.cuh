@@ -14,8 +14,8 @@
 //  - warpgroup 0, the producer (setmaxnreg 40): thread 0 announces each
 //    stage's bytes (expect_tx) and brings the stage in with two bulk tensor
 //    copies (TMA): 64 k x up to 128 tokens (box rows 128, 64 or 32: the
-//    item's token width, so small experts do not fetch 128 rows) and 64 k x
-//    256 packed weight rows; all 128 threads load the 16-bit scales / zero
+//    item's token width, so small experts do not fetch 128 rows; wide items
+//    256) and 64 k x 256 packed weight rows (wide: 128); all 128 threads load the 16-bit scales / zero
 //    points of their two weight rows for the stage's two 32-wide k chunks
 //    (one stage ahead, in registers), convert them into the words the
 //    decoders want (scale pair, asym bias), store them into the stage and
@@ -51,10 +51,15 @@
 // 32 s bytes to the start address inside the atom (the hardware applies the
 // swizzle to the final address bits, so the stage buffers are 1024-aligned).
 //
+// Wide items (quantized weights, plain products; WCfg): 128 weight rows x
+// up to 256 tokens, one m64 block a consumer warpgroup and wgmma N up to 256:
+// the same accumulators and tensor work a k chunk for half the decode, and an
+// expert of up to 256 tokens is one item per n tile.
+//
 // Schedule: the device-side counts -> clamped token ranges and work-item
 // prefix sums in shared memory (as prefill_mma.cuh), items (expert, 256-row
-// n tile, 128-token tile), n tile major and token tile minor within an
-// expert; CTAs stride over the items; producer and consumers walk the same
+// n tile, 128-token tile; wide: 128-row n tile, 256-token tile), n tile
+// major and token tile minor within an expert; CTAs stride over the items; producer and consumers walk the same
 // item list, the pipeline runs across items. No host sync, no allocation
 // (the tensor maps are kernel parameters): graph-capturable. Rows that no
 // expert covers are written as zeros.
@@ -82,23 +87,36 @@
 
 #include <mutex>
 
+#include "core/env.h"
 #include "core/routing.h"
 #include "cuda/prefill_mma.cuh"
 #include "cuda/prefill_wgmma_ops.cuh"
 
+namespace qmoe::cuda::prefill {
+int wide_override();  // prefill.cu
+}  // namespace qmoe::cuda::prefill
+
 namespace qmoe::cuda::prefill::hopper {
 
-template <class Act, class Enc>
+// Wide: items of 128 weight rows x up to 256 tokens (one m64 block a
+// consumer warpgroup, wgmma N up to 256) instead of 256 x 128: the same
+// accumulators and MMA work for half the decode (each weight decoded once
+// per 256 tokens, not 128), and one item for an expert of up to 256 tokens.
+// Quantized weights, plain products only (launch_variant).
+template <class Act, class Enc, bool Wide = false>
 struct WCfg {
   static constexpr int kBits = Enc::kBits;
   static constexpr bool kScaled = Enc::kScaled;
   static constexpr bool kBias = Enc::kAsym;
   static constexpr bool kNative = kBits == 16;
+  static constexpr bool kWide = Wide;
   static constexpr int BK = 64;                    // k per stage (one 128-byte token row)
-  static constexpr int BM = 128;                   // tokens per item (decode_item)
-  static constexpr int BN = 256;                   // weight rows per item
+  static constexpr int MB = Wide ? 1 : 2;          // m64 blocks of weight rows a consumer warpgroup
+  static constexpr int BM = Wide ? 256 : 128;      // tokens per item (decode_item)
+  static constexpr int BN = 128 * MB;              // weight rows per item
   static constexpr int KPB = BK * kBits / 8;       // packed bytes per weight row per stage
   static constexpr int TOK_BYTES = BM * 128;
+  static_assert(!Wide || !kNative, "wide items are for quantized weights");
   static constexpr int W_BYTES = BN * KPB;
   static constexpr int S_BYTES = kScaled ? 2 * BN * 4 : 0;  // word per (chunk, row)
   static constexpr int Z_BYTES = kBias ? 2 * BN * 4 : 0;
@@ -130,14 +148,15 @@ struct WArgs {
   int n_tiles, k_tiles;
 };
 
-// Tensor maps: activations with box rows 128, 64, 32 (index by token
-// width), and the packed weights [E * N, K_packed] -- or, for 16-bit
+// Tensor maps: activations with box rows 256, 128, 64, 32 (act_map of the
+// token width), and the packed weights [E * N, K_packed] -- or, for 16-bit
 // weights [E, K, N], a 3-D map {N, K, E} with boxes of 64 n x 64 k (four a
 // stage; k past K reads as zero, never the next expert's rows).
 struct WMaps {
-  CUtensorMap act[3];
+  CUtensorMap act[4];
   CUtensorMap w;
 };
+__device__ __forceinline__ int act_map(int tw) { return tw == 256 ? 0 : tw == 128 ? 1 : tw == 64 ? 2 : 3; }
 
 // ---------------------------------------------------------------------------
 // PTX helpers (sm_90).
@@ -254,7 +273,9 @@ struct WGather<Enc, 2> {
 // The kernel.
 // ---------------------------------------------------------------------------
 // Token width of an item (the wgmma N and the TMA box rows).
-__device__ __forceinline__ int tok_width(int rows) { return rows <= 32 ? 32 : rows <= 64 ? 64 : 128; }
+__device__ __forceinline__ int tok_width(int rows) {
+  return rows <= 32 ? 32 : rows <= 64 ? 64 : rows <= 128 ? 128 : 256;
+}
 
 // What a kernel instantiation computes (compile-time: one variant per
 // kernel, so each keeps the register budget of a single main loop; one
@@ -262,9 +283,15 @@ __device__ __forceinline__ int tok_width(int rows) { return rows <= 32 ? 32 : ro
 // the quantized rows ~20% slower on H100).
 enum Variant { kPlain = 0, kEKN = 1, kGlu = 2 };
 
-template <class Act, class Enc, int V>
+template <class Act, class Enc, int V, bool Wide>
 struct WKernel {
-  using C = WCfg<Act, Enc>;
+  using C = WCfg<Act, Enc, Wide>;
+  static_assert(!Wide || V != kEKN, "wide items: [E, N, K] products");
+  // Wide glu items: 64 outputs, their gate rows as tile rows 0..63 and up
+  // rows 64..127; fragment rows g and 8 + g of a warp are the gate and up
+  // rows of one output (tile rows o and 64 + o), so a lane holds both.
+  static constexpr bool kGluWide = V == kGlu && Wide;
+  static constexpr int kHalfStep = kGluWide ? C::BN / 2 : 8;  // tile rows from a lane's row g to its row 8 + g
   static_assert(V != kEKN || C::kNative, "[E, K, N] is 16-bit only");
   using Dec = typename C::Dec;
   using P = Pair<Act>;
@@ -284,8 +311,9 @@ struct WKernel {
   };
 
   // Raw 16-bit scales (zeros) of rows 2t, 2t + 1 for both k chunks of k tile
-  // kt: bits 16 (2 q + j) hold chunk q, row j.
+  // kt: bits 16 (2 q + j) hold chunk q, row j (threads 2t < BN).
   __device__ static __forceinline__ void load_scales(const WArgs& a, const Fill& f, int t, uint2& rs, uint2& rz) {
+    if (2 * t >= C::BN) return;
     if constexpr (C::kScaled) {
       const int g0 = (f.kt * C::BK) / a.group_size;
       const int g1 = min((f.kt * C::BK + 32) / a.group_size, a.groups - 1);
@@ -350,7 +378,7 @@ struct WKernel {
         const int tw = tok_width(f.it.rows);
         mbar_expect_tx(fb, uint32_t(tw * 128 + C::W_BYTES));
         const uint32_t dst = smem_addr(stage);
-        tma_load_2d(dst, &maps.act[tw == 128 ? 0 : tw == 64 ? 1 : 2], f.kt * C::BK, f.it.tok0, fb);
+        tma_load_2d(dst, &maps.act[act_map(tw)], f.kt * C::BK, f.it.tok0, fb);
         if constexpr (V == kEKN) {
           // [E, K, N]: four boxes of 64 k x 64 n (128-byte rows, swizzled);
           // a loop, not unrolled: the producer has 40 registers.
@@ -370,7 +398,7 @@ struct WKernel {
           }
         }
       }
-      if constexpr (C::kScaled) {
+      if (C::kScaled && 2 * t < C::BN) {
         uint32_t* sS = reinterpret_cast<uint32_t*>(stage + C::TOK_BYTES + C::W_BYTES);
 #pragma unroll
         for (int q = 0; q < 2; ++q) {
@@ -394,10 +422,12 @@ struct WKernel {
   template <int NT>
   __device__ static __forceinline__ void mma(float (&d)[NT / 2], const uint32_t (&x)[4], uint64_t desc) {
     if constexpr (Act::type == ActType::f16) {
+      if constexpr (NT == 256) wgmma::mma_f16_n256(d, x, desc);
       if constexpr (NT == 128) wgmma::mma_f16_n128(d, x, desc);
       if constexpr (NT == 64) wgmma::mma_f16_n64(d, x, desc);
       if constexpr (NT == 32) wgmma::mma_f16_n32(d, x, desc);
     } else {
+      if constexpr (NT == 256) wgmma::mma_bf16_n256(d, x, desc);
       if constexpr (NT == 128) wgmma::mma_bf16_n128(d, x, desc);
       if constexpr (NT == 64) wgmma::mma_bf16_n64(d, x, desc);
       if constexpr (NT == 32) wgmma::mma_bf16_n32(d, x, desc);
@@ -405,7 +435,7 @@ struct WKernel {
   }
 
   // The A registers of 32-wide k chunk q for m64 block mb of this warp:
-  // x[s][.] = k16 step 2q + s. Weight rows of the lane: rbase + 8h + g.
+  // x[s][.] = k16 step 2q + s. Weight rows of the lane: rbase + kHalfStep h + g.
   __device__ static __forceinline__ void a_frags(const unsigned char* stage, int q, int rbase,
                                                  uint32_t (&x)[2][4]) {
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
@@ -436,13 +466,13 @@ struct WKernel {
       }
     } else {
       const unsigned char* sw = stage + C::TOK_BYTES;
-      __builtin_assume((rbase & 15) == 0);  // tile_row: the lane's rows are g and 8 + g mod 16
+      __builtin_assume((rbase & 7) == 0);  // tile_row: the lane's rows are g mod 8
       const uint32_t* sS = reinterpret_cast<const uint32_t*>(stage + C::TOK_BYTES + C::W_BYTES) + q * C::BN;
       const uint32_t* sZ = sS + 2 * C::BN;
       uint32_t b[2][4];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int r = rbase + 8 * h + g;
+        const int r = rbase + kHalfStep * h + g;
         const auto raw = WGather<Enc>::get(sw, r, q, c);
         const uint32_t s2 = C::kScaled ? sS[r] : 0u;
         const uint32_t bias = C::kBias ? sZ[r] : Dec::kSymBias;
@@ -459,18 +489,20 @@ struct WKernel {
   }
 
   // First tile row of warp `warp` of consumer warpgroup wg, m64 block mb:
-  // wg * 128 + mb * 64 + ..., or (glu) block 0 in the gate rows and block 1
+  // wg * 64 MB + mb * 64 + ..., or (glu) block 0 in the gate rows and block 1
   // in the up rows of the same outputs, so a lane holds gate and up of each.
   __device__ static __forceinline__ int tile_row(int wg, int mb, int warp) {
-    return (V == kGlu ? mb * 128 + wg * 64 : wg * 128 + mb * 64) + warp * 16;
+    if constexpr (kGluWide) return wg * 32 + warp * 8;
+    return (V == kGlu ? mb * 128 + wg * 64 : wg * 64 * C::MB + mb * 64) + warp * 16;
   }
 
   template <int NT>
   __device__ static __forceinline__ void run_item(const WArgs& a, const Item& it, const Smem& sm, int& fill) {
     const int wg = (threadIdx.x >> 7) - 1, warp = (threadIdx.x >> 5) & 3;
-    float acc[2][NT / 2];
+    constexpr int MB = C::MB;
+    float acc[MB][NT / 2];
 #pragma unroll
-    for (int mb = 0; mb < 2; ++mb)
+    for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
       for (int i = 0; i < NT / 2; ++i) acc[mb][i] = 0.0f;
     // One commit group per 32-wide k chunk, at most one group left in
@@ -488,17 +520,17 @@ struct WKernel {
       const uint32_t tok = smem_addr(stage);
 #pragma unroll
       for (int q = 0; q < 2; ++q) {
-        uint32_t x[2][2][4];  // [mb][k16 step][register]
+        uint32_t x[MB][2][4];  // [mb][k16 step][register]
 #pragma unroll
-        for (int mb = 0; mb < 2; ++mb) a_frags(stage, q, tile_row(wg, mb, warp), x[mb]);
-        fence_regs(acc[0]);
-        fence_regs(acc[1]);
+        for (int mb = 0; mb < MB; ++mb) a_frags(stage, q, tile_row(wg, mb, warp), x[mb]);
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb) fence_regs(acc[mb]);
         wgmma_fence();
 #pragma unroll
         for (int s = 0; s < 2; ++s) {
           const uint64_t desc = desc_sw128(tok + 32 * (2 * q + s));
 #pragma unroll
-          for (int mb = 0; mb < 2; ++mb) mma<NT>(acc[mb], x[mb][s], desc);
+          for (int mb = 0; mb < MB; ++mb) mma<NT>(acc[mb], x[mb][s], desc);
         }
         wgmma_commit();
         wgmma_wait<1>();
@@ -507,16 +539,18 @@ struct WKernel {
       prev = st;
     }
     wgmma_wait<0>();
-    fence_regs(acc[0]);
-    fence_regs(acc[1]);
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb) fence_regs(acc[mb]);
     if (prev >= 0) mbar_arrive(empty_bar(sm, prev));
-    // Accumulator d[4j + 2h + i] of block mb: weight row rbase + 8h + g,
+    // Accumulator d[4j + 2h + i] of block mb: tile row tile_row + kHalfStep h + g,
     // token 8j + 2c + i.
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     if constexpr (V == kGlu) {  // SiLU(gate) * up of the 16-bit products, as the unfused layer
+      // Outputs of the lane: (wide) one, gate in fragment row g and up in
+      // 8 + g; else two (h), gate in block 0 and up in block 1.
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int n = it.n0 + wg * 64 + warp * 16 + 8 * h + g;
+      for (int h = 0; h < (kGluWide ? 1 : 2); ++h) {
+        const int n = it.n0 + (kGluWide ? tile_row(wg, 0, warp) + g : wg * 64 + warp * 16 + 8 * h + g);
         if (n >= a.glu) continue;
 #pragma unroll
         for (int j = 0; j < NT / 8; ++j)
@@ -524,16 +558,16 @@ struct WKernel {
           for (int i = 0; i < 2; ++i) {
             const int r = 8 * j + 2 * c + i;
             const float gate = P::to_float(P::from_float(acc[0][4 * j + 2 * h + i]));
-            const float up = P::to_float(P::from_float(acc[1][4 * j + 2 * h + i]));
+            const float up = P::to_float(P::from_float(acc[MB - 1][4 * j + (kGluWide ? 2 : 2 * h) + i]));
             if (r < it.rows) a.out[int64_t(it.tok0 + r) * a.glu + n] = P::from_float(silu(gate) * up);
           }
       }
     } else {
 #pragma unroll
-      for (int mb = 0; mb < 2; ++mb)
+      for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int n = it.n0 + wg * 128 + mb * 64 + warp * 16 + 8 * h + g;
+          const int n = it.n0 + tile_row(wg, mb, warp) + 8 * h + g;
           if (n >= a.N) continue;
           float cs = 1.0f;  // [E, K, N] weights: the optional per-column scale
           if constexpr (V == kEKN)
@@ -555,7 +589,9 @@ struct WKernel {
     for (int item = blockIdx.x; item < total; item += gridDim.x) {
       const Item it = decode_item<C>(item, s_tok, s_items, a.E);
       const int tw = tok_width(it.rows);
-      if (tw == 128)
+      if (C::BM == 256 && tw == 256)
+        run_item<C::BM == 256 ? 256 : 128>(a, it, sm, fill);
+      else if (tw == 128)
         run_item<128>(a, it, sm, fill);
       else if (tw == 64)
         run_item<64>(a, it, sm, fill);
@@ -565,10 +601,10 @@ struct WKernel {
   }
 };
 
-template <class Act, class Enc, int V>
+template <class Act, class Enc, int V, bool Wide>
 __global__ void __launch_bounds__(384, 1) wgmma_kernel(const WArgs a, const __grid_constant__ WMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using K = WKernel<Act, Enc, V>;
+  using K = WKernel<Act, Enc, V, Wide>;
   using C = typename K::C;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   // Stage buffers 1024-aligned (128-byte swizzle atoms), then the barriers
@@ -679,10 +715,10 @@ inline bool make_map_ekn(CUtensorMap* m, const void* ptr, uint64_t n, uint64_t k
              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <class Act, class Enc, int V>
+template <class Act, class Enc, int V, bool Wide = false>
 bool launch_variant(const MoeGemmParams& p, cudaStream_t stream, Status* status, int64_t glu) {
-  using C = WCfg<Act, Enc>;
-  const auto kernel = wgmma_kernel<Act, Enc, V>;
+  using C = WCfg<Act, Enc, Wide>;
+  const auto kernel = wgmma_kernel<Act, Enc, V, Wide>;
 
   constexpr int kMaxDevices = 64;
   struct DeviceInfo {
@@ -721,9 +757,9 @@ bool launch_variant(const MoeGemmParams& p, cudaStream_t stream, Status* status,
 
   const int64_t kp = packed_k(p.weight_type, p.k) * (Enc::kBits == 16 ? 2 : 1);  // bytes per weight row
   WMaps maps;
-  for (int i = 0; i < 3; ++i)
+  for (int i = 0; i < 4; ++i)
     if (!make_map(&maps.act[i], p.activations, CU_TENSOR_MAP_DATA_TYPE_UINT16, uint64_t(p.k), uint64_t(p.total_tokens),
-                  uint64_t(p.k) * 2, C::BK, uint32_t(128 >> i), CU_TENSOR_MAP_SWIZZLE_128B))
+                  uint64_t(p.k) * 2, C::BK, uint32_t(256 >> i), CU_TENSOR_MAP_SWIZZLE_128B))
       return false;
   const uint64_t wrows = uint64_t(p.num_experts * p.n);
   const bool ekn = V == kEKN;
@@ -756,6 +792,24 @@ bool launch_variant(const MoeGemmParams& p, cudaStream_t stream, Status* status,
   return true;
 }
 
+// Wide items (WCfg) for quantized weights from 512 tokens an expert on
+// average. H200, prefill_bench and model_bench, 15:25-15:30 UTC: Mixtral
+// 4096 tokens top-2 (~1000 an expert) int8 / fp8 0.81-0.83 of the time of
+// 256-row items, int4 0.85-0.95, its layer 0.92; at 32-66 tokens an expert
+// (ARK's t252, t528 rows) 1.2-1.5 times it (one m64 block a warpgroup: half
+// the decode work to hide the latency); the 4096-token layers of 256-384
+// tokens an expert (Qwen1.5, DeepSeek, Qwen3) 1.03-1.12 times it.
+// QMOE_PREFILL_WIDE=0 never, =1 always; set_wide_override (prefill.cu;
+// tests) takes precedence: 0 off, 1 on, -1 as the environment says.
+inline bool wide_items(const MoeGemmParams& p) {
+  constexpr int64_t kWideTokens = 512;
+  const int o = wide_override();
+  if (o >= 0) return o != 0;
+  static const int env = env_is("QMOE_PREFILL_WIDE", "0") ? 0 : env_is("QMOE_PREFILL_WIDE", "1") ? 1 : -1;
+  if (env >= 0) return env != 0;
+  return p.total_tokens >= kWideTokens * p.num_experts;
+}
+
 // The variant for the call: [E, K, N] weights (16-bit only), the glu
 // epilogue (N = 2 glu, [E, N, K] weights), or the plain product.
 template <class Act, class Enc>
@@ -766,7 +820,14 @@ bool launch(const MoeGemmParams& p, cudaStream_t stream, Status* status, int64_t
     }
     return false;
   }
-  if (glu) return p.n == 2 * glu && launch_variant<Act, Enc, kGlu>(p, stream, status, glu);
+  if (glu) {
+    if (p.n != 2 * glu) return false;
+    if constexpr (!WCfg<Act, Enc>::kNative)
+      if (wide_items(p)) return launch_variant<Act, Enc, kGlu, true>(p, stream, status, glu);
+    return launch_variant<Act, Enc, kGlu>(p, stream, status, glu);
+  }
+  if constexpr (!WCfg<Act, Enc>::kNative)
+    if (wide_items(p)) return launch_variant<Act, Enc, kPlain, true>(p, stream, status, 0);
   return launch_variant<Act, Enc, kPlain>(p, stream, status, 0);
 }
 

@@ -23,6 +23,7 @@
 namespace qmoe::cuda::prefill {
 void set_overrides(int scales, int tiles);
 void set_wgmma_override(int on);  // 0 off, 1 on (where it applies), -1 environment
+void set_wide_override(int on);   // the wgmma kernel's wide items: 0 off, 1 on, -1 environment
 int last_path();                  // 1 mma.sync, 2 wgmma, 3 the decode kernel
 }  // namespace qmoe::cuda::prefill
 
@@ -101,23 +102,33 @@ std::vector<Shape> shapes() {
       // group_size 96: the two k chunks of a tile straddle a group boundary
       // (groups 2j, 2j + 1 of one scale word); 4 groups, async scales.
       {"gs96", 136, 384, 96, {90, 7, 33}},
-      // Token tiles of 128 + 2 and of every wgmma token width (32, 64, 128)
-      // at its edges; N past one 256-row tile; group 64.
-      {"tok_widths", 300, 192, 64, {130, 0, 32, 33, 64, 65}},
+      // Token tiles of 128 + 2 and of every wgmma token width (32, 64, 128,
+      // and 256 with wide items) at its edges; N past one 256-row tile; group 64.
+      {"tok_widths", 300, 192, 64, {130, 0, 32, 33, 64, 65, 256, 257, 129, 520}},
   };
 }
 
 using Param = std::tuple<ActType, Encoding>;
 class CudaPrefill : public ::testing::TestWithParam<Param> {};
 
+// The wgmma kernel's wide items (128 weight rows x up to 256 tokens) for one scope.
+struct WideScope {
+  explicit WideScope(bool on) { cuda::prefill::set_wide_override(on ? 1 : 0); }
+  ~WideScope() { cuda::prefill::set_wide_override(-1); }
+};
+
 TEST_P(CudaPrefill, MatchesFloat64Reference) {
   QMOE_SKIP_WITHOUT_CUDA();
   const auto [at, enc] = GetParam();
-  for (const Path path : paths()) {
-    for (const Shape& s : shapes()) check_fast_path(at, enc, s, true, path);
-    // K = 96: the last k tile is half full (int2 needs K % 64 == 0: fallback).
-    check_fast_path(at, enc, {"k_half_tile", 40, 96, 32, {5, 9}}, enc.type != WeightType::int2, path);
-  }
+  for (const Path path : paths())
+    for (const bool wide : {true, false}) {  // (wgmma, quantized weights: both item shapes)
+      if (!wide && (path != Path::wgmma || enc.type == WeightType::native16)) continue;
+      SCOPED_TRACE(wide ? "wide items" : "256-row items");
+      WideScope scope(wide);
+      for (const Shape& s : shapes()) check_fast_path(at, enc, s, true, path);
+      // K = 96: the last k tile is half full (int2 needs K % 64 == 0: fallback).
+      check_fast_path(at, enc, {"k_half_tile", 40, 96, 32, {5, 9}}, enc.type != WeightType::int2, path);
+    }
 }
 
 // Every schedule (256-row tiles, 128-row tiles) with both scale paths
@@ -468,7 +479,8 @@ TEST(CudaPrefillSizes, MoeGemmEKNOnMma) {
 
 // The fused layer's gate/up product with SiLU·mul as the wgmma epilogue
 // (glu = I): out [T, I] = SiLU(x W_gate^T) * (x W_up^T), gate rows first;
-// one or several 128-output tiles with a tail, uneven and empty experts.
+// one or several 128-output tiles with a tail (wide items: 64-output tiles),
+// uneven and empty experts; quantized weights with both item shapes.
 TEST(CudaPrefillSizes, SwigluEpilogueOnWgmma) {
   QMOE_SKIP_WITHOUT_CUDA();
   if (!is_hopper()) GTEST_SKIP() << "the SiLU·mul epilogue is the sm_90 wgmma kernel's";
@@ -476,41 +488,45 @@ TEST(CudaPrefillSizes, SwigluEpilogueOnWgmma) {
   const struct {
     int64_t inter, k, gs;
     std::vector<int32_t> counts;
-  } cases[] = {{96, 256, 128, {70, 0, 129, 1}}, {200, 128, 32, {300, 5}}};
+  } cases[] = {{96, 256, 128, {70, 0, 129, 1}}, {200, 128, 32, {300, 5}}, {40, 192, 64, {257, 0, 31}}};
   const Encoding encs[] = {{WeightType::int4, false}, {WeightType::int8, true}, {WeightType::fp8_e4m3, false},
                            {WeightType::native16, false}};
   for (ActType at : {ActType::f16, ActType::bf16})
     for (const Encoding& enc : encs)
-      for (const auto& cs : cases) {
-        const uint64_t seed = fresh_seed();
-        const int64_t I = cs.inter;
-        SCOPED_TRACE(name(at, enc) + " I=" + std::to_string(I) + " seed=" + std::to_string(seed));
-        Problem pr = Problem::random(at, enc, 2 * I, cs.k, enc.type == WeightType::native16 ? 0 : cs.gs, cs.counts,
-                                     seed);
-        DeviceProblem dp(pr);
-        dp.poison();
-        Status st;
-        ASSERT_TRUE(cuda::launch_prefill(dp.params, nullptr, &st, I));
-        ASSERT_TRUE(st.ok()) << st.message;
-        QMOE_CUDA_OK(cudaDeviceSynchronize());
-        expect_path(Path::wgmma);
-        const std::vector<uint16_t> out = dp.out.download();
-        const std::vector<double> ref = pr.reference();  // [T, 2I]
-        const int64_t T = pr.params.total_tokens;
-        double num = 0, den = 0;
-        int64_t bad = 0;
-        for (int64_t t = 0; t < T; ++t)
-          for (int64_t i = 0; i < I; ++i) {
-            const double g = ref[size_t(t * 2 * I + i)], u = ref[size_t(t * 2 * I + I + i)];
-            const double want = g / (1 + std::exp(-g)) * u;
-            const double got = pr.half_value(out[size_t(t * I + i)]);
-            if (!std::isfinite(got)) ++bad;
-            num += (got - want) * (got - want);
-            den += want * want;
-          }
-        EXPECT_EQ(bad, 0);
-        EXPECT_LT(std::sqrt(num / std::max(den, 1e-300)), tolerance(at));
-      }
+      for (const auto& cs : cases)
+        for (const bool wide : {false, true}) {
+          if (wide && enc.type == WeightType::native16) continue;
+          WideScope wide_scope(wide);
+          const uint64_t seed = fresh_seed();
+          const int64_t I = cs.inter;
+          SCOPED_TRACE(name(at, enc) + " I=" + std::to_string(I) + (wide ? " wide" : "") + " seed=" +
+                       std::to_string(seed));
+          Problem pr = Problem::random(at, enc, 2 * I, cs.k, enc.type == WeightType::native16 ? 0 : cs.gs, cs.counts,
+                                       seed);
+          DeviceProblem dp(pr);
+          dp.poison();
+          Status st;
+          ASSERT_TRUE(cuda::launch_prefill(dp.params, nullptr, &st, I));
+          ASSERT_TRUE(st.ok()) << st.message;
+          QMOE_CUDA_OK(cudaDeviceSynchronize());
+          expect_path(Path::wgmma);
+          const std::vector<uint16_t> out = dp.out.download();
+          const std::vector<double> ref = pr.reference();  // [T, 2I]
+          const int64_t T = pr.params.total_tokens;
+          double num = 0, den = 0;
+          int64_t bad = 0;
+          for (int64_t t = 0; t < T; ++t)
+            for (int64_t i = 0; i < I; ++i) {
+              const double g = ref[size_t(t * 2 * I + i)], u = ref[size_t(t * 2 * I + I + i)];
+              const double want = g / (1 + std::exp(-g)) * u;
+              const double got = pr.half_value(out[size_t(t * I + i)]);
+              if (!std::isfinite(got)) ++bad;
+              num += (got - want) * (got - want);
+              den += want * want;
+            }
+          EXPECT_EQ(bad, 0);
+          EXPECT_LT(std::sqrt(num / std::max(den, 1e-300)), tolerance(at));
+        }
 }
 
 }  // namespace
