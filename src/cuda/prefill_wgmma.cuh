@@ -15,14 +15,16 @@
 //    stage's bytes (expect_tx) and brings the stage in with two bulk tensor
 //    copies (TMA): 64 k x up to 128 tokens (box rows 128, 64 or 32: the
 //    item's token width, so small experts do not fetch 128 rows; wide items
-//    256) and 64 k x 256 packed weight rows (wide: 128); all 128 threads load the 16-bit scales / zero
-//    points of their two weight rows for the stage's two 32-wide k chunks
-//    (one stage ahead, in registers), convert them into the words the
+//    256) and 64 k x 256 packed weight rows (wide: 128); the threads load
+//    the 16-bit scales / zero points of their two weight rows for the
+//    stage's two 32-wide k chunks (one stage ahead, in registers), convert
+//    them into the words the
 //    decoders want (scale pair, asym bias), store them into the stage and
 //    arrive on the stage's `full` mbarrier (128 arrivals + the TMA bytes).
 //  - warpgroups 1 and 2, the consumers (setmaxnreg 232): each owns 128 of
-//    the item's 256 weight rows (two m64 blocks) and every token of the
-//    item: accumulators 2 x m64nN (N = 32, 64 or 128: 16..64 fp32 each).
+//    the item's 256 weight rows (two m64 blocks; wide: 64 of 128, one) and
+//    every token of the item: accumulators 2 x m64nN (N = 32, 64 or 128:
+//    16..64 fp32 each; wide: 1 x m64nN, N up to 256).
 //    Per 32-wide k chunk: gather + decode the A fragments of both m64
 //    blocks (16 registers), wgmma.fence, 4 wgmma (2 k16 steps x 2 blocks),
 //    commit, wait until at most one group is in flight, so the decode of
@@ -59,8 +61,9 @@
 // Schedule: the device-side counts -> clamped token ranges and work-item
 // prefix sums in shared memory (as prefill_mma.cuh), items (expert, 256-row
 // n tile, 128-token tile; wide: 128-row n tile, 256-token tile), n tile
-// major and token tile minor within an expert; CTAs stride over the items; producer and consumers walk the same
-// item list, the pipeline runs across items. No host sync, no allocation
+// major and token tile minor within an expert; CTAs stride over the items;
+// producer and consumers walk the same item list, the pipeline runs across
+// items. No host sync, no allocation
 // (the tensor maps are kernel parameters): graph-capturable. Rows that no
 // expert covers are written as zeros.
 //
@@ -69,17 +72,18 @@
 // (K % 64 == 32) and rows past N / T are zero-filled by the TMA; the group
 // of the last chunk is clamped.
 //
-// Measured (H100 80GB HBM3, 2026-11-27, bench/prefill_bench.py --paths
-// wgmma,mma, same run; % of dense cuBLAS bf16 at the same size): Mixtral
-// 4096 tokens top-2 int4 w13 61.5% / w2 57.0% (mma.sync 31.4% / 29.0%),
-// int8 / fp8 47-48%, int2 asym 49-51%, bf16 weights 75-76% (0.90-0.94x
-// torch._grouped_mm). ncu (int4 w13): issue active 41%, SM throughput 56%
-// (bf16 weights: 23%, 81%): the quantized rows are bound by the decode's
-// issue slots and its latency between the wgmma groups, not by the tensor
-// pipe. Left: a one-time prepack of the codes into the lane order (no
-// gather, fewer decode instructions), 2 k tiles of A in flight (wait 1
-// across tiles), 128-row items for rows with few items (the uneven 610
-// row), a shared-memory epilogue (16-byte stores).
+// Measured (H200, 2026-11-27, bench/prefill_bench.py; % of dense cuBLAS bf16
+// at the same size): Mixtral 4096 tokens top-2 with wide items int4 w13 60.6%
+// / w2 63.0%, int8 59.2 / 61.3%, fp8 60.5 / 63.1% (256-row items: 49-57%);
+// 16-bit weights 80-82% (H100, 0.97-1.07x torch._grouped_mm). ncu (H100, int4
+// w13, 256-row items): issue active 41%, SM throughput 56% (bf16 weights: 23%,
+// 81%): the quantized rows are bound by the decode's issue slots and its
+// latency between the wgmma groups, not by the tensor pipe. Left: a one-time
+// prepack of the codes into the lane order (no gather, fewer decode
+// instructions); for 32-66 tokens an expert (latency-bound, 256-row items),
+// more warps to hide the decode; a per-expert choice of item shape (the
+// uneven 610-token row is 0.73-0.88 of the time with wide items, which the
+// average rule does not pick); a shared-memory epilogue (16-byte stores).
 #pragma once
 
 #include <cuda.h>  // CUtensorMap and its enums (the encoder comes through the runtime)
@@ -798,7 +802,7 @@ bool launch_variant(const MoeGemmParams& p, cudaStream_t stream, Status* status,
 // 256-row items, int4 0.85-0.95, its layer 0.92; at 32-66 tokens an expert
 // (ARK's t252, t528 rows) 1.2-1.5 times it (one m64 block a warpgroup: half
 // the decode work to hide the latency); the 4096-token layers of 256-384
-// tokens an expert (Qwen1.5, DeepSeek, Qwen3) 1.03-1.12 times it.
+// tokens an expert (Qwen1.5, DeepSeek, Qwen3) 1.02-1.12 times it.
 // QMOE_PREFILL_WIDE=0 never, =1 always; set_wide_override (prefill.cu;
 // tests) takes precedence: 0 off, 1 on, -1 as the environment says.
 inline bool wide_items(const MoeGemmParams& p) {
