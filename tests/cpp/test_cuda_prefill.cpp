@@ -254,82 +254,88 @@ TEST(CudaPrefillSizes, AutomaticTileChoice) {
 // rows no expert covers are zero.
 TEST(CudaPrefillSizes, InconsistentCounts) {
   QMOE_SKIP_WITHOUT_CUDA();
-  for (const Path path : paths()) {
-    PathScope scope(path);
-    const uint64_t seed = fresh_seed();
-    SCOPED_TRACE(path_name(path) + " seed=" + std::to_string(seed));
-    Problem pr = Problem::random(ActType::bf16, {WeightType::int4, true}, 64, 256, 64, {40, 30}, seed);
-    const struct {
-      std::vector<int32_t> bad, effective;
-    } cases[] = {{{50, 50}, {50, 20}},
-                 {{-4, 10}, {0, 10}},
-                 {{1000000, 1}, {70, 0}},
-                 {{0, 0}, {0, 0}},
-                 {{2147483647, 2147483647}, {70, 0}}};
-    for (const auto& cs : cases) {
-      DeviceProblem dp(pr);
-      dp.counts.upload(cs.bad);
-      dp.poison();
-      Status st;
-      ASSERT_TRUE(cuda::launch_prefill(dp.params, nullptr, &st));
-      ASSERT_TRUE(st.ok()) << st.message;
-      expect_path(path);
-      QMOE_CUDA_OK(cudaDeviceSynchronize());
-      Problem eff = pr;
-      eff.counts = cs.effective;
-      eff.bind();
-      const Comparison c = compare(eff, dp.out.download(), eff.reference());
-      EXPECT_EQ(c.unwritten, 0);
-      EXPECT_LT(c.rel_error, tolerance(ActType::bf16));
+  for (const Path path : paths())
+    for (const bool wide : {false, true}) {  // (wgmma: both item shapes)
+      if (wide && path != Path::wgmma) continue;
+      PathScope scope(path);
+      WideScope wide_scope(wide);
+      const uint64_t seed = fresh_seed();
+      SCOPED_TRACE(path_name(path) + (wide ? " wide" : "") + " seed=" + std::to_string(seed));
+      Problem pr = Problem::random(ActType::bf16, {WeightType::int4, true}, 64, 256, 64, {40, 30}, seed);
+      const struct {
+        std::vector<int32_t> bad, effective;
+      } cases[] = {{{50, 50}, {50, 20}},
+                   {{-4, 10}, {0, 10}},
+                   {{1000000, 1}, {70, 0}},
+                   {{0, 0}, {0, 0}},
+                   {{2147483647, 2147483647}, {70, 0}}};
+      for (const auto& cs : cases) {
+        DeviceProblem dp(pr);
+        dp.counts.upload(cs.bad);
+        dp.poison();
+        Status st;
+        ASSERT_TRUE(cuda::launch_prefill(dp.params, nullptr, &st));
+        ASSERT_TRUE(st.ok()) << st.message;
+        expect_path(path);
+        QMOE_CUDA_OK(cudaDeviceSynchronize());
+        Problem eff = pr;
+        eff.counts = cs.effective;
+        eff.bind();
+        const Comparison c = compare(eff, dp.out.download(), eff.reference());
+        EXPECT_EQ(c.unwritten, 0);
+        EXPECT_LT(c.rel_error, tolerance(ActType::bf16));
+      }
     }
-  }
 }
 
 // Capture once, replay with new activations, weights, scales, zeros and
 // splits (empty experts, everything in one expert) in the same buffers.
 TEST(CudaPrefillSizes, GraphCaptureReplaysWithNewData) {
   QMOE_SKIP_WITHOUT_CUDA();
-  for (const Path path : paths()) {
-    SCOPED_TRACE(path_name(path));
-    PathScope scope(path);
-    const int64_t N = 200, K = 256;
-    const int32_t T = 300;
-    const Encoding enc{WeightType::int4, true};
-    Problem pr = Problem::random(ActType::bf16, enc, N, K, 128, {T / 2, 0, T / 2, 0}, fresh_seed());
-    DeviceProblem dp(pr);
-    cudaStream_t stream;
-    QMOE_CUDA_OK(cudaStreamCreate(&stream));
-    cudaGraph_t graph;
-    cudaGraphExec_t exec;
-    QMOE_CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-    Status st;
-    const bool fast = cuda::launch_prefill(dp.params, stream, &st);
-    QMOE_CUDA_OK(cudaStreamEndCapture(stream, &graph));
-    ASSERT_TRUE(fast);
-    ASSERT_TRUE(st.ok()) << st.message;
-    expect_path(path);
-    QMOE_CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
-    const std::vector<std::vector<int32_t>> splits{{0, T, 0, 0}, {1, 2, 3, T - 6}, {T - 1, 0, 0, 1}, {100, 100, 0, 100}};
-    for (const auto& counts : splits) {
-      const uint64_t seed = fresh_seed();
-      SCOPED_TRACE(seed);
-      Problem next = Problem::random(ActType::bf16, enc, N, K, 128, counts, seed);
-      dp.act.upload(next.act);
-      dp.weights.upload(next.weights);
-      dp.scales.upload(next.scales);
-      dp.zeros.upload(next.zeros);
-      dp.counts.upload(next.counts);
-      dp.poison();
-      QMOE_CUDA_OK(cudaGraphLaunch(exec, stream));
-      QMOE_CUDA_OK(cudaStreamSynchronize(stream));
-      const Comparison c = compare(next, dp.out.download(), next.reference());
-      EXPECT_EQ(c.unwritten, 0);
-      EXPECT_LT(c.rel_error, tolerance(ActType::bf16));
+  for (const Path path : paths())
+    for (const bool wide : {false, true}) {  // (wgmma: both item shapes)
+      if (wide && path != Path::wgmma) continue;
+      SCOPED_TRACE(path_name(path) + (wide ? " wide" : ""));
+      PathScope scope(path);
+      WideScope wide_scope(wide);
+      const int64_t N = 200, K = 256;
+      const int32_t T = 300;
+      const Encoding enc{WeightType::int4, true};
+      Problem pr = Problem::random(ActType::bf16, enc, N, K, 128, {T / 2, 0, T / 2, 0}, fresh_seed());
+      DeviceProblem dp(pr);
+      cudaStream_t stream;
+      QMOE_CUDA_OK(cudaStreamCreate(&stream));
+      cudaGraph_t graph;
+      cudaGraphExec_t exec;
+      QMOE_CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+      Status st;
+      const bool fast = cuda::launch_prefill(dp.params, stream, &st);
+      QMOE_CUDA_OK(cudaStreamEndCapture(stream, &graph));
+      ASSERT_TRUE(fast);
+      ASSERT_TRUE(st.ok()) << st.message;
+      expect_path(path);
+      QMOE_CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+      const std::vector<std::vector<int32_t>> splits{{0, T, 0, 0}, {1, 2, 3, T - 6}, {T - 1, 0, 0, 1}, {100, 100, 0, 100}};
+      for (const auto& counts : splits) {
+        const uint64_t seed = fresh_seed();
+        SCOPED_TRACE(seed);
+        Problem next = Problem::random(ActType::bf16, enc, N, K, 128, counts, seed);
+        dp.act.upload(next.act);
+        dp.weights.upload(next.weights);
+        dp.scales.upload(next.scales);
+        dp.zeros.upload(next.zeros);
+        dp.counts.upload(next.counts);
+        dp.poison();
+        QMOE_CUDA_OK(cudaGraphLaunch(exec, stream));
+        QMOE_CUDA_OK(cudaStreamSynchronize(stream));
+        const Comparison c = compare(next, dp.out.download(), next.reference());
+        EXPECT_EQ(c.unwritten, 0);
+        EXPECT_LT(c.rel_error, tolerance(ActType::bf16));
+      }
+      cudaGraphExecDestroy(exec);
+      cudaGraphDestroy(graph);
+      cudaStreamDestroy(stream);
     }
-    cudaGraphExecDestroy(exec);
-    cudaGraphDestroy(graph);
-    cudaStreamDestroy(stream);
-  }
 }
 
 // Shapes outside the fast path's rules launch nothing there, and the public
