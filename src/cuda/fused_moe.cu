@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <climits>
+#include <type_traits>
 #include <utility>
 
 #include "core/backend.h"
@@ -114,15 +115,23 @@ __device__ void route_token_warp_n(const FusedMoeParams& p, int64_t t, int32_t* 
   }
 }
 
+// f(std::integral_constant<int, S>) with S the expert slots a lane of the warp
+// routing takes for E experts (E <= 32 S): the one choice of the device
+// routine below and of the routing kernel's instantiation on the host.
 static_assert(kMaxRoutedExperts <= 16 * 32, "route_token_warp: at most 16 experts a lane");
+template <class F>
+__host__ __device__ __forceinline__ void visit_route_slots(int64_t E, F&& f) {
+  if (E <= 32) f(std::integral_constant<int, 1>{});
+  else if (E <= 64) f(std::integral_constant<int, 2>{});
+  else if (E <= 128) f(std::integral_constant<int, 4>{});
+  else if (E <= 256) f(std::integral_constant<int, 8>{});
+  else f(std::integral_constant<int, 16>{});
+}
+
 template <class Act>
 __device__ void route_token_warp(const FusedMoeParams& p, int64_t t, int32_t* ids, float* weights) {
-  const int64_t E = p.num_experts;
-  if (E <= 32) route_token_warp_n<Act, 1>(p, t, ids, weights);
-  else if (E <= 64) route_token_warp_n<Act, 2>(p, t, ids, weights);
-  else if (E <= 128) route_token_warp_n<Act, 4>(p, t, ids, weights);
-  else if (E <= 256) route_token_warp_n<Act, 8>(p, t, ids, weights);
-  else route_token_warp_n<Act, 16>(p, t, ids, weights);
+  visit_route_slots(p.num_experts,
+                    [&](auto slots) { route_token_warp_n<Act, decltype(slots)::value>(p, t, ids, weights); });
 }
 
 template <class Act>
@@ -775,15 +784,12 @@ Status fused_moe(const FusedMoeParams& p, const Device& device) {
         nb = blocks(T, tokens);
         const size_t count_smem = size_t(gb.chunk + 31) / 32 * size_t(E) * 4;  // a row a warp of pairs: <= 64 KB
         visit_act(p.act_type, [&](auto act) {
-          using Act = decltype(act);
-          const auto kernel = E <= 32    ? route_count_kernel<Act, 1>
-                              : E <= 64  ? route_count_kernel<Act, 2>
-                              : E <= 128 ? route_count_kernel<Act, 4>
-                              : E <= 256 ? route_count_kernel<Act, 8>
-                                         : route_count_kernel<Act, 16>;
-          if (count_smem > 48 * 1024)
-            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(count_smem));
-          launch_kernel(kernel, dim3(nb), dim3(32 * tokens), count_smem, stream, false, p, gb);
+          visit_route_slots(E, [&](auto slots) {
+            const auto kernel = route_count_kernel<decltype(act), decltype(slots)::value>;
+            if (count_smem > 48 * 1024)
+              cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(count_smem));
+            launch_kernel(kernel, dim3(nb), dim3(32 * tokens), count_smem, stream, false, p, gb);
+          });
         });
       } else {
         nb = blocks(pairs, kGroupChunk);

@@ -90,6 +90,7 @@
 #include <cuda_runtime.h>
 
 #include <mutex>
+#include <type_traits>
 
 #include "core/env.h"
 #include "core/routing.h"
@@ -824,15 +825,15 @@ bool launch(const MoeGemmParams& p, cudaStream_t stream, Status* status, int64_t
     }
     return false;
   }
-  if (glu) {
-    if (p.n != 2 * glu) return false;
+  // Plain or glu, with wide items where they apply (quantized weights).
+  const auto variant = [&](auto v) {
+    constexpr int V = decltype(v)::value;
     if constexpr (!WCfg<Act, Enc>::kNative)
-      if (wide_items(p)) return launch_variant<Act, Enc, kGlu, true>(p, stream, status, glu);
-    return launch_variant<Act, Enc, kGlu>(p, stream, status, glu);
-  }
-  if constexpr (!WCfg<Act, Enc>::kNative)
-    if (wide_items(p)) return launch_variant<Act, Enc, kPlain, true>(p, stream, status, 0);
-  return launch_variant<Act, Enc, kPlain>(p, stream, status, 0);
+      if (wide_items(p)) return launch_variant<Act, Enc, V, true>(p, stream, status, glu);
+    return launch_variant<Act, Enc, V>(p, stream, status, glu);
+  };
+  if (glu) return p.n == 2 * glu && variant(std::integral_constant<int, kGlu>{});
+  return variant(std::integral_constant<int, kPlain>{});
 }
 
 template <class Act>
