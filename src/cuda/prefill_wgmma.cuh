@@ -53,10 +53,10 @@
 // 32 s bytes to the start address inside the atom (the hardware applies the
 // swizzle to the final address bits, so the stage buffers are 1024-aligned).
 //
-// Wide items (quantized weights, plain products; WCfg): 128 weight rows x
-// up to 256 tokens, one m64 block a consumer warpgroup and wgmma N up to 256:
-// the same accumulators and tensor work a k chunk for half the decode, and an
-// expert of up to 256 tokens is one item per n tile.
+// Wide items (quantized weights, plain and glu products; WCfg): 128 weight
+// rows x up to 256 tokens, one m64 block a consumer warpgroup and wgmma N up
+// to 256: the same accumulators and tensor work a k chunk for half the
+// decode, and an expert of up to 256 tokens is one item per n tile.
 //
 // Schedule: the device-side counts -> clamped token ranges and work-item
 // prefix sums in shared memory (as prefill_mma.cuh), items (expert, 256-row
@@ -107,7 +107,7 @@ namespace qmoe::cuda::prefill::hopper {
 // consumer warpgroup, wgmma N up to 256) instead of 256 x 128: the same
 // accumulators and MMA work for half the decode (each weight decoded once
 // per 256 tokens, not 128), and one item for an expert of up to 256 tokens.
-// Quantized weights, plain products only (launch_variant).
+// Quantized weights, plain and glu products (launch, wide_items).
 template <class Act, class Enc, bool Wide = false>
 struct WCfg {
   static constexpr int kBits = Enc::kBits;
