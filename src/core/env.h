@@ -14,10 +14,10 @@ inline bool env_is(const char* name, const char* value) {
   return v && std::strcmp(v, value) == 0;
 }
 
-// The integer value of `name`, 0 where it is unset.
-inline int env_int(const char* name) {
+// The integer value of `name`, `unset` where it is unset.
+inline int env_int(const char* name, int unset = 0) {
   const char* v = std::getenv(name);
-  return v ? std::atoi(v) : 0;
+  return v ? std::atoi(v) : unset;
 }
 
 }  // namespace qmoe

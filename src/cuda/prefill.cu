@@ -5,7 +5,6 @@
 // falls back to the decode or generic kernel, which handle any shape.
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
 
 #include "core/env.h"
 #include "cuda/kernels.h"
@@ -80,7 +79,7 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 // (0: never).
 bool prefill_prefers_decode(const MoeGemmParams& p) {
   if (prefill::g_wgmma.load(std::memory_order_relaxed) >= 0) return false;
-  static const int64_t tokens = std::getenv("QMOE_PREFILL_DECODE_TOKENS") ? env_int("QMOE_PREFILL_DECODE_TOKENS") : 16;
+  static const int64_t tokens = env_int("QMOE_PREFILL_DECODE_TOKENS", 16);
   if (p.weight_type == WeightType::native16 || p.layout != WeightLayout::ENK) return false;
   return p.total_tokens <= tokens * p.num_experts;
 }

@@ -221,7 +221,6 @@ struct PrefillDecode<ActF16, IntEncoding<8, Asym>> {
 template <>
 struct PrefillDecode<ActBF16, IntEncoding<8, false>> {
   using P = Pair<ActBF16>;
-
   using raw_t = uint2;
   static constexpr bool kBias = false;
   __device__ static __forceinline__ uint32_t bias_word(float) { return 0; }
@@ -248,17 +247,16 @@ struct PrefillDecode<ActBF16, IntEncoding<8, false>> {
 // code and a zero point, so the bytes go through fp32 (0x4b0000xx = 2^23 +
 // byte), the bias (a float here) is subtracted exactly and the pair packed to
 // bf16 (exact: |q| <= 255), then scaled.
-template <bool Asym>
-struct PrefillDecode<ActBF16, IntEncoding<8, Asym>> {
+template <>
+struct PrefillDecode<ActBF16, IntEncoding<8, true>> {
   using P = Pair<ActBF16>;
   using raw_t = uint2;
-  static constexpr bool kBias = Asym;
+  static constexpr bool kBias = true;
   __device__ static __forceinline__ uint32_t bias_word(float z) { return __float_as_uint(-(8388608.0f + z)); }
-  static constexpr uint32_t kSymBias = 0xcb000080u;  // -(2^23 + 128)
+  static constexpr uint32_t kSymBias = 0;  // (unused: the bias word comes with the zero point)
   __device__ static __forceinline__ void decode(raw_t r, uint32_t s2, uint32_t bias, uint32_t (&b)[4]) {
-    const uint32_t flip = Asym ? 0u : 0x80808080u;
     const float nb = __uint_as_float(bias);
-    const uint32_t w[2] = {r.x ^ flip, r.y ^ flip};
+    const uint32_t w[2] = {r.x, r.y};
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const float f0 = __uint_as_float(__byte_perm(w[h], 0x4b000000u, 0x7540u)) + nb;
