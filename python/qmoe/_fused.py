@@ -415,8 +415,8 @@ def workspace_upper_bound(num_tokens, hidden: int, intermediate: int, num_expert
     num_tokens (torch.compile), plus 256 bytes of room to align the start. It
     mirrors the buffers of FusedWorkspace::carve (src/core/fused_moe_workspace.h):
     15 buffers, each rounded up to 256 bytes; test_fused_moe checks the bound. The
-    block counts, max(ceil(T k / 512), ceil(T / 8)) * E * 4 bytes at most, are at most
-    T k ceil(E / 128) + T ceil(E / 2) + 4 E."""
+    block counts, at most max(ceil(T k / 512), ceil(T / 8)) * E * 4 bytes, are at
+    most T k ceil(E / 128) + T ceil(E / 2) + 4 E."""
     k, H, I, E, Is = top_k, hidden, intermediate, num_experts, shared_intermediate
     per_token = (k * (4 + 4 + 4 + 4 + 2 * H + 4 * I + 2 * I + 2 * H + (E + 127) // 128)
                  + (E + 1) // 2 + 4 * Is + 2 * Is + 2 * H + 4)
