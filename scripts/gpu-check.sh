@@ -5,7 +5,7 @@
 #
 #   bash scripts/gpu-check.sh                 # every stage
 #   bash scripts/gpu-check.sh build test      # some stages
-# Stages: build test sanitize python bench pybench model (default), variants, ab, ab-prefill, profile
+# Stages: build test sanitize python bench pybench model (default), variants, variants-prefill, ab, ab-prefill, profile
 # QMOE_BUILD_TARGETS (e.g. "_ext qmoe") builds only those targets; QMOE_CUDA_ARCHS
 # the architectures (default "80-real;90a-real").
 # The GPU image has no GoogleTest: copy Debian's sources first, and name the
@@ -197,6 +197,26 @@ if want ab-prefill; then
   ab_libs
   say "prefill A/B: ${names[*]}"
   ab_rounds ab-prefill.txt ab_prefill_run
+fi
+
+# A runtime switch of the prefill path side by side, on the build's library:
+# QMOE_VARIANT_VAR (default QMOE_PREFILL_WIDE) set to each of
+# QMOE_VARIANT_VALUES (default "1 0") in turn, prefill_bench.py tables
+# (QMOE_AB_PREFILL_ARGS) in QMOE_AB_ROUNDS interleaved rounds, compared
+# against the first value into $OUT/variants-prefill.txt.
+env_prefill_run() {
+  echo "v$1_r$2=$OUT/raw/prefill-v$1_r$2.json"
+  # shellcheck disable=SC2086
+  env "$var=$1" timeout "${QMOE_BENCH_TIMEOUT:-240}" python3 bench/prefill_bench.py --lib "$BUILD/libqmoe.a" \
+    ${QMOE_AB_PREFILL_ARGS:---encodings int4,int8,fp8_e4m3,native16} --json "$OUT/raw/prefill-v$1_r$2.json" \
+    >>"$LOG" 2>&1
+}
+if want variants-prefill; then
+  var=${QMOE_VARIANT_VAR:-QMOE_PREFILL_WIDE}
+  read -r -a names <<<"${QMOE_VARIANT_VALUES:-1 0}"
+  libs="$OUT/ab-libs"  # (ab_rounds removes it; nothing is built here)
+  say "prefill variants ($var = ${names[*]})"
+  ab_rounds variants-prefill.txt env_prefill_run
 fi
 
 # An ncu profile (full set; stall reasons and the SASS lines that stall
