@@ -2,20 +2,18 @@
 
 #include <atomic>
 #include <condition_variable>
-#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
 
+#include "core/env.h"
+
 namespace qmoe::cpu {
 namespace {
 
 int default_threads() {
-  if (const char* env = std::getenv("QMOE_NUM_THREADS")) {
-    const int n = std::atoi(env);
-    if (n > 0) return n;
-  }
+  if (const int n = env_int("QMOE_NUM_THREADS"); n > 0) return n;
   const unsigned hw = std::thread::hardware_concurrency();
   return hw > 0 ? int(hw) : 1;
 }

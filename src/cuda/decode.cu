@@ -40,9 +40,9 @@
 
 #include <algorithm>
 #include <climits>
-#include <cstdlib>
 #include <type_traits>
 
+#include "core/env.h"
 #include "core/routing.h"
 #include "cuda/common.cuh"
 #include "cuda/decode.h"
@@ -553,9 +553,9 @@ __global__ void __launch_bounds__(kThreads, 2) decode_kernel(const DecodeArgs a)
 // ------------------------------------------------------------------ host
 DecodeTuning tuning_from_env() {
   DecodeTuning t;
-  if (const char* v = std::getenv("QMOE_DECODE_CB")) t.chunk_bytes = std::atoi(v);
-  if (const char* v = std::getenv("QMOE_DECODE_WK")) t.k_warps = std::atoi(v);
-  if (const char* v = std::getenv("QMOE_DECODE_PIPE")) t.pipeline = std::atoi(v);
+  t.chunk_bytes = env_int("QMOE_DECODE_CB", t.chunk_bytes);
+  t.k_warps = env_int("QMOE_DECODE_WK", t.k_warps);
+  t.pipeline = env_int("QMOE_DECODE_PIPE", t.pipeline);
   return t;
 }
 
