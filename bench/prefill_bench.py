@@ -166,6 +166,35 @@ class Problem:
         return q * s
 
 
+def torch_anchors(E, N, K, T, counts, gen):
+    """Median ms of dense cuBLAS (one expert's weights, all T tokens), torch._grouped_mm and the torch
+    per-expert loop, on bf16 weights."""
+    act = (torch.rand(T, K, generator=gen, device="cuda") * 2 - 1).to(torch.bfloat16)
+    wb = ((torch.rand(E, N, K, generator=gen, device="cuda") - 0.5) * 0.1).to(torch.bfloat16)
+    dense_b = wb[0].T.contiguous() if N * K * 2 < 1 << 31 else None
+    ms_dense = timed_graph(lambda: torch.matmul(act, dense_b)) if dense_b is not None else float("nan")
+    offs = torch.tensor(counts, dtype=torch.int32, device="cuda").cumsum(0).to(torch.int32)
+    ms_gmm = float("nan")
+    if hasattr(torch, "_grouped_mm"):
+        try:
+            ms_gmm = timed_graph(lambda: torch._grouped_mm(act, wb.transpose(-2, -1), offs=offs))
+        except Exception as ex:  # noqa: BLE001
+            print(f"  torch._grouped_mm unavailable: {ex}".splitlines()[0])
+    bounds = [0]
+    for c in counts:
+        bounds.append(bounds[-1] + c)
+    outl = torch.empty(T, N, dtype=torch.bfloat16, device="cuda")
+
+    def loop():
+        for e in range(E):
+            if counts[e]:
+                torch.matmul(act[bounds[e]:bounds[e + 1]], wb[e].T, out=outl[bounds[e]:bounds[e + 1]])
+
+    ms_loop = timed_graph(loop)
+    del wb, dense_b
+    return ms_dense, ms_gmm, ms_loop
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lib", default="build/gpu/libqmoe.a")
@@ -174,7 +203,10 @@ def main():
     ap.add_argument("--encodings", default="native16,ekn16,int4,int4a,int8,fp8_e4m3,int2a",
                     help="ekn16: 16-bit weights [E, K, N] through qmoe.moe_gemm")
     ap.add_argument("--shapes", default="", help="comma-separated substrings of shape labels to run")
-    ap.add_argument("--profile", default="", help="E,N,K,T,enc: three plain calls (for ncu), no timing")
+    ap.add_argument("--profile", default="", help="E,N,K,T,enc[,even]: three plain calls (for ncu), no timing; "
+                    "tokens split unevenly unless 'even' is given")
+    ap.add_argument("--no-anchors", action="store_true",
+                    help="skip the per-shape torch anchors (A/B runs of qmoe libraries: only qmoe's times compare)")
     ap.add_argument("--paths", default="", help="comma list of wgmma,mma: time each kernel (default: the library's choice)")
     ap.add_argument("--json", default="", help="write the rows here (default: $OUT/prefill_bench*.json "
                     "where $OUT is set); bench/compare_runs.py reads such files side by side")
@@ -185,10 +217,10 @@ def main():
         ap.error(f"unknown encodings {bad}: choose from {', '.join(sorted(known))}")
     dll = build_shim(args.lib)
     if args.profile:
-        E, N, K, T, encname = args.profile.split(",")
+        E, N, K, T, encname, *split = args.profile.split(",")
         E, N, K, T = int(E), int(N), int(K), int(T)
         asym = encname.endswith("a") and encname != "native16"
-        counts = split_tokens(T, E, "uneven", torch.Generator().manual_seed(99))
+        counts = split_tokens(T, E, "even" if split == ["even"] else "uneven", torch.Generator().manual_seed(99))
         pr = Problem(E, N, K, T, encname[:-1] if asym else encname, asym, 128, counts, torch.bfloat16,
                      torch.Generator(device="cuda").manual_seed(5))
         for _ in range(3):
@@ -258,29 +290,10 @@ def main():
         active = sum(1 for c in counts if c > 0)
         flops = 2 * T * N * K
         # Anchors on bf16 weights (one set; weights exceed L2 for the large shapes).
-        act = (torch.rand(T, K, generator=gen, device="cuda") * 2 - 1).to(torch.bfloat16)
-        wb = ((torch.rand(E, N, K, generator=gen, device="cuda") - 0.5) * 0.1).to(torch.bfloat16)
-        dense_b = wb[0].T.contiguous() if N * K * 2 < 1 << 31 else None
-        ms_dense = timed_graph(lambda: torch.matmul(act, dense_b)) if dense_b is not None else float("nan")
-        offs = torch.tensor(counts, dtype=torch.int32, device="cuda").cumsum(0).to(torch.int32)
-        ms_gmm = float("nan")
-        if hasattr(torch, "_grouped_mm"):
-            try:
-                ms_gmm = timed_graph(lambda: torch._grouped_mm(act, wb.transpose(-2, -1), offs=offs))
-            except Exception as ex:  # noqa: BLE001
-                print(f"  torch._grouped_mm unavailable: {ex}".splitlines()[0])
-        bounds = [0]
-        for c in counts:
-            bounds.append(bounds[-1] + c)
-        outl = torch.empty(T, N, dtype=torch.bfloat16, device="cuda")
-
-        def loop():
-            for e in range(E):
-                if counts[e]:
-                    torch.matmul(act[bounds[e]:bounds[e + 1]], wb[e].T, out=outl[bounds[e]:bounds[e + 1]])
-
-        ms_loop = timed_graph(loop)
-        del wb, dense_b
+        if args.no_anchors:
+            ms_dense = ms_gmm = ms_loop = float("nan")
+        else:
+            ms_dense, ms_gmm, ms_loop = torch_anchors(E, N, K, T, counts, gen)
         dense_here = flops / (ms_dense * 1e-3)
         for encname in encs:
             asym = encname.endswith("a") and not encname.endswith("16")

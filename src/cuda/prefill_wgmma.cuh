@@ -23,8 +23,9 @@
 //    arrive on the stage's `full` mbarrier (128 arrivals + the TMA bytes).
 //  - warpgroups 1 and 2, the consumers (setmaxnreg 232): each owns 128 of
 //    the item's 256 weight rows (two m64 blocks; wide: 64 of 128, one) and
-//    every token of the item: accumulators 2 x m64nN (N = 32, 64 or 128:
-//    16..64 fp32 each; wide: 1 x m64nN, N up to 256).
+//    every token of the item: accumulators 2 x m64nN (N = 32, 96 or 128:
+//    16..64 fp32 each; wide: 1 x m64nN, N up to 256; a 96-wide item runs
+//    wgmmas of N = 64 and, past 64 tokens, 32).
 //    Per 32-wide k chunk: gather + decode the A fragments of both m64
 //    blocks (16 registers), wgmma.fence, 4 wgmma (2 k16 steps x 2 blocks),
 //    commit, wait until at most one group is in flight, so the decode of
@@ -80,10 +81,13 @@
 // 81%): the quantized rows are bound by the decode's issue slots and its
 // latency between the wgmma groups, not by the tensor pipe. Left: a one-time
 // prepack of the codes into the lane order (no gather, fewer decode
-// instructions); for 32-66 tokens an expert (latency-bound, 256-row items),
-// more warps to hide the decode; a per-expert choice of item shape (the
+// instructions); a per-expert choice of item shape (the
 // uneven 610-token row is 0.73-0.88 of the time with wide items, which the
 // average rule does not pick); a shared-memory epilogue (16-byte stores).
+// Tried: four consumer warpgroups of one m64 block each (16 warps to hide
+// the decode's latency, 112-120 registers): no faster than two on ARK's t528
+// and t610u rows (H100), and setmaxnreg must then stay within the CTA's own
+// launch registers (640 x 96), or it can wait for ever.
 #pragma once
 
 #include <cuda.h>  // CUtensorMap and its enums (the encoder comes through the runtime)
@@ -154,14 +158,17 @@ struct WArgs {
 };
 
 // Tensor maps: activations with box rows 256, 128, 64, 32 (act_map of the
-// token width), and the packed weights [E * N, K_packed] -- or, for 16-bit
-// weights [E, K, N], a 3-D map {N, K, E} with boxes of 64 n x 64 k (four a
-// stage; k past K reads as zero, never the next expert's rows).
+// item's tokens: the smallest box that holds them), and the packed weights
+// [E * N, K_packed] -- or, for 16-bit weights [E, K, N], a 3-D map {N, K, E}
+// with boxes of 64 n x 64 k (four a stage; k past K reads as zero, never the
+// next expert's rows). (Boxes of 96 and 48 rows for items of that many
+// tokens: H100, t528 int4 1.00-1.09 times the time of 128-row boxes.)
 struct WMaps {
   CUtensorMap act[4];
   CUtensorMap w;
 };
-__device__ __forceinline__ int act_map(int tw) { return tw == 256 ? 0 : tw == 128 ? 1 : tw == 64 ? 2 : 3; }
+__device__ __forceinline__ int box_rows(int rows) { return rows <= 32 ? 32 : rows <= 64 ? 64 : rows <= 128 ? 128 : 256; }
+__device__ __forceinline__ int act_map(int box) { return box == 256 ? 0 : box == 128 ? 1 : box == 64 ? 2 : 3; }
 
 // ---------------------------------------------------------------------------
 // PTX helpers (sm_90).
@@ -277,9 +284,10 @@ struct WGather<Enc, 2> {
 // ---------------------------------------------------------------------------
 // The kernel.
 // ---------------------------------------------------------------------------
-// Token width of an item (the wgmma N and the TMA box rows).
+// Token width of an item: the N of its accumulators, 32, 96 (wgmmas of N =
+// 64 and, past 64 tokens, 32: see run_item), 128 or 256.
 __device__ __forceinline__ int tok_width(int rows) {
-  return rows <= 32 ? 32 : rows <= 64 ? 64 : rows <= 128 ? 128 : 256;
+  return rows <= 32 ? 32 : rows <= 96 ? 96 : rows <= 128 ? 128 : 256;
 }
 
 // What a kernel instantiation computes (compile-time: one variant per
@@ -380,10 +388,10 @@ struct WKernel {
         // before this thread's scale words (whose loads may still be in
         // flight) are stored; the phase completes once all 128 threads
         // arrived (after their stores) and the bytes landed.
-        const int tw = tok_width(f.it.rows);
-        mbar_expect_tx(fb, uint32_t(tw * 128 + C::W_BYTES));
+        const int box = box_rows(f.it.rows);
+        mbar_expect_tx(fb, uint32_t(box * 128 + C::W_BYTES));
         const uint32_t dst = smem_addr(stage);
-        tma_load_2d(dst, &maps.act[act_map(tw)], f.kt * C::BK, f.it.tok0, fb);
+        tma_load_2d(dst, &maps.act[act_map(box)], f.kt * C::BK, f.it.tok0, fb);
         if constexpr (V == kEKN) {
           // [E, K, N]: four boxes of 64 k x 64 n (128-byte rows, swizzled);
           // a loop, not unrolled: the producer has 40 registers.
@@ -424,19 +432,18 @@ struct WKernel {
   }
 
   // ---- consumers ---------------------------------------------------------
-  template <int NT>
-  __device__ static __forceinline__ void mma(float (&d)[NT / 2], const uint32_t (&x)[4], uint64_t desc) {
-    if constexpr (Act::type == ActType::f16) {
-      if constexpr (NT == 256) wgmma::mma_f16_n256(d, x, desc);
-      if constexpr (NT == 128) wgmma::mma_f16_n128(d, x, desc);
-      if constexpr (NT == 64) wgmma::mma_f16_n64(d, x, desc);
-      if constexpr (NT == 32) wgmma::mma_f16_n32(d, x, desc);
-    } else {
-      if constexpr (NT == 256) wgmma::mma_bf16_n256(d, x, desc);
-      if constexpr (NT == 128) wgmma::mma_bf16_n128(d, x, desc);
-      if constexpr (NT == 64) wgmma::mma_bf16_n64(d, x, desc);
-      if constexpr (NT == 32) wgmma::mma_bf16_n32(d, x, desc);
-    }
+  // wgmma of N = W tokens, those from token OFF of the B tile (its rows are
+  // 128 bytes), on accumulators d[OFF / 2 .. (OFF + W) / 2) (of R: an item's
+  // tokens / 2).
+  template <int W, int OFF = 0, int R>
+  __device__ static __forceinline__ void mma(float (&d)[R], const uint32_t (&x)[4], uint64_t desc) {
+    static_assert((OFF + W) / 2 <= R, "tokens of the item");
+    auto& part = *reinterpret_cast<float(*)[W / 2]>(&d[OFF / 2]);
+    desc += uint64_t(OFF * 128 >> 4);  // the descriptor's start address is in 16-byte units
+    if constexpr (Act::type == ActType::f16)
+      wgmma::mma_f16(part, x, desc);
+    else
+      wgmma::mma_bf16(part, x, desc);
   }
 
   // The A registers of 32-wide k chunk q for m64 block mb of this warp:
@@ -510,6 +517,17 @@ struct WKernel {
     for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
       for (int i = 0; i < NT / 2; ++i) acc[mb][i] = 0.0f;
+    // The 96-wide items (33..96 tokens) run a wgmma of N = 64 and, past 64
+    // tokens, one of N = 32: an expert of 66 tokens costs the tensor work of
+    // 96, not 128 (ARK's t528 rows, H100: int4 0.90, int8 0.95 of the time).
+    // Each accumulator belongs to one wgmma shape, and full 128-token items
+    // keep their one wgmma: alternatives on the same registers (N = 128 or
+    // 96 + 32) made ptxas serialise every wgmma (C7511); a 96 + 32 split of
+    // the 128-wide items took ARK's uneven t610u row 1.10 times the time; a
+    // fourth main loop (of its own width) inlined beside these, C7512.
+    constexpr bool kSplit = NT == 96;
+    constexpr int kFirst = kSplit ? 64 : NT;
+    const bool last_slice = kSplit && it.rows > kFirst;
     // One commit group per 32-wide k chunk, at most one group left in
     // flight (wait 1): the decode of chunk c + 1 overlaps the wgmmas of chunk
     // c. The A registers of chunk parity q are rewritten only after the
@@ -535,7 +553,11 @@ struct WKernel {
         for (int s = 0; s < 2; ++s) {
           const uint64_t desc = desc_sw128(tok + 32 * (2 * q + s));
 #pragma unroll
-          for (int mb = 0; mb < MB; ++mb) mma<NT>(acc[mb], x[mb][s], desc);
+          for (int mb = 0; mb < MB; ++mb) mma<kFirst>(acc[mb], x[mb][s], desc);
+          if constexpr (kSplit)
+            if (last_slice)
+#pragma unroll
+              for (int mb = 0; mb < MB; ++mb) mma<NT - kFirst, kFirst>(acc[mb], x[mb][s], desc);
         }
         wgmma_commit();
         wgmma_wait<1>();
@@ -598,8 +620,8 @@ struct WKernel {
         run_item<C::BM == 256 ? 256 : 128>(a, it, sm, fill);
       else if (tw == 128)
         run_item<128>(a, it, sm, fill);
-      else if (tw == 64)
-        run_item<64>(a, it, sm, fill);
+      else if (tw == 96)
+        run_item<96>(a, it, sm, fill);
       else
         run_item<32>(a, it, sm, fill);
     }

@@ -2,10 +2,11 @@
 // += A[64 x 16] * B[16 x N], f32 accumulators, A (the decoded weights) from
 // four 32-bit registers per thread in the m16n8k16 A-fragment layout (warp w
 // of the warpgroup holds rows 16w..16w+15), B (the tokens) from shared memory
-// through a matrix descriptor, K-major (no transpose). One function per
-// (activation type, N); N = 32, 64, 128, 256 (the token-tile widths the
-// kernel uses). One macro writes both types' functions of an N; inline asm
-// needs literal operand lists, so they are built from macros of eight.
+// through a matrix descriptor, K-major (no transpose). mma_bf16 / mma_f16,
+// one overload per N (picked by the accumulator array, N / 2 floats): N =
+// 32, 64, 128, 256 (the wgmma widths the kernel uses). One macro writes both
+// types' functions of an N; inline asm needs literal operand lists, so they
+// are built from macros of eight.
 //
 // Accumulator d[4j + 2h + i] of lane (g = lane / 4, c = lane % 4) is row
 // 16w + 8h + g, column 8j + 2c + i, as in the m16n8k16 C fragment.
@@ -30,9 +31,9 @@ namespace qmoe::cuda::prefill::wgmma {
 #define QMOE_WGMMA_FN(NAME, N, R, TY, OUTS, REST, ...) \
   __device__ __forceinline__ void NAME(float(&)[R], const uint32_t(&)[4], uint64_t) {}
 #endif
-#define QMOE_WGMMA_N(N, R, OUTS, REST, ...)                           \
-  QMOE_WGMMA_FN(mma_bf16_n##N, N, R, "bf16", OUTS, REST, __VA_ARGS__) \
-  QMOE_WGMMA_FN(mma_f16_n##N, N, R, "f16", OUTS, REST, __VA_ARGS__)
+#define QMOE_WGMMA_N(N, R, OUTS, REST, ...)                     \
+  QMOE_WGMMA_FN(mma_bf16, N, R, "bf16", OUTS, REST, __VA_ARGS__) \
+  QMOE_WGMMA_FN(mma_f16, N, R, "f16", OUTS, REST, __VA_ARGS__)
 
 // Accumulator placeholders, eight at a time, and their constraints.
 #define QMOE_PH0 "%0, %1, %2, %3, %4, %5, %6, %7"

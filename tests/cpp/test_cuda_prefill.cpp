@@ -102,9 +102,10 @@ std::vector<Shape> shapes() {
       // group_size 96: the two k chunks of a tile straddle a group boundary
       // (groups 2j, 2j + 1 of one scale word); 4 groups, async scales.
       {"gs96", 136, 384, 96, {90, 7, 33}},
-      // Token tiles of 128 + 2 and of every wgmma token width (32, 64, 128,
-      // and 256 with wide items) at its edges; N past one 256-row tile; group 64.
-      {"tok_widths", 300, 192, 64, {130, 0, 32, 33, 64, 65, 256, 257, 129, 520}},
+      // Token tiles of 128 + 2 and of every token width (32, 96, 128, and 256
+      // with wide items) at its edges, and at the 96-wide item's second wgmma
+      // (64, 65); N past one 256-row tile; group 64.
+      {"tok_widths", 300, 192, 64, {130, 0, 32, 33, 64, 65, 96, 97, 256, 257, 129, 520}},
   };
 }
 
