@@ -59,14 +59,14 @@
 // to 256: the same accumulators and tensor work a k chunk for half the
 // decode, and an expert of up to 256 tokens is one item per n tile.
 //
-// Schedule: the device-side counts -> clamped token ranges and work-item
-// prefix sums in shared memory (as prefill_mma.cuh), items (expert, 256-row
-// n tile, 128-token tile; wide: 128-row n tile, 256-token tile), n tile
-// major and token tile minor within an expert; CTAs stride over the items;
-// producer and consumers walk the same item list, the pipeline runs across
-// items. No host sync, no allocation
-// (the tensor maps are kernel parameters): graph-capturable. Rows that no
-// expert covers are written as zeros.
+// Schedule (Schedule below): the device-side counts -> clamped token ranges
+// and work-item prefix sums in shared memory, items (expert, 256-row n tile,
+// 128-token tile; wide: 128-row n tile, 256-token tile); for quantized
+// weights the heavy (widest) items first and handed to the CTAs in snake
+// order, else expert-major; producer and consumers walk the same item list,
+// the pipeline runs across items. No host sync, no allocation (the tensor
+// maps are kernel parameters): graph-capturable. Rows that no expert covers
+// are written as zeros.
 //
 // Rules (besides prefill.cu's): an sm_90 device with the sm_90a kernel
 // compiled in, E * N < 2^31 (rows of the weight tensor map). The K tail
@@ -290,6 +290,130 @@ __device__ __forceinline__ int tok_width(int rows) {
   return rows <= 32 ? 32 : rows <= 96 ? 96 : rows <= 128 ? 128 : 256;
 }
 
+// ---------------------------------------------------------------------------
+// The item schedule: heaviest items first, handed out in snake order.
+//
+// Items are (expert, n tile, token tile). They are ordered by the width
+// class of their token tile (tok_width: BM-wide tiles, then 128-, 96- and
+// 32-wide ones), then expert, n tile and token tile; round r of the
+// persistent loop gives CTA b item r G + b, or r G + G - 1 - b in odd rounds
+// (G CTAs), so the CTAs that take a heavy item early take a light one late.
+// Each CTA builds the same schedule from the device counts in shared memory:
+// s_tok[e] (E + 1: clamped first token of expert e, s_tok[E] the tokens
+// covered) and s_cls[c][e] (kClasses x (E + 1): token tiles of class c in
+// the experts before e), then the meta words (n tiles, rows an item covers,
+// the first item of each class and the total).
+// ---------------------------------------------------------------------------
+constexpr int kClasses = 4;  // token-tile widths 256 (BM of wide items), 128, 96, 32
+__host__ __device__ constexpr int64_t schedule_ints(int64_t E) { return (E + 1) * (1 + kClasses) + 3 + kClasses; }
+
+template <int BM>
+__device__ __forceinline__ int width_class(int rows) {
+  const int tw = tok_width(rows);
+  return tw >= BM ? 0 : tw == 128 ? 1 : tw == 96 ? 2 : 3;
+}
+
+template <bool Ordered>
+struct Schedule {
+  const int* tok;  // [E + 1]
+  const int* cls;  // [kClasses][E + 1]
+  const int* meta;  // n tiles, rows an item covers, first item of each class [kClasses + 1]
+  int E;
+  __device__ int total() const { return meta[2 + kClasses]; }
+  // Item of round r for this CTA (snake order), or >= total() past the end.
+  __device__ int item_of_round(int r) const {
+    const int g = int(gridDim.x), b = int(blockIdx.x);
+    return r * g + (Ordered && (r & 1) ? g - 1 - b : b);
+  }
+};
+
+template <int kThreads, int BM, bool Ordered>
+__device__ __forceinline__ void build_class_schedule(const int32_t* counts, int E, int64_t T, int n_tiles, int bn,
+                                                     int* s_tok, int* s_cls, int* s_meta, long long* scratch) {
+  const int tid = threadIdx.x;
+  const int per = (E + kThreads - 1) / kThreads;
+  const int i0 = min(E, tid * per), i1 = min(E, i0 + per);
+  long long sum = 0;
+  for (int i = i0; i < i1; ++i) sum += max(counts[i], 0);
+  long long off = block_exclusive_scan<long long>(sum, scratch);
+  for (int i = i0; i < i1; ++i) {
+    s_tok[i] = int(min(off, (long long)T));
+    off += max(counts[i], 0);
+  }
+  if (tid == kThreads - 1) s_tok[E] = int(min(off, (long long)T));
+  __syncthreads();
+  // Tiles of each class: the full tiles are class 0, the last partial one
+  // (if any) the class of its width. (Without the class order, every tile
+  // counts in class 0: expert-major, as before.)
+  int* scan = reinterpret_cast<int*>(scratch);
+#pragma unroll 1
+  for (int c = 0; c < kClasses; ++c) {
+    int n = 0;
+    for (int i = i0; i < i1; ++i) {
+      const int rows = s_tok[i + 1] - s_tok[i], part = rows % BM;
+      if (!Ordered) {
+        n += c == 0 ? (rows + BM - 1) / BM : 0;
+        continue;
+      }
+      n += (c == 0 ? rows / BM : 0) + (part > 0 && width_class<BM>(part) == c ? 1 : 0);
+    }
+    int o = block_exclusive_scan<int>(n, scan);
+    for (int i = i0; i < i1; ++i) {
+      s_cls[c * (E + 1) + i] = o;
+      const int rows = s_tok[i + 1] - s_tok[i], part = rows % BM;
+      if (!Ordered)
+        o += c == 0 ? (rows + BM - 1) / BM : 0;
+      else
+        o += (c == 0 ? rows / BM : 0) + (part > 0 && width_class<BM>(part) == c ? 1 : 0);
+    }
+    if (tid == kThreads - 1) s_cls[c * (E + 1) + E] = o;
+  }
+  __syncthreads();
+  if (tid == 0) {
+    s_meta[0] = n_tiles;
+    s_meta[1] = bn;
+    int first = 0;
+    for (int c = 0; c < kClasses; ++c) {
+      s_meta[2 + c] = first;
+      first += s_cls[c * (E + 1) + E] * n_tiles;
+    }
+    s_meta[2 + kClasses] = first;
+  }
+}
+
+// The item's expert, n tile and token tile.
+template <int BM, bool Ordered>
+__device__ __forceinline__ Item schedule_item(const Schedule<Ordered>& sc, int item) {
+  const int ntiles = sc.meta[0];
+  int c = 0;
+  while (c + 1 < kClasses && sc.meta[2 + c + 1] <= item) ++c;
+  const int* cls = sc.cls + c * (sc.E + 1);
+  const int local = item - sc.meta[2 + c];
+  int lo = 0, hi = sc.E;  // cls[lo] * ntiles <= local < cls[hi] * ntiles
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) >> 1;
+    if (cls[mid] * ntiles <= local)
+      lo = mid;
+    else
+      hi = mid;
+  }
+  Item it;
+  it.e = lo;
+  it.bn = sc.meta[1];
+  const int tb = sc.tok[lo], te = sc.tok[lo + 1];
+  const int mt = cls[lo + 1] - cls[lo];  // the expert's tiles of this class
+  const int le = local - cls[lo] * ntiles;
+  const int nt = le / mt;
+  const int m = le - nt * mt;
+  // Class 0 holds the full tiles (and a BM-wide last one), in token order;
+  // another class only the expert's last, partial tile.
+  const int tile = (c == 0 || !Ordered) ? m : (te - tb) / BM;
+  it.tok0 = tb + tile * BM;
+  it.rows = min(BM, te - it.tok0);
+  it.n0 = nt * it.bn;
+  return it;
+}
+
 // What a kernel instantiation computes (compile-time: one variant per
 // kernel, so each keeps the register budget of a single main loop; one
 // kernel holding all three had ptxas serialise its wgmma, C7512, and ran
@@ -308,6 +432,12 @@ struct WKernel {
   static_assert(V != kEKN || C::kNative, "[E, K, N] is 16-bit only");
   using Dec = typename C::Dec;
   using P = Pair<Act>;
+  // Items by width class in snake order for quantized weights (H100: ARK's
+  // uneven t610u int4 / int8 0.74 / 0.71 of the time, Mixtral 4096 w2 0.93 /
+  // 0.95); 16-bit weights keep the expert-major order (t610u bf16 took 1.05
+  // times it the other way).
+  static constexpr bool kOrdered = !C::kNative;
+  using Sched = Schedule<kOrdered>;
 
   struct Smem {
     unsigned char* base;  // stage 0 (1024-aligned)
@@ -319,7 +449,7 @@ struct WKernel {
 
   // ---- producer ----------------------------------------------------------
   struct Fill {
-    int item, kt;
+    int round, item, kt;
     Item it;
   };
 
@@ -354,29 +484,29 @@ struct WKernel {
     return n0 + r;
   }
 
-  __device__ static __forceinline__ void advance(const WArgs& a, Fill& f, int total, const int* s_tok,
-                                                 const int* s_items) {
+  __device__ static __forceinline__ void advance(const WArgs& a, Fill& f, const Sched& sc) {
     if (++f.kt == a.k_tiles) {
       f.kt = 0;
-      f.item += gridDim.x;
-      if (f.item < total) f.it = decode_item<C>(f.item, s_tok, s_items, a.E);
+      f.item = sc.item_of_round(++f.round);
+      if (f.item < sc.total()) f.it = schedule_item<C::BM, kOrdered>(sc, f.item);
     }
   }
 
-  __device__ static void producer(const WArgs& a, const WMaps& maps, const Smem& sm, int total, const int* s_tok,
-                                  const int* s_items) {
+  __device__ static void producer(const WArgs& a, const WMaps& maps, const Smem& sm, const Sched& sc) {
     const int t = threadIdx.x;  // 0..127
+    const int total = sc.total();
     Fill f;
-    f.item = blockIdx.x;
+    f.round = 0;
+    f.item = sc.item_of_round(0);
     f.kt = 0;
     if (f.item >= total) return;
-    f.it = decode_item<C>(f.item, s_tok, s_items, a.E);
+    f.it = schedule_item<C::BM, kOrdered>(sc, f.item);
     uint2 rs = make_uint2(0, 0), rz = make_uint2(0, 0);
     load_scales(a, f, t, rs, rz);
 #pragma unroll 1
     for (int fill = 0; f.item < total; ++fill) {
       Fill nx = f;
-      advance(a, nx, total, s_tok, s_items);
+      advance(a, nx, sc);
       uint2 ns = make_uint2(0, 0), nz = make_uint2(0, 0);
       if (nx.item < total) load_scales(a, nx, t, ns, nz);  // in flight during the wait below
       const int st = fill % C::STAGES;
@@ -610,11 +740,11 @@ struct WKernel {
     }
   }
 
-  __device__ static void consumer(const WArgs& a, const Smem& sm, int total, const int* s_tok, const int* s_items) {
+  __device__ static void consumer(const WArgs& a, const Smem& sm, const Sched& sc) {
     int fill = 0;
 #pragma unroll 1
-    for (int item = blockIdx.x; item < total; item += gridDim.x) {
-      const Item it = decode_item<C>(item, s_tok, s_items, a.E);
+    for (int r = 0, item = sc.item_of_round(0); item < sc.total(); item = sc.item_of_round(++r)) {
+      const Item it = schedule_item<C::BM, kOrdered>(sc, item);
       const int tw = tok_width(it.rows);
       if (C::BM == 256 && tw == 256)
         run_item<C::BM == 256 ? 256 : 128>(a, it, sm, fill);
@@ -640,8 +770,7 @@ __global__ void __launch_bounds__(384, 1) wgmma_kernel(const WArgs a, const __gr
   // shared loads, not generic ones.)
   unsigned char* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
   uint64_t* bars = reinterpret_cast<uint64_t*>(smem + C::STAGES * C::STAGE);  // full[STAGES], empty[STAGES]
-  int* s_tok = reinterpret_cast<int*>(bars + 2 * C::STAGES);                  // [E + 1]
-  int* s_items = s_tok + (a.E + 1);                                            // [E + 3]
+  int* s_tok = reinterpret_cast<int*>(bars + 2 * C::STAGES);                  // schedule_ints(E): Schedule
   long long* scratch = reinterpret_cast<long long*>(smem);                    // stage 0 is free until the loop
   const int tid = threadIdx.x;
 
@@ -661,24 +790,21 @@ __global__ void __launch_bounds__(384, 1) wgmma_kernel(const WArgs a, const __gr
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&maps.act[0])) : "memory");
   }
 
-  // ---- schedule: clamped token ranges and item prefix sums (as prefill_mma.cuh).
-  {
-    build_schedule<C::kThreads, C::BM>(a.counts, a.E, a.T, s_tok, s_items, scratch);
-    if (tid == C::kThreads - 1) {
-      s_items[a.E + 1] = a.n_tiles;
-      s_items[a.E + 2] = V == kGlu ? C::BN / 2 : C::BN;  // outputs an item covers
-    }
-    __syncthreads();  // also publishes the barrier initialisation
-  }
-  // Items, read after the register split (nothing kept live across it).
-  const auto total = [&] { return s_items[a.E] * s_items[a.E + 1]; };
+  // ---- schedule (Schedule): token ranges and the items by width class.
+  int* s_cls = s_tok + (a.E + 1);
+  int* s_meta = s_cls + kClasses * (a.E + 1);
+  build_class_schedule<C::kThreads, C::BM, K::kOrdered>(a.counts, a.E, a.T, a.n_tiles, V == kGlu ? C::BN / 2 : C::BN, s_tok,
+                                           s_cls, s_meta, scratch);
+  __syncthreads();  // also publishes the barrier initialisation
+  // The schedule's view, made after the register split (nothing kept live across it).
+  const auto schedule = [&] { return typename K::Sched{s_tok, s_cls, s_meta, a.E}; };
 
   if (tid < 128) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-    K::producer(a, maps, sm, total(), s_tok, s_items);
+    K::producer(a, maps, sm, schedule());
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-    K::consumer(a, sm, total(), s_tok, s_items);
+    K::consumer(a, sm, schedule());
     // Rows no expert covers are zero (read again: nothing kept live across the loop).
     const int covered = *reinterpret_cast<volatile int*>(s_tok + a.E);
     if (covered < a.T) {
@@ -777,7 +903,7 @@ bool launch_variant(const MoeGemmParams& p, cudaStream_t stream, Status* status,
   });
   const DeviceInfo& d = info[dev];
   if (!d.ok || d.sms <= 0) return false;
-  const int64_t smem_bytes = 1024 + int64_t(C::STAGES) * C::STAGE + 16 * C::STAGES + 8 * (p.num_experts + 2) + 8;
+  const int64_t smem_bytes = 1024 + int64_t(C::STAGES) * C::STAGE + 16 * C::STAGES + 4 * schedule_ints(p.num_experts);
   if (smem_bytes > d.smem_optin) return false;
   if (p.num_experts * p.n >= (int64_t(1) << 31)) return false;
   if (C::kScaled && p.n * (p.k / p.group_size) >= (int64_t(1) << 31)) return false;
