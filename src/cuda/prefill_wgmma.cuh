@@ -147,6 +147,7 @@ struct WArgs {
   // gate rows n0.. and up rows I + n0.. (128 each) and writes [T, I] =
   // SiLU(gate) * up; its weight rows are then 128 outputs wide.
   int glu;
+  int ordered;  // items by width class in snake order (Schedule; ordered_items)
   const uint16_t* col_scales;  // [E, K, N] weights: optional per-column scales [E, N]
   const uint16_t* scales;
   const uint16_t* zeros;
@@ -305,7 +306,7 @@ __device__ __forceinline__ int tok_width(int rows) {
 // the first item of each class and the total).
 // ---------------------------------------------------------------------------
 constexpr int kClasses = 4;  // token-tile widths 256 (BM of wide items), 128, 96, 32
-__host__ __device__ constexpr int64_t schedule_ints(int64_t E) { return (E + 1) * (1 + kClasses) + 3 + kClasses; }
+__host__ __device__ constexpr int64_t schedule_ints(int64_t E) { return (E + 1) * (1 + kClasses) + 4 + kClasses; }
 
 template <int BM>
 __device__ __forceinline__ int width_class(int rows) {
@@ -313,23 +314,26 @@ __device__ __forceinline__ int width_class(int rows) {
   return tw >= BM ? 0 : tw == 128 ? 1 : tw == 96 ? 2 : 3;
 }
 
-template <bool Ordered>
 struct Schedule {
   const int* tok;  // [E + 1]
   const int* cls;  // [kClasses][E + 1]
-  const int* meta;  // n tiles, rows an item covers, first item of each class [kClasses + 1]
+  const int* meta;  // n tiles, rows an item covers, first item of each class [kClasses + 1], ordered
   int E;
+  bool ordered;  // by width class in snake order, else expert-major (meta[3 + kClasses])
+  __device__ Schedule(const int* tok_, const int* cls_, const int* meta_, int E_)
+      : tok(tok_), cls(cls_), meta(meta_), E(E_), ordered(meta_[3 + kClasses] != 0) {}
   __device__ int total() const { return meta[2 + kClasses]; }
   // Item of round r for this CTA (snake order), or >= total() past the end.
   __device__ int item_of_round(int r) const {
     const int g = int(gridDim.x), b = int(blockIdx.x);
-    return r * g + (Ordered && (r & 1) ? g - 1 - b : b);
+    return r * g + (ordered && (r & 1) ? g - 1 - b : b);
   }
 };
 
-template <int kThreads, int BM, bool Ordered>
+template <int kThreads, int BM>
 __device__ __forceinline__ void build_class_schedule(const int32_t* counts, int E, int64_t T, int n_tiles, int bn,
-                                                     int* s_tok, int* s_cls, int* s_meta, long long* scratch) {
+                                                     bool ordered, int* s_tok, int* s_cls, int* s_meta,
+                                                     long long* scratch) {
   const int tid = threadIdx.x;
   const int per = (E + kThreads - 1) / kThreads;
   const int i0 = min(E, tid * per), i1 = min(E, i0 + per);
@@ -342,16 +346,22 @@ __device__ __forceinline__ void build_class_schedule(const int32_t* counts, int 
   }
   if (tid == kThreads - 1) s_tok[E] = int(min(off, (long long)T));
   __syncthreads();
+  // The order pays where experts of several token tiles make items of very
+  // different weight (ARK's t610u, Mixtral); where every expert is one tile
+  // it was 1.10 times the time of Qwen1.5's layer at 512 tokens (H100).
+  bool multi = false;
+  for (int i = i0; i < i1; ++i) multi |= s_tok[i + 1] - s_tok[i] > BM;
+  ordered = __syncthreads_or(ordered && multi) != 0;
   // Tiles of each class: the full tiles are class 0, the last partial one
   // (if any) the class of its width. (Without the class order, every tile
-  // counts in class 0: expert-major, as before.)
+  // counts in class 0: expert-major.)
   int* scan = reinterpret_cast<int*>(scratch);
 #pragma unroll 1
   for (int c = 0; c < kClasses; ++c) {
     int n = 0;
     for (int i = i0; i < i1; ++i) {
       const int rows = s_tok[i + 1] - s_tok[i], part = rows % BM;
-      if (!Ordered) {
+      if (!ordered) {
         n += c == 0 ? (rows + BM - 1) / BM : 0;
         continue;
       }
@@ -361,7 +371,7 @@ __device__ __forceinline__ void build_class_schedule(const int32_t* counts, int 
     for (int i = i0; i < i1; ++i) {
       s_cls[c * (E + 1) + i] = o;
       const int rows = s_tok[i + 1] - s_tok[i], part = rows % BM;
-      if (!Ordered)
+      if (!ordered)
         o += c == 0 ? (rows + BM - 1) / BM : 0;
       else
         o += (c == 0 ? rows / BM : 0) + (part > 0 && width_class<BM>(part) == c ? 1 : 0);
@@ -378,12 +388,13 @@ __device__ __forceinline__ void build_class_schedule(const int32_t* counts, int 
       first += s_cls[c * (E + 1) + E] * n_tiles;
     }
     s_meta[2 + kClasses] = first;
+    s_meta[3 + kClasses] = ordered;
   }
 }
 
 // The item's expert, n tile and token tile.
-template <int BM, bool Ordered>
-__device__ __forceinline__ Item schedule_item(const Schedule<Ordered>& sc, int item) {
+template <int BM>
+__device__ __forceinline__ Item schedule_item(const Schedule& sc, int item) {
   const int ntiles = sc.meta[0];
   int c = 0;
   while (c + 1 < kClasses && sc.meta[2 + c + 1] <= item) ++c;
@@ -407,7 +418,7 @@ __device__ __forceinline__ Item schedule_item(const Schedule<Ordered>& sc, int i
   const int m = le - nt * mt;
   // Class 0 holds the full tiles (and a BM-wide last one), in token order;
   // another class only the expert's last, partial tile.
-  const int tile = (c == 0 || !Ordered) ? m : (te - tb) / BM;
+  const int tile = (c == 0 || !sc.ordered) ? m : (te - tb) / BM;
   it.tok0 = tb + tile * BM;
   it.rows = min(BM, te - it.tok0);
   it.n0 = nt * it.bn;
@@ -432,12 +443,6 @@ struct WKernel {
   static_assert(V != kEKN || C::kNative, "[E, K, N] is 16-bit only");
   using Dec = typename C::Dec;
   using P = Pair<Act>;
-  // Items by width class in snake order for quantized weights (H100: ARK's
-  // uneven t610u int4 / int8 0.74 / 0.71 of the time, Mixtral 4096 w2 0.93 /
-  // 0.95); 16-bit weights keep the expert-major order (t610u bf16 took 1.05
-  // times it the other way).
-  static constexpr bool kOrdered = !C::kNative;
-  using Sched = Schedule<kOrdered>;
 
   struct Smem {
     unsigned char* base;  // stage 0 (1024-aligned)
@@ -484,15 +489,15 @@ struct WKernel {
     return n0 + r;
   }
 
-  __device__ static __forceinline__ void advance(const WArgs& a, Fill& f, const Sched& sc) {
+  __device__ static __forceinline__ void advance(const WArgs& a, Fill& f, const Schedule& sc) {
     if (++f.kt == a.k_tiles) {
       f.kt = 0;
       f.item = sc.item_of_round(++f.round);
-      if (f.item < sc.total()) f.it = schedule_item<C::BM, kOrdered>(sc, f.item);
+      if (f.item < sc.total()) f.it = schedule_item<C::BM>(sc, f.item);
     }
   }
 
-  __device__ static void producer(const WArgs& a, const WMaps& maps, const Smem& sm, const Sched& sc) {
+  __device__ static void producer(const WArgs& a, const WMaps& maps, const Smem& sm, const Schedule& sc) {
     const int t = threadIdx.x;  // 0..127
     const int total = sc.total();
     Fill f;
@@ -500,7 +505,7 @@ struct WKernel {
     f.item = sc.item_of_round(0);
     f.kt = 0;
     if (f.item >= total) return;
-    f.it = schedule_item<C::BM, kOrdered>(sc, f.item);
+    f.it = schedule_item<C::BM>(sc, f.item);
     uint2 rs = make_uint2(0, 0), rz = make_uint2(0, 0);
     load_scales(a, f, t, rs, rz);
 #pragma unroll 1
@@ -740,11 +745,11 @@ struct WKernel {
     }
   }
 
-  __device__ static void consumer(const WArgs& a, const Smem& sm, const Sched& sc) {
+  __device__ static void consumer(const WArgs& a, const Smem& sm, const Schedule& sc) {
     int fill = 0;
 #pragma unroll 1
     for (int r = 0, item = sc.item_of_round(0); item < sc.total(); item = sc.item_of_round(++r)) {
-      const Item it = schedule_item<C::BM, kOrdered>(sc, item);
+      const Item it = schedule_item<C::BM>(sc, item);
       const int tw = tok_width(it.rows);
       if (C::BM == 256 && tw == 256)
         run_item<C::BM == 256 ? 256 : 128>(a, it, sm, fill);
@@ -793,11 +798,11 @@ __global__ void __launch_bounds__(384, 1) wgmma_kernel(const WArgs a, const __gr
   // ---- schedule (Schedule): token ranges and the items by width class.
   int* s_cls = s_tok + (a.E + 1);
   int* s_meta = s_cls + kClasses * (a.E + 1);
-  build_class_schedule<C::kThreads, C::BM, K::kOrdered>(a.counts, a.E, a.T, a.n_tiles, V == kGlu ? C::BN / 2 : C::BN, s_tok,
-                                           s_cls, s_meta, scratch);
+  build_class_schedule<C::kThreads, C::BM>(a.counts, a.E, a.T, a.n_tiles, V == kGlu ? C::BN / 2 : C::BN,
+                                           a.ordered != 0, s_tok, s_cls, s_meta, scratch);
   __syncthreads();  // also publishes the barrier initialisation
   // The schedule's view, made after the register split (nothing kept live across it).
-  const auto schedule = [&] { return typename K::Sched{s_tok, s_cls, s_meta, a.E}; };
+  const auto schedule = [&] { return Schedule(s_tok, s_cls, s_meta, a.E); };
 
   if (tid < 128) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
@@ -868,6 +873,20 @@ inline bool make_map_ekn(CUtensorMap* m, const void* ptr, uint64_t n, uint64_t k
              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// Items by width class in snake order (Schedule) for quantized weights, where
+// an expert has more than one token tile (the kernel checks the counts).
+// H100, interleaved rounds: ARK's uneven t610u int4 / int8 0.74 / 0.71 of
+// the time, Mixtral 4096 w2 0.93 / 0.95, the Mixtral layer at 512 tokens
+// 0.91, Qwen3's at 4096 0.95; 16-bit weights keep the expert-major order
+// (t610u bf16 1.05 times the time the other way: an expert's token tiles of
+// one n tile then no longer run together, and their weights are read from
+// DRAM again). QMOE_PREFILL_ORDER=0 turns it off.
+template <class C>
+int ordered_items() {
+  static const bool on = env_int("QMOE_PREFILL_ORDER", 1) != 0;
+  return !C::kNative && on;
+}
+
 template <class Act, class Enc, int V, bool Wide = false>
 bool launch_variant(const MoeGemmParams& p, cudaStream_t stream, Status* status, int64_t glu) {
   using C = WCfg<Act, Enc, Wide>;
@@ -936,6 +955,7 @@ bool launch_variant(const MoeGemmParams& p, cudaStream_t stream, Status* status,
   a.group_size = C::kScaled ? int(p.group_size) : 1;
   a.groups = C::kScaled ? int(p.k / p.group_size) : 1;
   a.glu = int(glu);
+  a.ordered = ordered_items<C>();
   a.n_tiles = glu ? ceil_div(glu, C::BN / 2) : ceil_div(p.n, C::BN);
   a.k_tiles = ceil_div(p.k, C::BK);
   const int64_t max_items = int64_t(a.n_tiles) * ((p.total_tokens + C::BM - 1) / C::BM + p.num_experts);
