@@ -275,12 +275,18 @@ struct Item {
 // the experts before e. Returns s_items[E] on thread kThreads - 1 (which also
 // stores it). The caller sets s_items[E + 1], [E + 2] (see decode_item) and
 // synchronises. `scratch` holds a block scan (one long long a warp).
-template <int kThreads, int BM>
-__device__ __forceinline__ int build_schedule(const int32_t* counts, int E, int64_t T, int* s_tok, int* s_items,
-                                              long long* scratch) {
-  const int tid = threadIdx.x;
+// s_tok[e] for e <= E (see build_schedule); thread t of the block handles
+// the experts [i0, i1) of expert_range<kThreads>(E). Ends with a barrier.
+template <int kThreads>
+__device__ __forceinline__ int2 expert_range(int E) {
   const int per = (E + kThreads - 1) / kThreads;
-  const int i0 = min(E, tid * per), i1 = min(E, i0 + per);
+  const int i0 = min(E, int(threadIdx.x) * per);
+  return make_int2(i0, min(E, i0 + per));
+}
+template <int kThreads>
+__device__ __forceinline__ void build_token_ranges(const int32_t* counts, int E, int64_t T, int* s_tok,
+                                                   long long* scratch) {
+  const auto [i0, i1] = expert_range<kThreads>(E);
   long long sum = 0;
   for (int i = i0; i < i1; ++i) sum += max(counts[i], 0);
   long long off = block_exclusive_scan<long long>(sum, scratch);
@@ -288,8 +294,16 @@ __device__ __forceinline__ int build_schedule(const int32_t* counts, int E, int6
     s_tok[i] = int(min(off, (long long)T));
     off += max(counts[i], 0);
   }
-  if (tid == kThreads - 1) s_tok[E] = int(min(off, (long long)T));
+  if (threadIdx.x == kThreads - 1) s_tok[E] = int(min(off, (long long)T));
   __syncthreads();
+}
+
+template <int kThreads, int BM>
+__device__ __forceinline__ int build_schedule(const int32_t* counts, int E, int64_t T, int* s_tok, int* s_items,
+                                              long long* scratch) {
+  const int tid = threadIdx.x;
+  build_token_ranges<kThreads>(counts, E, T, s_tok, scratch);
+  const auto [i0, i1] = expert_range<kThreads>(E);
   int isum = 0;
   for (int i = i0; i < i1; ++i) isum += (s_tok[i + 1] - s_tok[i] + BM - 1) / BM;
   int ioff = block_exclusive_scan<int>(isum, reinterpret_cast<int*>(scratch));

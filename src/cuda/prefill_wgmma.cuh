@@ -335,46 +335,31 @@ __device__ __forceinline__ void build_class_schedule(const int32_t* counts, int 
                                                      bool ordered, int* s_tok, int* s_cls, int* s_meta,
                                                      long long* scratch) {
   const int tid = threadIdx.x;
-  const int per = (E + kThreads - 1) / kThreads;
-  const int i0 = min(E, tid * per), i1 = min(E, i0 + per);
-  long long sum = 0;
-  for (int i = i0; i < i1; ++i) sum += max(counts[i], 0);
-  long long off = block_exclusive_scan<long long>(sum, scratch);
-  for (int i = i0; i < i1; ++i) {
-    s_tok[i] = int(min(off, (long long)T));
-    off += max(counts[i], 0);
-  }
-  if (tid == kThreads - 1) s_tok[E] = int(min(off, (long long)T));
-  __syncthreads();
+  build_token_ranges<kThreads>(counts, E, T, s_tok, scratch);
+  const auto [i0, i1] = expert_range<kThreads>(E);
   // The order pays where experts of several token tiles make items of very
   // different weight (ARK's t610u, Mixtral); where every expert is one tile
   // it was 1.10 times the time of Qwen1.5's layer at 512 tokens (H100).
   bool multi = false;
   for (int i = i0; i < i1; ++i) multi |= s_tok[i + 1] - s_tok[i] > BM;
   ordered = __syncthreads_or(ordered && multi) != 0;
-  // Tiles of each class: the full tiles are class 0, the last partial one
-  // (if any) the class of its width. (Without the class order, every tile
-  // counts in class 0: expert-major.)
+  // Tiles of expert i in class c: the full tiles are class 0, the last
+  // partial one (if any) the class of its width; without the order every
+  // tile counts in class 0 (expert-major).
+  const auto tiles = [&](int i, int c) {
+    const int rows = s_tok[i + 1] - s_tok[i], part = rows % BM;
+    if (!ordered) return c == 0 ? (rows + BM - 1) / BM : 0;
+    return (c == 0 ? rows / BM : 0) + (part > 0 && width_class<BM>(part) == c ? 1 : 0);
+  };
   int* scan = reinterpret_cast<int*>(scratch);
 #pragma unroll 1
   for (int c = 0; c < kClasses; ++c) {
     int n = 0;
-    for (int i = i0; i < i1; ++i) {
-      const int rows = s_tok[i + 1] - s_tok[i], part = rows % BM;
-      if (!ordered) {
-        n += c == 0 ? (rows + BM - 1) / BM : 0;
-        continue;
-      }
-      n += (c == 0 ? rows / BM : 0) + (part > 0 && width_class<BM>(part) == c ? 1 : 0);
-    }
+    for (int i = i0; i < i1; ++i) n += tiles(i, c);
     int o = block_exclusive_scan<int>(n, scan);
     for (int i = i0; i < i1; ++i) {
       s_cls[c * (E + 1) + i] = o;
-      const int rows = s_tok[i + 1] - s_tok[i], part = rows % BM;
-      if (!ordered)
-        o += c == 0 ? (rows + BM - 1) / BM : 0;
-      else
-        o += (c == 0 ? rows / BM : 0) + (part > 0 && width_class<BM>(part) == c ? 1 : 0);
+      o += tiles(i, c);
     }
     if (tid == kThreads - 1) s_cls[c * (E + 1) + E] = o;
   }
