@@ -399,18 +399,17 @@ __global__ void __launch_bounds__(kGroupChunk) group_place_kernel(GroupBlocksArg
     if (b == 0) a.counts[tid] = total;
   }
   __syncthreads();
-  if (live) {
-    const int32_t slot = first[id] + before[id] + rank;
-    a.slot_of[i0] = slot;
-    a.token_of[slot] = int32_t(i0 / a.k);
-  }
+  // Pair i of expert e_i with rank r in its block: its row, and the row's token.
+  const auto place = [&](int64_t i, int32_t e_i, int32_t r) {
+    const int32_t slot = first[e_i] + before[e_i] + r;
+    a.slot_of[i] = slot;
+    a.token_of[slot] = int32_t(i / a.k);
+  };
+  if (live) place(i0, id, rank);
   for (int j = tid + kGroupChunk; j < a.chunk; j += kGroupChunk) {
     const int64_t i = int64_t(b) * a.chunk + j;
     if (i >= a.pairs) break;
-    const int32_t e_i = a.ids_out[i];
-    const int32_t slot = first[e_i] + before[e_i] + a.slot_of[i];
-    a.slot_of[i] = slot;
-    a.token_of[slot] = int32_t(i / a.k);
+    place(i, a.ids_out[i], a.slot_of[i]);
   }
 }
 

@@ -319,17 +319,24 @@ __device__ __forceinline__ int build_schedule(const int32_t* counts, int E, int6
 // the schedule's n tiles per token tile and rows per n tile (256 or 128).
 // Item i: expert e with s_items[e] * nt <= i < s_items[e + 1] * nt, then n
 // tile major, token tile minor within the expert.
-template <class C>
-__device__ __forceinline__ Item decode_item(int item, const int* s_tok, const int* s_items, int E) {
-  const int ntiles = s_items[E + 1];
-  int lo = 0, hi = E;  // s_items[lo] * ntiles <= item < s_items[hi] * ntiles
+// The expert e of item x in a list of E experts' items, prefix[e] * ntiles
+// <= x < prefix[e + 1] * ntiles (prefix: the experts' token tiles before e).
+__device__ __forceinline__ int expert_of(const int* prefix, int E, int ntiles, int x) {
+  int lo = 0, hi = E;
   while (hi - lo > 1) {
     const int mid = (lo + hi) >> 1;
-    if (s_items[mid] * ntiles <= item)
+    if (prefix[mid] * ntiles <= x)
       lo = mid;
     else
       hi = mid;
   }
+  return lo;
+}
+
+template <class C>
+__device__ __forceinline__ Item decode_item(int item, const int* s_tok, const int* s_items, int E) {
+  const int ntiles = s_items[E + 1];
+  const int lo = expert_of(s_items, E, ntiles, item);
   Item it;
   it.e = lo;
   it.bn = s_items[E + 2];

@@ -385,14 +385,7 @@ __device__ __forceinline__ Item schedule_item(const Schedule& sc, int item) {
   while (c + 1 < kClasses && sc.meta[2 + c + 1] <= item) ++c;
   const int* cls = sc.cls + c * (sc.E + 1);
   const int local = item - sc.meta[2 + c];
-  int lo = 0, hi = sc.E;  // cls[lo] * ntiles <= local < cls[hi] * ntiles
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) >> 1;
-    if (cls[mid] * ntiles <= local)
-      lo = mid;
-    else
-      hi = mid;
-  }
+  const int lo = expert_of(cls, sc.E, ntiles, local);
   Item it;
   it.e = lo;
   it.bn = sc.meta[1];
