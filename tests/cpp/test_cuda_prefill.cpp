@@ -223,12 +223,17 @@ TEST(CudaPrefillSizes, TokensFrom1To8192) {
 }
 
 // More work items than CTAs (each CTA runs several items, the pipeline
-// wraps around its stages across items), random token widths per expert.
+// wraps around its stages across items), random token widths per expert;
+// one expert of two token tiles, so that the wgmma kernel takes quantized
+// weights' items by width class, in snake order over its rounds.
 TEST(CudaPrefillSizes, ManyItemsPerCta) {
   QMOE_SKIP_WITHOUT_CUDA();
-  std::mt19937_64 rng(fresh_seed());
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("counts seed=" + std::to_string(seed));
+  std::mt19937_64 rng(seed);
   std::vector<int32_t> counts(64);
   for (auto& c : counts) c = rng() % 5 == 0 ? 0 : int32_t(1 + rng() % 130);
+  counts[5] = 200;
   for (const Path path : paths()) {
     check_fast_path(ActType::bf16, {WeightType::int4, true}, {"many_items", 2048, 256, 128, counts}, true, path);
     check_fast_path(ActType::f16, {WeightType::native16, false}, {"many_items", 2048, 256, 0, counts}, true, path);
