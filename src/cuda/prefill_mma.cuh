@@ -275,14 +275,16 @@ struct Item {
 // the experts before e. Returns s_items[E] on thread kThreads - 1 (which also
 // stores it). The caller sets s_items[E + 1], [E + 2] (see decode_item) and
 // synchronises. `scratch` holds a block scan (one long long a warp).
-// s_tok[e] for e <= E (see build_schedule); thread t of the block handles
-// the experts [i0, i1) of expert_range<kThreads>(E). Ends with a barrier.
+// The experts [i0, i1) this thread handles when a block of kThreads walks
+// all E of them (contiguous runs of about E / kThreads).
 template <int kThreads>
 __device__ __forceinline__ int2 expert_range(int E) {
   const int per = (E + kThreads - 1) / kThreads;
   const int i0 = min(E, int(threadIdx.x) * per);
   return make_int2(i0, min(E, i0 + per));
 }
+// s_tok[e] for e <= E (see build_schedule) from a block scan of the counts.
+// Ends with a barrier.
 template <int kThreads>
 __device__ __forceinline__ void build_token_ranges(const int32_t* counts, int E, int64_t T, int* s_tok,
                                                    long long* scratch) {

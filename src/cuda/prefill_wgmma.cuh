@@ -121,7 +121,7 @@ struct WCfg {
   static constexpr bool kWide = Wide;
   static constexpr int BK = 64;                    // k per stage (one 128-byte token row)
   static constexpr int MB = Wide ? 1 : 2;          // m64 blocks of weight rows a consumer warpgroup
-  static constexpr int BM = Wide ? 256 : 128;      // tokens per item (decode_item)
+  static constexpr int BM = Wide ? 256 : 128;      // tokens per item (schedule_item)
   static constexpr int BN = 128 * MB;              // weight rows per item
   static constexpr int KPB = BK * kBits / 8;       // packed bytes per weight row per stage
   static constexpr int TOK_BYTES = BM * 128;
