@@ -72,9 +72,19 @@ def main():
     print(f"\nstall samples by opcode (of {total:.0f}), and instructions executed:")
     for op, (s, e) in sorted(by_op.items(), key=lambda x: -x[1][0])[:20]:
         print(f"  {op:10s} {100 * s / total:5.1f}%  executed {e:.0f}")
-    print(f"\ntop {args.top} SASS lines by stall samples:")
-    for r in sorted(body, key=lambda r: -num(r, samp))[:args.top]:
-        print(f"  {100 * num(r, samp) / total:5.1f}%  {r[ci][:90]}")
+    # Each top line with its place in the listing (#index, and the address
+    # where the page has one) and, for a branch, the instruction before it:
+    # a wait loop's SYNCS names the mbarrier it polls (its shared offset
+    # tells a stage's `full` barrier from its `empty` one).
+    ai = cols.index("Address") if "Address" in cols else None
+    print(f"\ntop {args.top} SASS lines by stall samples (#index in the listing):")
+    order = sorted(range(len(body)), key=lambda j: -num(body[j], samp))[:args.top]
+    for j in order:
+        r = body[j]
+        where = f"#{j}" + (f" {r[ai]}" if ai is not None else "")
+        print(f"  {100 * num(r, samp) / total:5.1f}%  {where:>8s}  {r[ci][:90]}")
+        if j > 0 and "BRA" in r[ci]:
+            print(f"  {'':5s}   {'':>8s}    after: {body[j - 1][ci][:84]}")
 
 
 if __name__ == "__main__":
