@@ -118,6 +118,7 @@
 #include "cuda/common.cuh"
 #include "cuda/kernels.h"
 #include "cuda/prefill_decode.cuh"
+#include "cuda/prefill_schedule.h"
 
 namespace qmoe::cuda::prefill {
 
@@ -265,10 +266,6 @@ __device__ __forceinline__ int padded_rows(int rows) {
   return last + 8 * token_frags(rows - last);
 }
 
-struct Item {
-  int e, tok0, rows, n0, bn;  // bn: rows of the weight tile, 256 or 128
-};
-
 // The schedule both prefill kernels build in shared memory from the device
 // counts, every CTA the same: s_tok[e] = the clamped first token of expert e
 // (s_tok[E] = the tokens covered), s_items[e] = token tiles of BM tokens of
@@ -321,20 +318,6 @@ __device__ __forceinline__ int build_schedule(const int32_t* counts, int E, int6
 // the schedule's n tiles per token tile and rows per n tile (256 or 128).
 // Item i: expert e with s_items[e] * nt <= i < s_items[e + 1] * nt, then n
 // tile major, token tile minor within the expert.
-// The expert e of item x in a list of E experts' items, prefix[e] * ntiles
-// <= x < prefix[e + 1] * ntiles (prefix: the experts' token tiles before e).
-__device__ __forceinline__ int expert_of(const int* prefix, int E, int ntiles, int x) {
-  int lo = 0, hi = E;
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) >> 1;
-    if (prefix[mid] * ntiles <= x)
-      lo = mid;
-    else
-      hi = mid;
-  }
-  return lo;
-}
-
 template <class C>
 __device__ __forceinline__ Item decode_item(int item, const int* s_tok, const int* s_items, int E) {
   const int ntiles = s_items[E + 1];

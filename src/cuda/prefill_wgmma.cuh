@@ -59,7 +59,7 @@
 // to 256: the same accumulators and tensor work a k chunk for half the
 // decode, and an expert of up to 256 tokens is one item per n tile.
 //
-// Schedule (Schedule below): the device-side counts -> clamped token ranges
+// Schedule (prefill_schedule.h): the device-side counts -> clamped token ranges
 // and work-item prefix sums in shared memory, items (expert, 256-row n tile,
 // 128-token tile; wide: 128-row n tile, 256-token tile); for quantized
 // weights the heavy (widest) items first and handed to the CTAs in snake
@@ -283,53 +283,9 @@ struct WGather<Enc, 2> {
 };
 
 // ---------------------------------------------------------------------------
-// The kernel.
+// The kernel. The item schedule (prefill_schedule.h): each CTA builds the
+// same arrays in shared memory from the device counts, then walks its items.
 // ---------------------------------------------------------------------------
-// Token width of an item: the N of its accumulators, 32, 96 (wgmmas of N =
-// 64 and, past 64 tokens, 32: see run_item), 128 or 256.
-__device__ __forceinline__ int tok_width(int rows) {
-  return rows <= 32 ? 32 : rows <= 96 ? 96 : rows <= 128 ? 128 : 256;
-}
-
-// ---------------------------------------------------------------------------
-// The item schedule: heaviest items first, handed out in snake order.
-//
-// Items are (expert, n tile, token tile). They are ordered by the width
-// class of their token tile (tok_width: BM-wide tiles, then 128-, 96- and
-// 32-wide ones), then expert, n tile and token tile; round r of the
-// persistent loop gives CTA b item r G + b, or r G + G - 1 - b in odd rounds
-// (G CTAs), so the CTAs that take a heavy item early take a light one late.
-// Each CTA builds the same schedule from the device counts in shared memory:
-// s_tok[e] (E + 1: clamped first token of expert e, s_tok[E] the tokens
-// covered) and s_cls[c][e] (kClasses x (E + 1): token tiles of class c in
-// the experts before e), then the meta words (n tiles, rows an item covers,
-// the first item of each class and the total).
-// ---------------------------------------------------------------------------
-constexpr int kClasses = 4;  // token-tile widths 256 (BM of wide items), 128, 96, 32
-__host__ __device__ constexpr int64_t schedule_ints(int64_t E) { return (E + 1) * (1 + kClasses) + 4 + kClasses; }
-
-template <int BM>
-__device__ __forceinline__ int width_class(int rows) {
-  const int tw = tok_width(rows);
-  return tw >= BM ? 0 : tw == 128 ? 1 : tw == 96 ? 2 : 3;
-}
-
-struct Schedule {
-  const int* tok;  // [E + 1]
-  const int* cls;  // [kClasses][E + 1]
-  const int* meta;  // n tiles, rows an item covers, first item of each class [kClasses + 1], ordered
-  int E;
-  bool ordered;  // by width class in snake order, else expert-major (meta[3 + kClasses])
-  __device__ Schedule(const int* tok_, const int* cls_, const int* meta_, int E_)
-      : tok(tok_), cls(cls_), meta(meta_), E(E_), ordered(meta_[3 + kClasses] != 0) {}
-  __device__ int total() const { return meta[2 + kClasses]; }
-  // Item of round r for this CTA (snake order), or >= total() past the end.
-  __device__ int item_of_round(int r) const {
-    const int g = int(gridDim.x), b = int(blockIdx.x);
-    return r * g + (ordered && (r & 1) ? g - 1 - b : b);
-  }
-};
-
 template <int kThreads, int BM>
 __device__ __forceinline__ void build_class_schedule(const int32_t* counts, int E, int64_t T, int n_tiles, int bn,
                                                      bool ordered, int* s_tok, int* s_cls, int* s_meta,
@@ -343,64 +299,20 @@ __device__ __forceinline__ void build_class_schedule(const int32_t* counts, int 
   bool multi = false;
   for (int i = i0; i < i1; ++i) multi |= s_tok[i + 1] - s_tok[i] > BM;
   ordered = __syncthreads_or(ordered && multi) != 0;
-  // Tiles of expert i in class c: the full tiles are class 0, the last
-  // partial one (if any) the class of its width; without the order every
-  // tile counts in class 0 (expert-major).
-  const auto tiles = [&](int i, int c) {
-    const int rows = s_tok[i + 1] - s_tok[i], part = rows % BM;
-    if (!ordered) return c == 0 ? (rows + BM - 1) / BM : 0;
-    return (c == 0 ? rows / BM : 0) + (part > 0 && width_class<BM>(part) == c ? 1 : 0);
-  };
   int* scan = reinterpret_cast<int*>(scratch);
 #pragma unroll 1
   for (int c = 0; c < kClasses; ++c) {
     int n = 0;
-    for (int i = i0; i < i1; ++i) n += tiles(i, c);
+    for (int i = i0; i < i1; ++i) n += class_tiles<BM>(s_tok[i + 1] - s_tok[i], c, ordered);
     int o = block_exclusive_scan<int>(n, scan);
     for (int i = i0; i < i1; ++i) {
       s_cls[c * (E + 1) + i] = o;
-      o += tiles(i, c);
+      o += class_tiles<BM>(s_tok[i + 1] - s_tok[i], c, ordered);
     }
     if (tid == kThreads - 1) s_cls[c * (E + 1) + E] = o;
   }
   __syncthreads();
-  if (tid == 0) {
-    s_meta[0] = n_tiles;
-    s_meta[1] = bn;
-    int first = 0;
-    for (int c = 0; c < kClasses; ++c) {
-      s_meta[2 + c] = first;
-      first += s_cls[c * (E + 1) + E] * n_tiles;
-    }
-    s_meta[2 + kClasses] = first;
-    s_meta[3 + kClasses] = ordered;
-  }
-}
-
-// The item's expert, n tile and token tile.
-template <int BM>
-__device__ __forceinline__ Item schedule_item(const Schedule& sc, int item) {
-  const int ntiles = sc.meta[0];
-  int c = 0;
-  while (c + 1 < kClasses && sc.meta[2 + c + 1] <= item) ++c;
-  const int* cls = sc.cls + c * (sc.E + 1);
-  const int local = item - sc.meta[2 + c];
-  const int lo = expert_of(cls, sc.E, ntiles, local);
-  Item it;
-  it.e = lo;
-  it.bn = sc.meta[1];
-  const int tb = sc.tok[lo], te = sc.tok[lo + 1];
-  const int mt = cls[lo + 1] - cls[lo];  // the expert's tiles of this class
-  const int le = local - cls[lo] * ntiles;
-  const int nt = le / mt;
-  const int m = le - nt * mt;
-  // Class 0 holds the full tiles (and a BM-wide last one), in token order;
-  // another class only the expert's last, partial tile.
-  const int tile = (c == 0 || !sc.ordered) ? m : (te - tb) / BM;
-  it.tok0 = tb + tile * BM;
-  it.rows = min(BM, te - it.tok0);
-  it.n0 = nt * it.bn;
-  return it;
+  if (tid == 0) schedule_meta(E, n_tiles, bn, ordered, s_cls, s_meta);
 }
 
 // What a kernel instantiation computes (compile-time: one variant per
@@ -470,7 +382,7 @@ struct WKernel {
   __device__ static __forceinline__ void advance(const WArgs& a, Fill& f, const Schedule& sc) {
     if (++f.kt == a.k_tiles) {
       f.kt = 0;
-      f.item = sc.item_of_round(++f.round);
+      f.item = sc.item_of_round(++f.round, gridDim.x, blockIdx.x);
       if (f.item < sc.total()) f.it = schedule_item<C::BM>(sc, f.item);
     }
   }
@@ -480,7 +392,7 @@ struct WKernel {
     const int total = sc.total();
     Fill f;
     f.round = 0;
-    f.item = sc.item_of_round(0);
+    f.item = sc.item_of_round(0, gridDim.x, blockIdx.x);
     f.kt = 0;
     if (f.item >= total) return;
     f.it = schedule_item<C::BM>(sc, f.item);
@@ -726,7 +638,8 @@ struct WKernel {
   __device__ static void consumer(const WArgs& a, const Smem& sm, const Schedule& sc) {
     int fill = 0;
 #pragma unroll 1
-    for (int r = 0, item = sc.item_of_round(0); item < sc.total(); item = sc.item_of_round(++r)) {
+    const int g = int(gridDim.x), b = int(blockIdx.x);
+    for (int r = 0, item = sc.item_of_round(0, g, b); item < sc.total(); item = sc.item_of_round(++r, g, b)) {
       const Item it = schedule_item<C::BM>(sc, item);
       const int tw = tok_width(it.rows);
       if (C::BM == 256 && tw == 256)
