@@ -133,6 +133,10 @@ struct WCfg {
   static constexpr int STAGES_RAW = (208 * 1024) / STAGE;
   static constexpr int STAGES = STAGES_RAW > 8 ? 8 : STAGES_RAW;
   static constexpr int kThreads = 384;
+#ifndef QMOE_SCALE_AHEAD
+#define QMOE_SCALE_AHEAD 2
+#endif
+  static constexpr int kScaleAhead = QMOE_SCALE_AHEAD;  // fills of lead of the producer's scale loads
   // The TMA's swizzle of a quantized weight tile (WGather reads it back):
   // 64-byte for the 64-byte rows of 8-bit codes, none for 4-bit and 2-bit.
   static constexpr CUtensorMapSwizzle kWSwizzle = kBits == 8 ? CU_TENSOR_MAP_SWIZZLE_64B : CU_TENSOR_MAP_SWIZZLE_NONE;
@@ -348,27 +352,47 @@ struct WKernel {
     Item it;
   };
 
-  // Raw 16-bit scales (zeros) of rows 2t, 2t + 1 for both k chunks of k tile
-  // kt: bits 16 (2 q + j) hold chunk q, row j (threads 2t < BN).
-  __device__ static __forceinline__ void load_scales(const WArgs& a, const Fill& f, int t, uint2& rs, uint2& rz) {
+  // The raw 16-bit scales (zeros) of rows 2t, 2t + 1 for both k chunks of a
+  // k tile, one a register: s[2 q + j] is chunk q, row j. They are packed
+  // only where they are stored (store_scales), so their loads stay in flight
+  // until then: packing them here made the producer wait for each load as it
+  // was issued.
+  struct RawScales {
+    uint32_t s[4], z[C::kBias ? 4 : 1];
+  };
+
+  __device__ static __forceinline__ void load_scales(const WArgs& a, const Fill& f, int t, RawScales& r) {
     if (2 * t >= C::BN) return;
     if constexpr (C::kScaled) {
       const int g0 = (f.kt * C::BK) / a.group_size;
       const int g1 = min((f.kt * C::BK + 32) / a.group_size, a.groups - 1);
-      uint32_t s[4], z[4] = {0, 0, 0, 0};
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         const int row = min(global_row(a, f.it.n0, 2 * t + j), a.N - 1);
         const int64_t off = (int64_t(f.it.e) * a.N + row) * a.groups;
-        s[j] = __ldg(a.scales + off + g0);
-        s[2 + j] = __ldg(a.scales + off + g1);
+        r.s[j] = __ldg(a.scales + off + g0);
+        r.s[2 + j] = __ldg(a.scales + off + g1);
         if constexpr (C::kBias) {
-          z[j] = __ldg(a.zeros + off + g0);
-          z[2 + j] = __ldg(a.zeros + off + g1);
+          r.z[j] = __ldg(a.zeros + off + g0);
+          r.z[2 + j] = __ldg(a.zeros + off + g1);
         }
       }
-      rs = make_uint2(s[0] | (s[1] << 16), s[2] | (s[3] << 16));
-      rz = make_uint2(z[0] | (z[1] << 16), z[2] | (z[3] << 16));
+    }
+  }
+
+  // A stage's scale words: per chunk q, row 2t + j, the scale twice (and the
+  // zero's bias word).
+  __device__ static __forceinline__ void store_scales(unsigned char* stage, int t, const RawScales& r) {
+    if (!C::kScaled || 2 * t >= C::BN) return;
+    uint32_t* sS = reinterpret_cast<uint32_t*>(stage + C::TOK_BYTES + C::W_BYTES);
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      *reinterpret_cast<uint2*>(sS + q * C::BN + 2 * t) =
+          make_uint2(dup16(uint16_t(r.s[2 * q])), dup16(uint16_t(r.s[2 * q + 1])));
+      if constexpr (C::kBias)
+        *reinterpret_cast<uint2*>(sS + 2 * C::BN + q * C::BN + 2 * t) =
+            make_uint2(Dec::bias_word(P::to_float(uint16_t(r.z[2 * q]))),
+                       Dec::bias_word(P::to_float(uint16_t(r.z[2 * q + 1]))));
     }
   }
 
@@ -396,14 +420,24 @@ struct WKernel {
     f.kt = 0;
     if (f.item >= total) return;
     f.it = schedule_item<C::BM>(sc, f.item);
-    uint2 rs = make_uint2(0, 0), rz = make_uint2(0, 0);
-    load_scales(a, f, t, rs, rz);
+    // The raw scales (zeros) of fill + i in r[i]: their loads are issued
+    // kAhead fills before the stage is filled. Loaded one fill ahead and
+    // packed as they came, the producer waited for them at every fill (the
+    // packing's PRMT held 9% of the stall samples on ARK's t528 int4 row,
+    // H100) while the consumers waited on the full barriers.
+    constexpr int kAhead = C::kScaleAhead;
+    RawScales r[kAhead];
+    Fill ahead = f;  // the fill whose scales load next
+#pragma unroll
+    for (int i = 0; i < kAhead; ++i) {
+      if (ahead.item < total) load_scales(a, ahead, t, r[i]);
+      advance(a, ahead, sc);
+    }
 #pragma unroll 1
     for (int fill = 0; f.item < total; ++fill) {
-      Fill nx = f;
-      advance(a, nx, sc);
-      uint2 ns = make_uint2(0, 0), nz = make_uint2(0, 0);
-      if (nx.item < total) load_scales(a, nx, t, ns, nz);  // in flight during the wait below
+      RawScales nr;
+      if (ahead.item < total) load_scales(a, ahead, t, nr);  // in flight during the waits below
+      advance(a, ahead, sc);
       const int st = fill % C::STAGES;
       mbar_wait(empty_bar(sm, st), ((fill / C::STAGES) & 1) ^ 1);
       unsigned char* stage = sm.base + st * C::STAGE;
@@ -436,23 +470,12 @@ struct WKernel {
           }
         }
       }
-      if (C::kScaled && 2 * t < C::BN) {
-        uint32_t* sS = reinterpret_cast<uint32_t*>(stage + C::TOK_BYTES + C::W_BYTES);
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-          const uint32_t v = q ? rs.y : rs.x;
-          *reinterpret_cast<uint2*>(sS + q * C::BN + 2 * t) = make_uint2(dup16(uint16_t(v)), dup16(uint16_t(v >> 16)));
-          if constexpr (C::kBias) {
-            const uint32_t z = q ? rz.y : rz.x;
-            *reinterpret_cast<uint2*>(sS + 2 * C::BN + q * C::BN + 2 * t) =
-                make_uint2(Dec::bias_word(P::to_float(uint16_t(z))), Dec::bias_word(P::to_float(uint16_t(z >> 16))));
-          }
-        }
-      }
+      store_scales(stage, t, r[0]);
       mbar_arrive(fb);
-      f = nx;
-      rs = ns;
-      rz = nz;
+#pragma unroll
+      for (int i = 0; i + 1 < kAhead; ++i) r[i] = r[i + 1];
+      r[kAhead - 1] = nr;
+      advance(a, f, sc);
     }
   }
 
@@ -559,6 +582,9 @@ struct WKernel {
     // group that read them (two groups back) completed; the stage of k tile
     // kt is released once its second group completed, i.e. after the wait
     // that follows the first group of tile kt + 1 (or at the item's end).
+    // (Two groups in flight, wait 2, would let chunk c + 1's decode overwrite
+    // the A registers of chunk c - 1 while its wgmmas still read them: ptxas
+    // does not keep them apart, and every prefill test failed, H100.)
     int prev = -1;  // stage of the previous k tile, not yet released
 #pragma unroll 1
     for (int kt = 0; kt < a.k_tiles; ++kt, ++fill) {
@@ -637,8 +663,8 @@ struct WKernel {
 
   __device__ static void consumer(const WArgs& a, const Smem& sm, const Schedule& sc) {
     int fill = 0;
-#pragma unroll 1
     const int g = int(gridDim.x), b = int(blockIdx.x);
+#pragma unroll 1
     for (int r = 0, item = sc.item_of_round(0, g, b); item < sc.total(); item = sc.item_of_round(++r, g, b)) {
       const Item it = schedule_item<C::BM>(sc, item);
       const int tw = tok_width(it.rows);
