@@ -104,6 +104,8 @@ def timed_graph(fn, reps=25, warm=3):
 def split_tokens(T, E, kind, gen):
     if kind == "even":
         c = [T // E + (1 if i < T % E else 0) for i in range(E)]
+    elif kind == "routed":  # each token copy to a uniformly random expert, as random routing does
+        c = torch.bincount(torch.randint(E, (T,), generator=gen), minlength=E).tolist()
     else:  # uneven: skewed random split, some experts empty for small T
         w = torch.rand(E, generator=gen) ** 3
         c = (w / w.sum() * T).floor().long().tolist()
@@ -274,6 +276,11 @@ def main():
         ("ark 8x4096x4096 t610u", 8, 4096, 4096, 610, "uneven"),
         ("mixtral w13 t4096x2", 8, 14336, 4096, 8192, "uneven"),
         ("mixtral w2 t4096x2", 8, 4096, 14336, 8192, "uneven"),
+        # The gate/up products of three layers at 512 tokens (uniform random
+        # routing): 34, 48 and 32 token copies an expert on average.
+        ("qwen1.5 w13 t512x4", 60, 2816, 2048, 2048, "routed"),
+        ("deepseek w13 t512x6", 64, 2816, 2048, 3072, "routed"),
+        ("qwen3 w13 t512x8", 128, 1536, 2048, 4096, "routed"),
     ]
     if args.quick:
         shapes = [shapes[0], shapes[3], shapes[7]]

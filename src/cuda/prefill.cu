@@ -47,13 +47,15 @@ bool wgmma_enabled() {
   return env == 0 ? kWgmmaDefault : env == 2;
 }
 void set_wgmma_override(int on) { g_wgmma.store(on, std::memory_order_relaxed); }
-// The wgmma kernel's wide items (prefill_wgmma.cuh, wide_items): 0 off, 1 on,
-// -1 the environment's choice (tests force both).
+// The wgmma kernel's item set for quantized weights (prefill_wgmma.cuh,
+// wide_items, mid_items): 0 token widths 32 / 96 / 128, 1 wide items, 2
+// widths 64 / 96 / 128; -1 the automatic (or environment's) choice (tests
+// force each).
 namespace {
-std::atomic<int> g_wide{-1};
+std::atomic<int> g_item_set{-1};
 }  // namespace
-int wide_override() { return g_wide.load(std::memory_order_relaxed); }
-void set_wide_override(int on) { g_wide.store(on, std::memory_order_relaxed); }
+int item_set_override() { return g_item_set.load(std::memory_order_relaxed); }
+void set_item_set_override(int set) { g_item_set.store(set, std::memory_order_relaxed); }
 // The kernel the last prefill call launched: 1 mma.sync, 2 wgmma, 3 the
 // decode kernel (prefill_prefers_decode) (tests check that the path they
 // force is the one that ran; prefill_bench.py names it).

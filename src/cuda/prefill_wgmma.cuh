@@ -102,7 +102,7 @@
 #include "cuda/prefill_wgmma_ops.cuh"
 
 namespace qmoe::cuda::prefill {
-int wide_override();  // prefill.cu
+int item_set_override();  // prefill.cu: -1 automatic, 0 widths 32 / 96 / 128, 1 wide, 2 widths 64 / 96 / 128
 }  // namespace qmoe::cuda::prefill
 
 namespace qmoe::cuda::prefill::hopper {
@@ -325,9 +325,10 @@ __device__ __forceinline__ void build_class_schedule(const int32_t* counts, int 
 // the quantized rows ~20% slower on H100).
 enum Variant { kPlain = 0, kEKN = 1, kGlu = 2 };
 
-template <class Act, class Enc, int V, bool Wide>
+template <class Act, class Enc, int V, bool Wide, bool Mid>
 struct WKernel {
   using C = WCfg<Act, Enc, Wide>;
+  static_assert(!(Wide && Mid), "one item set");
   static_assert(!Wide || V != kEKN, "wide items: [E, N, K] products");
   // Wide glu items: 64 outputs, their gate rows as tile rows 0..63 and up
   // rows 64..127; fragment rows g and 8 + g of a warp are the gate and up
@@ -565,17 +566,13 @@ struct WKernel {
     for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
       for (int i = 0; i < NT / 2; ++i) acc[mb][i] = 0.0f;
-    // The 96-wide items (33..96 tokens) run a wgmma of N = 64 and, past 64
-    // tokens, one of N = 32: an expert of 66 tokens costs the tensor work of
-    // 96, not 128 (ARK's t528 rows, H100: int4 0.90, int8 0.95 of the time).
-    // Each accumulator belongs to one wgmma shape, and full 128-token items
-    // keep their one wgmma: alternatives on the same registers (N = 128 or
-    // 96 + 32) made ptxas serialise every wgmma (C7511); a 96 + 32 split of
-    // the 128-wide items took ARK's uneven t610u row 1.10 times the time; a
-    // fourth main loop (of its own width) inlined beside these, C7512.
-    constexpr bool kSplit = NT == 96;
-    constexpr int kFirst = kSplit ? 64 : NT;
-    const bool last_slice = kSplit && it.rows > kFirst;
+    // One wgmma shape per main loop and accumulator: alternatives on the
+    // same registers (N = 128 or 96 + 32) made ptxas serialise every wgmma
+    // (C7511), and a fourth main loop inlined beside three, C7512. A 96-wide
+    // item used to run N = 64 and, past 64 tokens, N = 32: the conditional
+    // wgmma took ptxas's injected warpgroup arrives into the loop, and one
+    // N = 96 is 0.90-0.98 of its time on ARK's t252, t528 and t610u rows
+    // (H100, int4 and int8).
     // One commit group per 32-wide k chunk, at most one group left in
     // flight (wait 1): the decode of chunk c + 1 overlaps the wgmmas of chunk
     // c. The A registers of chunk parity q are rewritten only after the
@@ -604,11 +601,7 @@ struct WKernel {
         for (int s = 0; s < 2; ++s) {
           const uint64_t desc = desc_sw128(tok + 32 * (2 * q + s));
 #pragma unroll
-          for (int mb = 0; mb < MB; ++mb) mma<kFirst>(acc[mb], x[mb][s], desc);
-          if constexpr (kSplit)
-            if (last_slice)
-#pragma unroll
-              for (int mb = 0; mb < MB; ++mb) mma<NT - kFirst, kFirst>(acc[mb], x[mb][s], desc);
+          for (int mb = 0; mb < MB; ++mb) mma<NT>(acc[mb], x[mb][s], desc);
         }
         wgmma_commit();
         wgmma_wait<1>();
@@ -672,18 +665,20 @@ struct WKernel {
         run_item<C::BM == 256 ? 256 : 128>(a, it, sm, fill);
       else if (tw == 128)
         run_item<128>(a, it, sm, fill);
-      else if (tw == 96)
+      else if (tw == 96 && (!Mid || it.rows > 64))
         run_item<96>(a, it, sm, fill);
+      else if constexpr (Mid)  // items of up to 64 tokens
+        run_item<64>(a, it, sm, fill);
       else
         run_item<32>(a, it, sm, fill);
     }
   }
 };
 
-template <class Act, class Enc, int V, bool Wide>
+template <class Act, class Enc, int V, bool Wide, bool Mid = false>
 __global__ void __launch_bounds__(384, 1) wgmma_kernel(const WArgs a, const __grid_constant__ WMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using K = WKernel<Act, Enc, V, Wide>;
+  using K = WKernel<Act, Enc, V, Wide, Mid>;
   using C = typename K::C;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   // Stage buffers 1024-aligned (128-byte swizzle atoms), then the barriers
@@ -804,10 +799,10 @@ int ordered_items() {
   return !C::kNative && on;
 }
 
-template <class Act, class Enc, int V, bool Wide = false>
+template <class Act, class Enc, int V, bool Wide = false, bool Mid = false>
 bool launch_variant(const MoeGemmParams& p, cudaStream_t stream, Status* status, int64_t glu) {
   using C = WCfg<Act, Enc, Wide>;
-  const auto kernel = wgmma_kernel<Act, Enc, V, Wide>;
+  const auto kernel = wgmma_kernel<Act, Enc, V, Wide, Mid>;
 
   constexpr int kMaxDevices = 64;
   struct DeviceInfo {
@@ -889,15 +884,32 @@ bool launch_variant(const MoeGemmParams& p, cudaStream_t stream, Status* status,
 // (ARK's t252, t528 rows) 1.2-1.5 times it (one m64 block a warpgroup: half
 // the decode work to hide the latency); the 4096-token layers of 256-384
 // tokens an expert (Qwen1.5, DeepSeek, Qwen3) 1.02-1.12 times it.
-// QMOE_PREFILL_WIDE=0 never, =1 always; set_wide_override (prefill.cu;
-// tests) takes precedence: 0 off, 1 on, -1 as the environment says.
+// QMOE_PREFILL_WIDE=0 never, =1 always; set_item_set_override (prefill.cu;
+// tests) takes precedence.
 inline bool wide_items(const MoeGemmParams& p) {
   constexpr int64_t kWideTokens = 512;
-  const int o = wide_override();
-  if (o >= 0) return o != 0;
+  const int o = item_set_override();
+  if (o >= 0) return o == 1;
   static const int env = env_is("QMOE_PREFILL_WIDE", "0") ? 0 : env_is("QMOE_PREFILL_WIDE", "1") ? 1 : -1;
   if (env >= 0) return env != 0;
   return p.total_tokens >= kWideTokens * p.num_experts;
+}
+
+// Items of up to 64 tokens run 64 wide instead of 32 or 96 (the kernel's
+// item set {64, 96, 128} instead of {32, 96, 128}: a fourth main loop would
+// serialise its wgmma, C7512) for quantized weights where an expert has 33 to
+// 64 tokens on average, as the 512-token layers of Qwen1.5, DeepSeek and
+// Qwen3 have (random routing: most experts 33-64 tokens, H100: their gate/up
+// products 0.87-0.99 of the time of the 32 / 96 set, and 1.02-1.08 with
+// those items 96 wide); elsewhere ARK's t252 (32 tokens an expert) and
+// t610u (uneven) rows took 1.06-1.11 times as long with it. QMOE_PREFILL_MID
+// = 0 never, = 1 always (quantized weights, items not wide).
+inline bool mid_items(const MoeGemmParams& p) {
+  const int o = item_set_override();
+  if (o >= 0) return o == 2;
+  static const int env = env_is("QMOE_PREFILL_MID", "0") ? 0 : env_is("QMOE_PREFILL_MID", "1") ? 1 : -1;
+  if (env >= 0) return env != 0;
+  return p.total_tokens > 32 * p.num_experts && p.total_tokens <= 64 * p.num_experts;
 }
 
 // The variant for the call: [E, K, N] weights (16-bit only), the glu
@@ -913,8 +925,10 @@ bool launch(const MoeGemmParams& p, cudaStream_t stream, Status* status, int64_t
   // Plain or glu, with wide items where they apply (quantized weights).
   const auto variant = [&](auto v) {
     constexpr int V = decltype(v)::value;
-    if constexpr (!WCfg<Act, Enc>::kNative)
+    if constexpr (!WCfg<Act, Enc>::kNative) {
       if (wide_items(p)) return launch_variant<Act, Enc, V, true>(p, stream, status, glu);
+      if (mid_items(p)) return launch_variant<Act, Enc, V, false, true>(p, stream, status, glu);
+    }
     return launch_variant<Act, Enc, V>(p, stream, status, glu);
   };
   if (glu) return p.n == 2 * glu && variant(std::integral_constant<int, kGlu>{});

@@ -4,7 +4,7 @@
 // of the warpgroup holds rows 16w..16w+15), B (the tokens) from shared memory
 // through a matrix descriptor, K-major (no transpose). mma_bf16 / mma_f16,
 // one overload per N (picked by the accumulator array, N / 2 floats): N =
-// 32, 64, 128, 256 (the wgmma widths the kernel uses). One macro writes both
+// 32, 64, 96, 128, 256 (the wgmma widths the kernel uses). One macro writes both
 // types' functions of an N; inline asm needs literal operand lists, so they
 // are built from macros of eight.
 //
@@ -66,6 +66,7 @@ namespace qmoe::cuda::prefill::wgmma {
 
 QMOE_WGMMA_N(32, 16, QMOE_PH16, "{%16, %17, %18, %19}, %20", QMOE_D16(0))
 QMOE_WGMMA_N(64, 32, QMOE_PH32, "{%32, %33, %34, %35}, %36", QMOE_D32(0))
+QMOE_WGMMA_N(96, 48, QMOE_PH32 ", " QMOE_PH4 ", " QMOE_PH5, "{%48, %49, %50, %51}, %52", QMOE_D32(0), QMOE_D16(32))
 QMOE_WGMMA_N(128, 64, QMOE_PH64, "{%64, %65, %66, %67}, %68", QMOE_D64(0))
 QMOE_WGMMA_N(256, 128, QMOE_PH128, "{%128, %129, %130, %131}, %132", QMOE_D128(0))
 

@@ -23,7 +23,7 @@
 namespace qmoe::cuda::prefill {
 void set_overrides(int scales, int tiles);
 void set_wgmma_override(int on);  // 0 off, 1 on (where it applies), -1 environment
-void set_wide_override(int on);   // the wgmma kernel's wide items: 0 off, 1 on, -1 environment
+void set_item_set_override(int set);  // the wgmma kernel's item set (ItemSet), -1 automatic
 int last_path();                  // 1 mma.sync, 2 wgmma, 3 the decode kernel
 }  // namespace qmoe::cuda::prefill
 
@@ -102,9 +102,9 @@ std::vector<Shape> shapes() {
       // group_size 96: the two k chunks of a tile straddle a group boundary
       // (groups 2j, 2j + 1 of one scale word); 4 groups, async scales.
       {"gs96", 136, 384, 96, {90, 7, 33}},
-      // Token tiles of 128 + 2 and of every token width (32, 96, 128, and 256
-      // with wide items) at its edges, and at the 96-wide item's second wgmma
-      // (64, 65); N past one 256-row tile; group 64.
+      // Token tiles of 128 + 2 and of every token width (32, 64, 96, 128,
+      // and 256 with wide items) at its edges; N past one 256-row tile;
+      // group 64.
       {"tok_widths", 300, 192, 64, {130, 0, 32, 33, 64, 65, 96, 97, 256, 257, 129, 520}},
   };
 }
@@ -112,20 +112,29 @@ std::vector<Shape> shapes() {
 using Param = std::tuple<ActType, Encoding>;
 class CudaPrefill : public ::testing::TestWithParam<Param> {};
 
-// The wgmma kernel's wide items (128 weight rows x up to 256 tokens) for one scope.
-struct WideScope {
-  explicit WideScope(bool on) { cuda::prefill::set_wide_override(on ? 1 : 0); }
-  ~WideScope() { cuda::prefill::set_wide_override(-1); }
+// The wgmma kernel's item sets for quantized weights: 256 weight rows x
+// token widths 32 / 96 / 128, wide items (128 rows x up to 256 tokens), 256
+// rows x widths 64 / 96 / 128.
+enum class ItemSet { narrow = 0, wide = 1, mid = 2 };
+constexpr ItemSet kItemSets[] = {ItemSet::narrow, ItemSet::wide, ItemSet::mid};
+std::string set_name(ItemSet s) {
+  return s == ItemSet::wide ? "wide items" : s == ItemSet::mid ? "widths 64/96/128" : "widths 32/96/128";
+}
+
+// One item set for one scope.
+struct ItemSetScope {
+  explicit ItemSetScope(ItemSet s) { cuda::prefill::set_item_set_override(int(s)); }
+  ~ItemSetScope() { cuda::prefill::set_item_set_override(-1); }
 };
 
 TEST_P(CudaPrefill, MatchesFloat64Reference) {
   QMOE_SKIP_WITHOUT_CUDA();
   const auto [at, enc] = GetParam();
   for (const Path path : paths())
-    for (const bool wide : {true, false}) {  // (wgmma, quantized weights: both item shapes)
-      if (!wide && (path != Path::wgmma || enc.type == WeightType::native16)) continue;
-      SCOPED_TRACE(wide ? "wide items" : "256-row items");
-      WideScope scope(wide);
+    for (const ItemSet set : kItemSets) {  // (wgmma, quantized weights: every item set)
+      if (set != ItemSet::narrow && (path != Path::wgmma || enc.type == WeightType::native16)) continue;
+      SCOPED_TRACE(set_name(set));
+      ItemSetScope scope(set);
       for (const Shape& s : shapes()) check_fast_path(at, enc, s, true, path);
       // K = 96: the last k tile is half full (int2 needs K % 64 == 0: fallback).
       check_fast_path(at, enc, {"k_half_tile", 40, 96, 32, {5, 9}}, enc.type != WeightType::int2, path);
@@ -261,12 +270,12 @@ TEST(CudaPrefillSizes, AutomaticTileChoice) {
 TEST(CudaPrefillSizes, InconsistentCounts) {
   QMOE_SKIP_WITHOUT_CUDA();
   for (const Path path : paths())
-    for (const bool wide : {false, true}) {  // (wgmma: both item shapes)
-      if (wide && path != Path::wgmma) continue;
+    for (const ItemSet set : kItemSets) {  // (wgmma: every item set)
+      if (set != ItemSet::narrow && path != Path::wgmma) continue;
       PathScope scope(path);
-      WideScope wide_scope(wide);
+      ItemSetScope set_scope(set);
       const uint64_t seed = fresh_seed();
-      SCOPED_TRACE(path_name(path) + (wide ? " wide" : "") + " seed=" + std::to_string(seed));
+      SCOPED_TRACE(path_name(path) + " " + set_name(set) + " seed=" + std::to_string(seed));
       Problem pr = Problem::random(ActType::bf16, {WeightType::int4, true}, 64, 256, 64, {40, 30}, seed);
       const struct {
         std::vector<int32_t> bad, effective;
@@ -299,11 +308,11 @@ TEST(CudaPrefillSizes, InconsistentCounts) {
 TEST(CudaPrefillSizes, GraphCaptureReplaysWithNewData) {
   QMOE_SKIP_WITHOUT_CUDA();
   for (const Path path : paths())
-    for (const bool wide : {false, true}) {  // (wgmma: both item shapes)
-      if (wide && path != Path::wgmma) continue;
-      SCOPED_TRACE(path_name(path) + (wide ? " wide" : ""));
+    for (const ItemSet set : kItemSets) {  // (wgmma: every item set)
+      if (set != ItemSet::narrow && path != Path::wgmma) continue;
+      SCOPED_TRACE(path_name(path) + " " + set_name(set));
       PathScope scope(path);
-      WideScope wide_scope(wide);
+      ItemSetScope set_scope(set);
       const int64_t N = 200, K = 256;
       const int32_t T = 300;
       const Encoding enc{WeightType::int4, true};
@@ -506,12 +515,12 @@ TEST(CudaPrefillSizes, SwigluEpilogueOnWgmma) {
   for (ActType at : {ActType::f16, ActType::bf16})
     for (const Encoding& enc : encs)
       for (const auto& cs : cases)
-        for (const bool wide : {false, true}) {
-          if (wide && enc.type == WeightType::native16) continue;
-          WideScope wide_scope(wide);
+        for (const ItemSet set : kItemSets) {
+          if (set != ItemSet::narrow && enc.type == WeightType::native16) continue;
+          ItemSetScope set_scope(set);
           const uint64_t seed = fresh_seed();
           const int64_t I = cs.inter;
-          SCOPED_TRACE(name(at, enc) + " I=" + std::to_string(I) + (wide ? " wide" : "") + " seed=" +
+          SCOPED_TRACE(name(at, enc) + " I=" + std::to_string(I) + " " + set_name(set) + " seed=" +
                        std::to_string(seed));
           Problem pr = Problem::random(at, enc, 2 * I, cs.k, enc.type == WeightType::native16 ? 0 : cs.gs, cs.counts,
                                        seed);
