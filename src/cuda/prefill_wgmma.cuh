@@ -17,15 +17,15 @@
 //    item's token width, so small experts do not fetch 128 rows; wide items
 //    256) and 64 k x 256 packed weight rows (wide: 128); the threads load
 //    the 16-bit scales / zero points of their two weight rows for the
-//    stage's two 32-wide k chunks (one stage ahead, in registers), convert
-//    them into the words the
-//    decoders want (scale pair, asym bias), store them into the stage and
+//    stage's two 32-wide k chunks (loaded two stages ahead, raw, in
+//    registers), convert them into the words the decoders want (scale
+//    pair, asym bias), store them into the stage and
 //    arrive on the stage's `full` mbarrier (128 arrivals + the TMA bytes).
 //  - warpgroups 1 and 2, the consumers (setmaxnreg 232): each owns 128 of
 //    the item's 256 weight rows (two m64 blocks; wide: 64 of 128, one) and
-//    every token of the item: accumulators 2 x m64nN (N = 32, 96 or 128:
-//    16..64 fp32 each; wide: 1 x m64nN, N up to 256; a 96-wide item runs
-//    wgmmas of N = 64 and, past 64 tokens, 32).
+//    every token of the item: accumulators 2 x m64nN (N = 32, 96 or 128, or
+//    with the mid item set 64, 96 or 128: 16..64 fp32 each; wide: 1 x m64nN,
+//    N up to 256).
 //    Per 32-wide k chunk: gather + decode the A fragments of both m64
 //    blocks (16 registers), wgmma.fence, 4 wgmma (2 k16 steps x 2 blocks),
 //    commit, wait until at most one group is in flight, so the decode of
