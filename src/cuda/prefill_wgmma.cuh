@@ -706,6 +706,12 @@ __global__ void __launch_bounds__(384, 1) wgmma_kernel(const WArgs a, const __gr
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&maps.w)) : "memory");
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&maps.act[0])) : "memory");
   }
+  // Early launch (common.cuh): everything above overlaps the previous
+  // kernel's tail; the counts, activations and weights are read only after it
+  // completed. The next kernel may launch now: its blocks find an SM only as
+  // this kernel's exit (one block fills an SM's registers).
+  wait_prior_grid();
+  allow_next_grid();
 
   // ---- schedule (Schedule): token ranges and the items by width class.
   int* s_cls = s_tok + (a.E + 1);
@@ -872,7 +878,8 @@ bool launch_variant(const MoeGemmParams& p, cudaStream_t stream, Status* status,
   a.k_tiles = ceil_div(p.k, C::BK);
   const int64_t max_items = int64_t(a.n_tiles) * ((p.total_tokens + C::BM - 1) / C::BM + p.num_experts);
   const int grid = int(std::max<int64_t>(1, std::min<int64_t>(max_items, d.sms)));
-  kernel<<<grid, C::kThreads, size_t(smem_bytes), stream>>>(a, maps);
+  launch_kernel(kernel, dim3(unsigned(grid)), dim3(C::kThreads), size_t(smem_bytes), stream,
+                early_launch_supported(dev), a, maps);
   *status = launch_status("prefill MoE kernel launch (wgmma)");
   return true;
 }
