@@ -41,10 +41,10 @@ void set_overrides(int scales, int tiles) {
 // takes precedence: 0 off, 1 on, -1 the environment's choice.
 constexpr bool kWgmmaDefault = true;
 bool wgmma_enabled() {
-  static const int env = env_is("QMOE_PREFILL_WGMMA", "0") ? 1 : env_is("QMOE_PREFILL_WGMMA", "1") ? 2 : 0;
+  static const int env = env_switch("QMOE_PREFILL_WGMMA");
   const int o = g_wgmma.load(std::memory_order_relaxed);
   if (o >= 0) return o != 0;
-  return env == 0 ? kWgmmaDefault : env == 2;
+  return env < 0 ? kWgmmaDefault : env == 1;
 }
 void set_wgmma_override(int on) { g_wgmma.store(on, std::memory_order_relaxed); }
 // The wgmma kernel's item set for quantized weights (prefill_wgmma.cuh,

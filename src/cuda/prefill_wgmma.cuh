@@ -895,7 +895,7 @@ inline bool wide_items(const MoeGemmParams& p) {
   constexpr int64_t kWideTokens = 512;
   const int o = item_set_override();
   if (o >= 0) return o == 1;
-  static const int env = env_is("QMOE_PREFILL_WIDE", "0") ? 0 : env_is("QMOE_PREFILL_WIDE", "1") ? 1 : -1;
+  static const int env = env_switch("QMOE_PREFILL_WIDE");
   if (env >= 0) return env != 0;
   return p.total_tokens >= kWideTokens * p.num_experts;
 }
@@ -912,7 +912,7 @@ inline bool wide_items(const MoeGemmParams& p) {
 inline bool mid_items(const MoeGemmParams& p) {
   const int o = item_set_override();
   if (o >= 0) return o == 2;
-  static const int env = env_is("QMOE_PREFILL_MID", "0") ? 0 : env_is("QMOE_PREFILL_MID", "1") ? 1 : -1;
+  static const int env = env_switch("QMOE_PREFILL_MID");
   if (env >= 0) return env != 0;
   return p.total_tokens > 32 * p.num_experts && p.total_tokens <= 64 * p.num_experts;
 }
