@@ -902,19 +902,20 @@ inline bool wide_items(const MoeGemmParams& p) {
 
 // Items of up to 64 tokens run 64 wide instead of 32 or 96 (the kernel's
 // item set {64, 96, 128} instead of {32, 96, 128}: a fourth main loop would
-// serialise its wgmma, C7512) for quantized weights where an expert has 33 to
-// 64 tokens on average, as the 512-token layers of Qwen1.5, DeepSeek and
-// Qwen3 have (random routing: most experts 33-64 tokens, H100: their gate/up
-// products 0.87-0.99 of the time of the 32 / 96 set, and 1.02-1.08 with
-// those items 96 wide); elsewhere ARK's t252 (32 tokens an expert) and
-// t610u (uneven) rows took 1.06-1.11 times as long with it. QMOE_PREFILL_MID
-// = 0 never, = 1 always (quantized weights, items not wide).
+// serialise its wgmma, C7512) for quantized weights where an expert has 32 to
+// 64 token copies on average, as the 512-token layers of Qwen1.5 (34),
+// DeepSeek (48) and Qwen3 (32) have: random routing spreads them over ~18-66
+// tokens an expert (H100: their gate/up products 0.87-0.99 of the time of
+// the 32 / 96 set, and 1.02-1.08 with those items 96 wide). ARK's t252 (31.5
+// an expert, every expert 31 or 32) and t610u (uneven, 76) keep the 32 / 96
+// set: 1.06-1.11 times as long with this one. QMOE_PREFILL_MID = 0 never,
+// = 1 always (quantized weights, items not wide).
 inline bool mid_items(const MoeGemmParams& p) {
   const int o = item_set_override();
   if (o >= 0) return o == 2;
   static const int env = env_switch("QMOE_PREFILL_MID");
   if (env >= 0) return env != 0;
-  return p.total_tokens > 32 * p.num_experts && p.total_tokens <= 64 * p.num_experts;
+  return p.total_tokens >= 32 * p.num_experts && p.total_tokens <= 64 * p.num_experts;
 }
 
 // The variant for the call: [E, K, N] weights (16-bit only), the glu
