@@ -48,7 +48,7 @@ bool wgmma_enabled() {
 }
 void set_wgmma_override(int on) { g_wgmma.store(on, std::memory_order_relaxed); }
 // The wgmma kernel's item set for quantized weights (prefill_wgmma.cuh,
-// wide_items, mid_items): 0 token widths 32 / 96 / 128, 1 wide items, 2
+// item_set): 0 token widths 32 / 96 / 128, 1 wide items, 2
 // widths 64 / 96 / 128; -1 the automatic (or environment's) choice (tests
 // force each).
 namespace {

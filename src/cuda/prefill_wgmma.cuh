@@ -111,7 +111,7 @@ namespace qmoe::cuda::prefill::hopper {
 // consumer warpgroup, wgmma N up to 256) instead of 256 x 128: the same
 // accumulators and MMA work for half the decode (each weight decoded once
 // per 256 tokens, not 128), and one item for an expert of up to 256 tokens.
-// Quantized weights, plain and glu products (launch, wide_items).
+// Quantized weights, plain and glu products (launch, item_set).
 template <class Act, class Enc, bool Wide = false>
 struct WCfg {
   static constexpr int kBits = Enc::kBits;
@@ -882,40 +882,34 @@ bool launch_variant(const MoeGemmParams& p, cudaStream_t stream, Status* status,
   return true;
 }
 
-// Wide items (WCfg) for quantized weights from 512 tokens an expert on
-// average. H200, prefill_bench and model_bench, 15:25-15:30 UTC: Mixtral
-// 4096 tokens top-2 (~1000 an expert) int8 / fp8 0.81-0.83 of the time of
-// 256-row items, int4 0.85-0.95, its layer 0.92; at 32-66 tokens an expert
-// (ARK's t252, t528 rows) 1.2-1.5 times it (one m64 block a warpgroup: half
-// the decode work to hide the latency); the 4096-token layers of 256-384
-// tokens an expert (Qwen1.5, DeepSeek, Qwen3) 1.02-1.12 times it.
-// QMOE_PREFILL_WIDE=0 never, =1 always; set_item_set_override (prefill.cu;
-// tests) takes precedence.
-inline bool wide_items(const MoeGemmParams& p) {
-  constexpr int64_t kWideTokens = 512;
+// The item set for quantized weights (set_item_set_override, prefill.cu,
+// takes precedence; the tests force each):
+//  - wide items (WCfg) from 512 tokens an expert on average. H200,
+//    prefill_bench and model_bench, 15:25-15:30 UTC: Mixtral 4096 tokens
+//    top-2 (~1000 an expert) int8 / fp8 0.81-0.83 of the time of 256-row
+//    items, int4 0.85-0.95, its layer 0.92; at 32-66 tokens an expert (ARK's
+//    t252, t528 rows) 1.2-1.5 times it (one m64 block a warpgroup: half the
+//    decode work to hide the latency); the 4096-token layers of 256-384
+//    tokens an expert (Qwen1.5, DeepSeek, Qwen3) 1.02-1.12 times it.
+//    QMOE_PREFILL_WIDE=0 never, =1 always.
+//  - token widths 64 / 96 / 128 instead of 32 / 96 / 128 (a fourth main loop
+//    would serialise the kernel's wgmma, C7512) from 32 to 64 token copies an
+//    expert on average, as the 512-token layers of Qwen1.5 (34), DeepSeek (48)
+//    and Qwen3 (32) have: random routing spreads them over ~18-66 tokens an
+//    expert (H100: their gate/up products 0.87-0.99 of the time of the 32 / 96
+//    set, and 1.02-1.08 with those items 96 wide). ARK's t252 (31.5 an
+//    expert, every expert 31 or 32) and t610u (uneven, 76) keep the 32 / 96
+//    set: 1.06-1.11 times as long with this one. QMOE_PREFILL_MID=0 never, =1
+//    always (where the items are not wide).
+enum class ItemSet { narrow = 0, wide = 1, mid = 2 };
+inline ItemSet item_set(const MoeGemmParams& p) {
   const int o = item_set_override();
-  if (o >= 0) return o == 1;
-  static const int env = env_switch("QMOE_PREFILL_WIDE");
-  if (env >= 0) return env != 0;
-  return p.total_tokens >= kWideTokens * p.num_experts;
-}
-
-// Items of up to 64 tokens run 64 wide instead of 32 or 96 (the kernel's
-// item set {64, 96, 128} instead of {32, 96, 128}: a fourth main loop would
-// serialise its wgmma, C7512) for quantized weights where an expert has 32 to
-// 64 token copies on average, as the 512-token layers of Qwen1.5 (34),
-// DeepSeek (48) and Qwen3 (32) have: random routing spreads them over ~18-66
-// tokens an expert (H100: their gate/up products 0.87-0.99 of the time of
-// the 32 / 96 set, and 1.02-1.08 with those items 96 wide). ARK's t252 (31.5
-// an expert, every expert 31 or 32) and t610u (uneven, 76) keep the 32 / 96
-// set: 1.06-1.11 times as long with this one. QMOE_PREFILL_MID = 0 never,
-// = 1 always (quantized weights, items not wide).
-inline bool mid_items(const MoeGemmParams& p) {
-  const int o = item_set_override();
-  if (o >= 0) return o == 2;
-  static const int env = env_switch("QMOE_PREFILL_MID");
-  if (env >= 0) return env != 0;
-  return p.total_tokens >= 32 * p.num_experts && p.total_tokens <= 64 * p.num_experts;
+  if (o >= 0) return ItemSet(o);
+  static const int wide = env_switch("QMOE_PREFILL_WIDE"), mid = env_switch("QMOE_PREFILL_MID");
+  const int64_t T = p.total_tokens, E = p.num_experts;
+  if (wide == 1 || (wide < 0 && T >= 512 * E)) return ItemSet::wide;
+  if (mid == 1 || (mid < 0 && T >= 32 * E && T <= 64 * E)) return ItemSet::mid;
+  return ItemSet::narrow;
 }
 
 // The variant for the call: [E, K, N] weights (16-bit only), the glu
@@ -932,8 +926,9 @@ bool launch(const MoeGemmParams& p, cudaStream_t stream, Status* status, int64_t
   const auto variant = [&](auto v) {
     constexpr int V = decltype(v)::value;
     if constexpr (!WCfg<Act, Enc>::kNative) {
-      if (wide_items(p)) return launch_variant<Act, Enc, V, true>(p, stream, status, glu);
-      if (mid_items(p)) return launch_variant<Act, Enc, V, false, true>(p, stream, status, glu);
+      const ItemSet set = item_set(p);
+      if (set == ItemSet::wide) return launch_variant<Act, Enc, V, true>(p, stream, status, glu);
+      if (set == ItemSet::mid) return launch_variant<Act, Enc, V, false, true>(p, stream, status, glu);
     }
     return launch_variant<Act, Enc, V>(p, stream, status, glu);
   };
