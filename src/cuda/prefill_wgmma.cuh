@@ -481,18 +481,13 @@ struct WKernel {
   }
 
   // ---- consumers ---------------------------------------------------------
-  // wgmma of N = W tokens, those from token OFF of the B tile (its rows are
-  // 128 bytes), on accumulators d[OFF / 2 .. (OFF + W) / 2) (of R: an item's
-  // tokens / 2).
-  template <int W, int OFF = 0, int R>
+  // wgmma of N = 2R tokens (the item's width) on accumulators d.
+  template <int R>
   __device__ static __forceinline__ void mma(float (&d)[R], const uint32_t (&x)[4], uint64_t desc) {
-    static_assert((OFF + W) / 2 <= R, "tokens of the item");
-    auto& part = *reinterpret_cast<float(*)[W / 2]>(&d[OFF / 2]);
-    desc += uint64_t(OFF * 128 >> 4);  // the descriptor's start address is in 16-byte units
     if constexpr (Act::type == ActType::f16)
-      wgmma::mma_f16(part, x, desc);
+      wgmma::mma_f16(d, x, desc);
     else
-      wgmma::mma_bf16(part, x, desc);
+      wgmma::mma_bf16(d, x, desc);
   }
 
   // The A registers of 32-wide k chunk q for m64 block mb of this warp:
@@ -601,7 +596,7 @@ struct WKernel {
         for (int s = 0; s < 2; ++s) {
           const uint64_t desc = desc_sw128(tok + 32 * (2 * q + s));
 #pragma unroll
-          for (int mb = 0; mb < MB; ++mb) mma<NT>(acc[mb], x[mb][s], desc);
+          for (int mb = 0; mb < MB; ++mb) mma(acc[mb], x[mb][s], desc);
         }
         wgmma_commit();
         wgmma_wait<1>();
