@@ -24,13 +24,18 @@
 
 namespace qmoe::cuda::prefill {
 
+// The Hopper kernel's item sets for quantized weights (item_set in
+// prefill_wgmma.cuh): 256 weight rows x token widths 32 / 96 / 128, wide
+// items (128 rows x up to 256 tokens), 256 rows x widths 64 / 96 / 128.
+enum class ItemSet { narrow = 0, wide = 1, mid = 2 };
+
 struct Item {
   int e, tok0, rows, n0, bn;  // bn: rows of the weight tile, 256 or 128
 };
 
-// Token width of a Hopper item: the N of its accumulators, 32, 96 (wgmmas of
-// N = 64 and, past 64 tokens, 32: see run_item in prefill_wgmma.cuh), 128
-// or 256.
+// Token width of a Hopper item: the N of its accumulators, 32, 96, 128 or
+// 256 (with the mid item set an item of up to 64 tokens runs 64 wide: see
+// the consumer in prefill_wgmma.cuh; its width class stays that of 96).
 QMOE_SCHED_FN int tok_width(int rows) { return rows <= 32 ? 32 : rows <= 96 ? 96 : rows <= 128 ? 128 : 256; }
 
 // The expert e of item x in a list of E experts' items, prefix[e] * ntiles

@@ -896,7 +896,6 @@ bool launch_variant(const MoeGemmParams& p, cudaStream_t stream, Status* status,
 //    expert, every expert 31 or 32) and t610u (uneven, 76) keep the 32 / 96
 //    set: 1.06-1.11 times as long with this one. QMOE_PREFILL_MID=0 never, =1
 //    always (where the items are not wide).
-enum class ItemSet { narrow = 0, wide = 1, mid = 2 };
 inline ItemSet item_set(const MoeGemmParams& p) {
   const int o = item_set_override();
   if (o >= 0) return ItemSet(o);

@@ -15,6 +15,7 @@
 #include <numeric>
 
 #include "cuda/kernels.h"
+#include "cuda/prefill_schedule.h"
 #include "harness_cuda.h"
 
 // Switches of the fast path (src/cuda/prefill.cu): scale loads (0 cp.async
@@ -112,10 +113,8 @@ std::vector<Shape> shapes() {
 using Param = std::tuple<ActType, Encoding>;
 class CudaPrefill : public ::testing::TestWithParam<Param> {};
 
-// The wgmma kernel's item sets for quantized weights: 256 weight rows x
-// token widths 32 / 96 / 128, wide items (128 rows x up to 256 tokens), 256
-// rows x widths 64 / 96 / 128.
-enum class ItemSet { narrow = 0, wide = 1, mid = 2 };
+// The wgmma kernel's item sets for quantized weights (prefill_schedule.h).
+using cuda::prefill::ItemSet;
 constexpr ItemSet kItemSets[] = {ItemSet::narrow, ItemSet::wide, ItemSet::mid};
 std::string set_name(ItemSet s) {
   return s == ItemSet::wide ? "wide items" : s == ItemSet::mid ? "widths 64/96/128" : "widths 32/96/128";
