@@ -59,7 +59,7 @@ fi
 
 if want sanitize; then
   say "compute-sanitizer memcheck + racecheck"
-  filter=${QMOE_SANITIZE_FILTER:-'*CudaKernels*bfloat16_int4_asym*:*CudaKernels*float16_fp8_e4m3_decode*:CudaKernels.Graph*:CudaKernels.Inconsistent*:CudaDecodeSanitize.*:CudaDecodeEdges.InconsistentCounts:CudaPrefillSizes.InconsistentCounts:*CudaPrefill.MatchesFloat64Reference/bfloat16_int4_asym*:*CudaPrefill.MatchesFloat64Reference/float16_int8*:FusedMoe.Cuda*'}
+  filter=${QMOE_SANITIZE_FILTER:-'*CudaKernels*bfloat16_int4_asym*:*CudaKernels*float16_fp8_e4m3_decode*:CudaKernels.Graph*:CudaKernels.Inconsistent*:CudaDecodeSanitize.*:CudaDecodeEdges.InconsistentCounts:CudaPrefillSizes.InconsistentCounts:*CudaPrefill.MatchesFloat64Reference/bfloat16_int4_asym*:*CudaPrefill.SplitTailOnWgmma/bfloat16_int4_asym*:*CudaPrefill.MatchesFloat64Reference/float16_int8*:FusedMoe.Cuda*'}
   for tool in memcheck racecheck; do
     compute-sanitizer --tool "$tool" --error-exitcode 9 "$BUILD/tests/cpp/qmoe_tests" \
       --gtest_brief=1 "--gtest_filter=$filter" >>"$OUT/sanitizer.log" 2>&1

@@ -56,6 +56,17 @@ std::atomic<int> g_item_set{-1};
 }  // namespace
 int item_set_override() { return g_item_set.load(std::memory_order_relaxed); }
 void set_item_set_override(int set) { g_item_set.store(set, std::memory_order_relaxed); }
+// The wgmma kernel's split tail (prefill_schedule.h, unit_of_round): -1 the
+// automatic (or environment's) choice, 0 never, 1 wherever it applies; and a
+// cap on its CTAs (0 none), so that the tests' small shapes run several
+// rounds and a split last one.
+namespace {
+std::atomic<int> g_split{-1}, g_grid{0};
+}  // namespace
+int split_override() { return g_split.load(std::memory_order_relaxed); }
+void set_split_override(int on) { g_split.store(on, std::memory_order_relaxed); }
+int grid_override() { return g_grid.load(std::memory_order_relaxed); }
+void set_grid_override(int ctas) { g_grid.store(ctas, std::memory_order_relaxed); }
 // The kernel the last prefill call launched: 1 mma.sync, 2 wgmma, 3 the
 // decode kernel (prefill_prefers_decode) (tests check that the path they
 // force is the one that ran; prefill_bench.py names it).
@@ -93,7 +104,8 @@ void note_prefill_took_decode() { prefill::g_last_path.store(3, std::memory_orde
 //     else the mma.sync kernel's KN variant);
 //   - K a multiple of 32 (64 for int2), so every 16-byte chunk of a packed
 //     row is whole and k tiles end on 32-element boundaries;
-//   - group_size a multiple of 32 (one group per 32-wide k chunk);
+//   - group_size a multiple of 32 (one group per 32-wide k chunk), and
+//     (K / 32) * (group_size / 32) < 2^32;
 //   - activations and weights 16-byte aligned;
 //   - at most 1024 experts (their prefix sums live in shared memory), and
 //     T, N, K and the number of work items fit in int32.
@@ -108,6 +120,9 @@ bool launch_prefill(const MoeGemmParams& p, cudaStream_t stream, Status* status,
   const int64_t k_align = p.weight_type == WeightType::int2 ? 64 : 32;
   if (p.k % k_align != 0) return false;
   if (p.weight_type != WeightType::native16 && p.group_size % 32 != 0) return false;
+  // (the kernels find a k chunk's group by a multiply: chunk_group, prefill_mma.cuh)
+  if (p.weight_type != WeightType::native16 && uint64_t(p.k / 32) * uint64_t(p.group_size / 32) >= (uint64_t(1) << 32))
+    return false;
   if (!aligned16(p.activations) || !aligned16(p.weights)) return false;
   const int64_t items = (p.n + 127) / 128 * ((p.total_tokens + 63) / 64 + p.num_experts);
   if (items > INT32_MAX) return false;

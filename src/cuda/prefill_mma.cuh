@@ -183,6 +183,18 @@ struct Args {
 // ---------------------------------------------------------------------------
 // PTX helpers.
 // ---------------------------------------------------------------------------
+// The group of 32-wide k chunk `chunk` (group_size / 32 chunks a group) by a
+// multiply: umulhi(x, ceil(2^32 / d)) == x / d whenever x * d < 2^32, which
+// launch_prefill's rules keep (K / 32 * group_size / 32 < 2^32); gdiv 0 for
+// groups of one chunk.
+inline uint32_t group_divisor(int64_t group_size) {
+  const uint64_t d = uint64_t(group_size / 32);
+  return d <= 1 ? 0u : uint32_t(((uint64_t(1) << 32) + d - 1) / d);
+}
+__device__ __forceinline__ uint32_t chunk_group(uint32_t chunk, uint32_t gdiv) {
+  return gdiv ? __umulhi(chunk, gdiv) : chunk;
+}
+
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -444,7 +456,7 @@ struct Kernel {
       if (C::kScaled && a.scale_async && tid < it.bn) {
         const int row = min(it.n0 + tid, a.N - 1);
         const uint32_t chunk = uint32_t(kt * C::KC);
-        const int word = int(a.gdiv ? __umulhi(chunk, a.gdiv) : chunk) & ~1;
+        const int word = int(chunk_group(chunk, a.gdiv)) & ~1;
         const int64_t off = (int64_t(it.e) * a.N + row) * a.groups + word;
         const uint32_t sS = smem_addr(stage + C::A_BYTES + C::B_BYTES) + 4 * tid;
         cp_async4(sS, a.scales + off);
@@ -459,7 +471,7 @@ struct Kernel {
 #pragma unroll
         for (int kc = 0; kc < C::KC; ++kc) {
           const uint32_t chunk = uint32_t(kt * C::KC + kc);
-          const int grp = min(int(a.gdiv ? __umulhi(chunk, a.gdiv) : chunk), a.groups - 1);
+          const int grp = min(int(chunk_group(chunk, a.gdiv)), a.groups - 1);
           const uint32_t sv = __ldg(srow + grp);
           L.sreg = kc == 0 ? sv : (L.sreg | (sv << 16));
           if constexpr (C::kBias) {
@@ -502,8 +514,8 @@ struct Kernel {
   // 2kt + 1 = m (g0 + 1), m = group_size / 32: m and g0 + 1 odd, or m = 1).
   __device__ static __forceinline__ void scale_halves(const Args& a, int kt, uint32_t& h0, uint32_t& h1) {
     const uint32_t c0 = uint32_t(kt * C::KC);
-    const uint32_t g0 = a.gdiv ? __umulhi(c0, a.gdiv) : c0;
-    const uint32_t g1 = a.gdiv ? __umulhi(c0 + 1, a.gdiv) : c0 + 1;
+    const uint32_t g0 = chunk_group(c0, a.gdiv);
+    const uint32_t g1 = chunk_group(c0 + 1, a.gdiv);
     h0 = g0 & 1u;
     h1 = g1 - (g0 & ~1u);
   }
@@ -969,9 +981,7 @@ bool launch(const MoeGemmParams& p, cudaStream_t stream, Status* status) {
   a.T = int(p.total_tokens);
   a.kp = packed_k(p.weight_type, p.k) * (Enc::kBits == 16 ? 2 : 1);
   a.groups = C::kScaled ? int(p.k / p.group_size) : 1;
-  const uint32_t gs32 = C::kScaled ? uint32_t(p.group_size / 32) : 1u;
-  // umulhi(x, ceil(2^32 / d)) == x / d whenever x * d < 2^32 (here x < K / 32).
-  a.gdiv = gs32 == 1 ? 0u : uint32_t(((uint64_t(1) << 32) + gs32 - 1) / gs32);
+  a.gdiv = C::kScaled ? group_divisor(p.group_size) : 0u;
   a.n_tiles = ceil_div(p.n, C::BN);
   a.n_tiles128 = ceil_div(p.n, 128);
   a.tile_mode = tile_override();

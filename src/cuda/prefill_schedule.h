@@ -11,7 +11,9 @@
 // r of its persistent loop gives CTA b of G item r G + b, or r G + G - 1 - b
 // in odd rounds (snake order), so the CTAs that take a heavy item early take
 // a light one late. Without the order (16-bit weights; or every expert one
-// tile) every tile counts in class 0: expert-major, n tile major.
+// tile) every tile counts in class 0: expert-major, n tile major. A CTA's
+// work of a round is a unit (unit_of_round): a whole item, or with the split
+// tail one half of the k tiles of a last-round item (split_first_item).
 #pragma once
 
 #include <cstdint>
@@ -53,8 +55,9 @@ QMOE_SCHED_FN int expert_of(const int* prefix, int E, int ntiles, int x) {
 }
 
 constexpr int kClasses = 4;  // token-tile widths 256 (BM of wide items), 128, 96, 32
+constexpr int kMetaInts = 5 + kClasses;
 // Shared-memory ints of a schedule of E experts: tok [E + 1], cls [kClasses][E + 1], meta.
-QMOE_SCHED_FN constexpr int64_t schedule_ints(int64_t E) { return (E + 1) * (1 + kClasses) + 4 + kClasses; }
+QMOE_SCHED_FN constexpr int64_t schedule_ints(int64_t E) { return (E + 1) * (1 + kClasses) + kMetaInts; }
 
 template <int BM>
 QMOE_SCHED_FN int width_class(int rows) {
@@ -75,7 +78,8 @@ QMOE_SCHED_FN int class_tiles(int rows, int c, bool ordered) {
 // The schedule's arrays (built by build_class_schedule in prefill_wgmma.cuh):
 // tok [E + 1]; cls [kClasses][E + 1], cls[c][e] the tiles of class c of the
 // experts before e; meta: n tiles, rows an item covers, the first item of
-// each class [kClasses], the total, ordered.
+// each class [kClasses], the total, ordered, the first item of the split
+// round (the split tail below; past the end where there is none).
 struct Schedule {
   const int* tok;
   const int* cls;
@@ -85,12 +89,29 @@ struct Schedule {
   QMOE_SCHED_FN Schedule(const int* tok_, const int* cls_, const int* meta_, int E_)
       : tok(tok_), cls(cls_), meta(meta_), E(E_), ordered(meta_[3 + kClasses] != 0) {}
   QMOE_SCHED_FN int total() const { return meta[2 + kClasses]; }
+  QMOE_SCHED_FN int split_first() const { return meta[4 + kClasses]; }
   // Item of round r for CTA b of g (snake order), or >= total() past the end.
   QMOE_SCHED_FN int item_of_round(int r, int g, int b) const { return r * g + (ordered && (r & 1) ? g - 1 - b : b); }
 };
 
-// The meta words after cls is filled (one thread).
-QMOE_SCHED_FN void schedule_meta(int E, int n_tiles, int bn, bool ordered, const int* cls, int* meta) {
+// The split tail. With `split` (a launch in clusters of 2 CTAs, g even),
+// the items of the last round are each run by a CTA pair (b, b + 1; b even)
+// of one cluster where they are at most half the CTAs: b over the first half
+// of the k tiles (the owner: it adds its partner's partial sums and writes
+// the output), b + 1 over the second (the helper: it hands its partial sums
+// over through distributed shared memory). That round then takes about half
+// an item's time instead of a whole one (ARK's t528 8x14336x4096 row: 448
+// items on 132 CTAs, 3.39 rounds that took 4; t610u bf16: 176 items, 1.33
+// that took 2). Two addends: the sum is the same whichever CTA is first.
+// The first item of the split round, or INT32_MAX where none is split.
+QMOE_SCHED_FN int split_first_item(int total, int g, bool split) {
+  const int rem = total % g;
+  return split && rem > 0 && 2 * rem <= g ? total - rem : 0x7fffffff;
+}
+
+// The meta words after cls is filled (one thread), for a grid of g CTAs.
+QMOE_SCHED_FN void schedule_meta(int E, int n_tiles, int bn, bool ordered, const int* cls, int* meta, int g,
+                                 bool split) {
   meta[0] = n_tiles;
   meta[1] = bn;
   int first = 0;
@@ -100,6 +121,40 @@ QMOE_SCHED_FN void schedule_meta(int E, int n_tiles, int bn, bool ordered, const
   }
   meta[2 + kClasses] = first;
   meta[3 + kClasses] = ordered;
+  meta[4 + kClasses] = split_first_item(first, g, split);
+}
+
+// A CTA's work in one round: an item over k tiles [k0, k1), whole or one
+// half of a split item (split_first_item).
+enum class Role { whole = 0, owner = 1, helper = 2 };
+struct Unit {
+  int item, k0, k1;
+  Role role;
+};
+
+// The unit of round r for CTA b of g (snake order; item >= total past the end).
+QMOE_SCHED_FN Unit unit_of_round(const Schedule& sc, int r, int g, int b, int k_tiles) {
+  Unit u{sc.item_of_round(r, g, b), 0, k_tiles, Role::whole};
+  const int first = sc.split_first();
+  if (r * g == first) {
+    const int half = k_tiles / 2;
+    const bool helper = (b & 1) != 0;
+    // In the snake's odd rounds the pairs count from the grid's end, as the
+    // items do (g - 1 - b, g even, keeps the pair (b, b + 1) together): the
+    // CTAs that took the lightest items of the round before take these.
+    const int pair = (sc.ordered && (r & 1) ? g - 1 - b : b) >> 1;
+    u.item = pair < sc.total() - first ? first + pair : sc.total();
+    u.k0 = helper ? half : 0;
+    u.k1 = helper ? k_tiles : half;
+    u.role = helper ? Role::helper : Role::owner;
+  }
+  return u;
+}
+
+// Whether CTA b of g runs half of a split item (in the split round).
+QMOE_SCHED_FN bool runs_split_half(const Schedule& sc, int g, int b) {
+  const int first = sc.split_first();
+  return first < sc.total() && unit_of_round(sc, first / g, g, b, 2).item < sc.total();
 }
 
 // The item's expert, n tile and token tile.

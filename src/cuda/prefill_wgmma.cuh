@@ -64,9 +64,13 @@
 // 128-token tile; wide: 128-row n tile, 256-token tile); for quantized
 // weights the heavy (widest) items first and handed to the CTAs in snake
 // order, else expert-major; producer and consumers walk the same item list,
-// the pipeline runs across items. No host sync, no allocation (the tensor
-// maps are kernel parameters): graph-capturable. Rows that no expert covers
-// are written as zeros.
+// the pipeline runs across items. Split tail: launched in clusters of 2 CTAs
+// (where every SM can hold one, K >= 512), the items of a last round that
+// fills at most half the CTAs each run on a CTA pair over the two halves of
+// the k tiles, the pair exchanging half of their fp32 sums through
+// distributed shared memory (exchange below; no workspace, deterministic).
+// No host sync, no allocation (the tensor maps are kernel parameters):
+// graph-capturable. Rows that no expert covers are written as zeros.
 //
 // Rules (besides prefill.cu's): an sm_90 device with the sm_90a kernel
 // compiled in, E * N < 2^31 (rows of the weight tensor map). The K tail
@@ -103,6 +107,8 @@
 
 namespace qmoe::cuda::prefill {
 int item_set_override();  // prefill.cu: -1 automatic, 0 widths 32 / 96 / 128, 1 wide, 2 widths 64 / 96 / 128
+int split_override();     // prefill.cu: the split tail, -1 automatic, 0 never, 1 wherever it applies
+int grid_override();      // prefill.cu: at most this many CTAs (tests: several rounds on small shapes), 0 none
 }  // namespace qmoe::cuda::prefill
 
 namespace qmoe::cuda::prefill::hopper {
@@ -158,8 +164,10 @@ struct WArgs {
   const int32_t* counts;
   uint16_t* out;
   int E, N, K, T;
-  int groups, group_size;
+  int groups;
+  uint32_t gdiv;  // 32-wide k chunk -> group by a multiply (chunk_group)
   int n_tiles, k_tiles;
+  int split;  // launched in CTA pairs (clusters of 2): the last round's items split over k (split_first_item)
 };
 
 // Tensor maps: activations with box rows 256, 128, 64, 32 (act_map of the
@@ -212,6 +220,45 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
       : "memory");
 }
+// Distributed shared memory (the split tail's hand-over between the two CTAs
+// of a cluster): the partner's address of a local shared address, loads
+// from it, and arrivals on its barriers; waits that acquire at cluster scope.
+__device__ __forceinline__ uint32_t cluster_addr(uint32_t local, uint32_t rank) {
+  uint32_t r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(local), "r"(rank));
+  return r;
+}
+__device__ __forceinline__ float4 ld_cluster_f4(uint32_t addr) {
+  float4 v;
+  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+               : "r"(addr)
+               : "memory");
+  return v;
+}
+__device__ __forceinline__ void mbar_arrive_cluster(uint32_t remote_bar) {
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote_bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait_cluster(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, "
+        "0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+// The cluster barrier: every thread arrives at the start (after the
+// barrier initialisation's fence) and waits for that phase before it first
+// touches the partner's barriers (exchange) or at the end; then all leave
+// together (a CTA's shared memory must outlive the partner's reads of it).
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+  asm volatile("barrier.cluster.arrive.relaxed;\n" ::: "memory");
+}
+__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive;\n" ::: "memory"); }
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
@@ -292,7 +339,7 @@ struct WGather<Enc, 2> {
 // ---------------------------------------------------------------------------
 template <int kThreads, int BM>
 __device__ __forceinline__ void build_class_schedule(const int32_t* counts, int E, int64_t T, int n_tiles, int bn,
-                                                     bool ordered, int* s_tok, int* s_cls, int* s_meta,
+                                                     bool ordered, bool split, int* s_tok, int* s_cls, int* s_meta,
                                                      long long* scratch) {
   const int tid = threadIdx.x;
   build_token_ranges<kThreads>(counts, E, T, s_tok, scratch);
@@ -316,7 +363,7 @@ __device__ __forceinline__ void build_class_schedule(const int32_t* counts, int 
     if (tid == kThreads - 1) s_cls[c * (E + 1) + E] = o;
   }
   __syncthreads();
-  if (tid == 0) schedule_meta(E, n_tiles, bn, ordered, s_cls, s_meta);
+  if (tid == 0) schedule_meta(E, n_tiles, bn, ordered, s_cls, s_meta, gridDim.x, split);
 }
 
 // What a kernel instantiation computes (compile-time: one variant per
@@ -342,6 +389,7 @@ struct WKernel {
   struct Smem {
     unsigned char* base;  // stage 0 (1024-aligned)
     uint32_t full, empty;  // shared addresses of the barrier arrays
+    uint32_t ready;  // the split tail's exchange: the partner's half is stored
   };
 
   __device__ static __forceinline__ uint32_t full_bar(const Smem& s, int st) { return s.full + 8 * st; }
@@ -349,9 +397,20 @@ struct WKernel {
 
   // ---- producer ----------------------------------------------------------
   struct Fill {
-    int round, item, kt;
+    int round, item, kt, k1;  // k tile kt of the round's unit, which ends at k1
     Item it;
   };
+
+  __device__ static __forceinline__ Unit unit(const WArgs& a, const Schedule& sc, int r) {
+    return unit_of_round(sc, r, gridDim.x, blockIdx.x, a.k_tiles);
+  }
+  __device__ static __forceinline__ void start(const WArgs& a, Fill& f, const Schedule& sc) {
+    const Unit u = unit(a, sc, f.round);
+    f.item = u.item;
+    f.kt = u.k0;
+    f.k1 = u.k1;
+    if (f.item < sc.total()) f.it = schedule_item<C::BM>(sc, f.item);
+  }
 
   // The raw 16-bit scales (zeros) of rows 2t, 2t + 1 for both k chunks of a
   // k tile, one a register: s[2 q + j] is chunk q, row j. They are packed
@@ -365,8 +424,8 @@ struct WKernel {
   __device__ static __forceinline__ void load_scales(const WArgs& a, const Fill& f, int t, RawScales& r) {
     if (2 * t >= C::BN) return;
     if constexpr (C::kScaled) {
-      const int g0 = (f.kt * C::BK) / a.group_size;
-      const int g1 = min((f.kt * C::BK + 32) / a.group_size, a.groups - 1);
+      const int g0 = int(chunk_group(2 * f.kt, a.gdiv));
+      const int g1 = min(int(chunk_group(2 * f.kt + 1, a.gdiv)), a.groups - 1);
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         const int row = min(global_row(a, f.it.n0, 2 * t + j), a.N - 1);
@@ -405,10 +464,9 @@ struct WKernel {
   }
 
   __device__ static __forceinline__ void advance(const WArgs& a, Fill& f, const Schedule& sc) {
-    if (++f.kt == a.k_tiles) {
-      f.kt = 0;
-      f.item = sc.item_of_round(++f.round, gridDim.x, blockIdx.x);
-      if (f.item < sc.total()) f.it = schedule_item<C::BM>(sc, f.item);
+    if (++f.kt == f.k1) {
+      ++f.round;
+      start(a, f, sc);
     }
   }
 
@@ -417,10 +475,8 @@ struct WKernel {
     const int total = sc.total();
     Fill f;
     f.round = 0;
-    f.item = sc.item_of_round(0, gridDim.x, blockIdx.x);
-    f.kt = 0;
+    start(a, f, sc);
     if (f.item >= total) return;
-    f.it = schedule_item<C::BM>(sc, f.item);
     // The raw scales (zeros) of fill + i in r[i]: their loads are issued
     // kAhead fills before the stage is filled. Loaded one fill ahead and
     // packed as they came, the producer waited for them at every fill (the
@@ -552,8 +608,116 @@ struct WKernel {
     return (V == kGlu ? mb * 128 + wg * 64 : wg * 64 * C::MB + mb * 64) + warp * 16;
   }
 
+  // The split tail's exchange (split_first_item in prefill_schedule.h). Both
+  // CTAs of the pair finish the item's sums for half its tokens: the owner
+  // accumulator indices [0, R / 2) (tokens [0, NT / 2)), the helper the rest.
+  // Once both consumer warpgroups are past their last stage (this is the
+  // CTA's last unit: nothing reads or fills the stages any more), each thread
+  // stores the half it does not finish into its own stage buffers
+  // (thread-major float4s), and after the partner's `ready` arrival adds the
+  // partner's copy of the half it finishes, read through distributed shared
+  // memory. Storing first frees the registers the loads then take (loading
+  // the whole partial beside all the accumulators made ptxas spill). Each
+  // sum is own + partner's, the same whichever CTA computes it. Both CTAs
+  // leave together (the cluster barrier at the kernel's end).
+  // Not for [E, K, N] weights: the exchange beside their epilogue's column
+  // scales made ptxas spill (moe_gemm's layout; ARK's rows are [E, N, K]).
+  static constexpr bool kSplit = V != kEKN;
+  static constexpr int kPartialBytes = C::MB * (C::BM / 4) * 4 * 256;  // half the widest item's accumulators
+  static_assert(kPartialBytes <= C::STAGES * C::STAGE, "the partial sums fit the stage buffers");
+  __device__ static __forceinline__ uint32_t partner() {
+    uint32_t rank;
+    asm("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+    return rank ^ 1u;
+  }
+  template <int R>
+  __device__ static __forceinline__ void exchange(const Smem& sm, float (&acc)[C::MB][R], bool owner) {
+    constexpr int H = R / 2;
+    const int ct = threadIdx.x - 128;
+    const uint32_t rank = partner();
+    cluster_wait();                                                   // the partner's barriers are initialised
+    asm volatile("bar.sync 1, 256;\n" ::: "memory");                // both consumer warpgroups past their last stage
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // after the TMA writes and wgmma reads
+    float4* dst = reinterpret_cast<float4*>(sm.base);
+#pragma unroll
+    for (int mb = 0; mb < C::MB; ++mb)
+#pragma unroll
+      for (int i = 0; i < H / 4; ++i) {
+        const float* x = &acc[mb][4 * i];
+        const float* y = &acc[mb][H + 4 * i];
+        dst[(mb * (H / 4) + i) * 256 + ct] = owner ? make_float4(y[0], y[1], y[2], y[3])
+                                                   : make_float4(x[0], x[1], x[2], x[3]);
+      }
+    mbar_arrive_cluster(cluster_addr(sm.ready, rank));
+    mbar_wait_cluster(sm.ready, 0);
+    const uint32_t src = cluster_addr(smem_addr(sm.base), rank);
+#pragma unroll
+    for (int mb = 0; mb < C::MB; ++mb)
+#pragma unroll
+      for (int i = 0; i < H / 4; ++i) {
+        const float4 v = ld_cluster_f4(src + 16u * uint32_t((mb * (H / 4) + i) * 256 + ct));
+        float* x = &acc[mb][4 * i];
+        float* y = &acc[mb][H + 4 * i];
+        // (a select, not an index: the accumulators stay in registers)
+        (owner ? x[0] : y[0]) += v.x;
+        (owner ? x[1] : y[1]) += v.y;
+        (owner ? x[2] : y[2]) += v.z;
+        (owner ? x[3] : y[3]) += v.w;
+      }
+  }
+
+  // The output of the item's tokens [8 j0, 8 j1) from the accumulators:
+  // d[4j + 2h + i] of block mb is tile row tile_row + kHalfStep h + g, token
+  // 8j + 2c + i.
   template <int NT>
-  __device__ static __forceinline__ void run_item(const WArgs& a, const Item& it, const Smem& sm, int& fill) {
+  __device__ static __forceinline__ void store_out(const WArgs& a, const Item& it, float (&acc)[C::MB][NT / 2],
+                                                   int j0, int j1) {
+    constexpr int MB = C::MB;
+    const int wg = (threadIdx.x >> 7) - 1, warp = (threadIdx.x >> 5) & 3;
+    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    if constexpr (V == kGlu) {  // SiLU(gate) * up of the 16-bit products, as the unfused layer
+      // Outputs of the lane: (wide) one, gate in fragment row g and up in
+      // 8 + g; else two (h), gate in block 0 and up in block 1.
+#pragma unroll
+      for (int h = 0; h < (kGluWide ? 1 : 2); ++h) {
+        const int n = it.n0 + (kGluWide ? tile_row(wg, 0, warp) + g : wg * 64 + warp * 16 + 8 * h + g);
+        if (n >= a.glu) continue;
+#pragma unroll
+        for (int j = 0; j < NT / 8; ++j)
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            const int r = 8 * j + 2 * c + i;
+            if (j < j0 || j >= j1) continue;
+            const float gate = P::to_float(P::from_float(acc[0][4 * j + 2 * h + i]));
+            const float up = P::to_float(P::from_float(acc[MB - 1][4 * j + (kGluWide ? 2 : 2 * h) + i]));
+            if (r < it.rows) a.out[int64_t(it.tok0 + r) * a.glu + n] = P::from_float(silu(gate) * up);
+          }
+      }
+    } else {
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int n = it.n0 + tile_row(wg, mb, warp) + 8 * h + g;
+          if (n >= a.N) continue;
+          float cs = 1.0f;  // [E, K, N] weights: the optional per-column scale
+          if constexpr (V == kEKN)
+            if (a.col_scales) cs = P::to_float(a.col_scales[int64_t(it.e) * a.N + n]);
+#pragma unroll
+          for (int j = 0; j < NT / 8; ++j)
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+              const int r = 8 * j + 2 * c + i;
+              if (j < j0 || j >= j1) continue;
+              if (r < it.rows) a.out[int64_t(it.tok0 + r) * a.N + n] = P::from_float(acc[mb][4 * j + 2 * h + i] * cs);
+            }
+        }
+    }
+  }
+
+  template <int NT>
+  __device__ static __forceinline__ void run_item(const WArgs& a, const Item& it, const Unit& u, const Smem& sm,
+                                                  int& fill) {
     const int wg = (threadIdx.x >> 7) - 1, warp = (threadIdx.x >> 5) & 3;
     constexpr int MB = C::MB;
     float acc[MB][NT / 2];
@@ -579,7 +743,7 @@ struct WKernel {
     // does not keep them apart, and every prefill test failed, H100.)
     int prev = -1;  // stage of the previous k tile, not yet released
 #pragma unroll 1
-    for (int kt = 0; kt < a.k_tiles; ++kt, ++fill) {
+    for (const int end = fill + (u.k1 - u.k0); fill < end; ++fill) {
       const int st = fill % C::STAGES;
       mbar_wait(full_bar(sm, st), (fill / C::STAGES) & 1);
       const unsigned char* stage = sm.base + st * C::STAGE;
@@ -608,64 +772,30 @@ struct WKernel {
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb) fence_regs(acc[mb]);
     if (prev >= 0) mbar_arrive(empty_bar(sm, prev));
-    // Accumulator d[4j + 2h + i] of block mb: tile row tile_row + kHalfStep h + g,
-    // token 8j + 2c + i.
-    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-    if constexpr (V == kGlu) {  // SiLU(gate) * up of the 16-bit products, as the unfused layer
-      // Outputs of the lane: (wide) one, gate in fragment row g and up in
-      // 8 + g; else two (h), gate in block 0 and up in block 1.
-#pragma unroll
-      for (int h = 0; h < (kGluWide ? 1 : 2); ++h) {
-        const int n = it.n0 + (kGluWide ? tile_row(wg, 0, warp) + g : wg * 64 + warp * 16 + 8 * h + g);
-        if (n >= a.glu) continue;
-#pragma unroll
-        for (int j = 0; j < NT / 8; ++j)
-#pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            const int r = 8 * j + 2 * c + i;
-            const float gate = P::to_float(P::from_float(acc[0][4 * j + 2 * h + i]));
-            const float up = P::to_float(P::from_float(acc[MB - 1][4 * j + (kGluWide ? 2 : 2 * h) + i]));
-            if (r < it.rows) a.out[int64_t(it.tok0 + r) * a.glu + n] = P::from_float(silu(gate) * up);
-          }
-      }
-    } else {
-#pragma unroll
-      for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int n = it.n0 + tile_row(wg, mb, warp) + 8 * h + g;
-          if (n >= a.N) continue;
-          float cs = 1.0f;  // [E, K, N] weights: the optional per-column scale
-          if constexpr (V == kEKN)
-            if (a.col_scales) cs = P::to_float(a.col_scales[int64_t(it.e) * a.N + n]);
-#pragma unroll
-          for (int j = 0; j < NT / 8; ++j)
-#pragma unroll
-            for (int i = 0; i < 2; ++i) {
-              const int r = 8 * j + 2 * c + i;
-              if (r < it.rows) a.out[int64_t(it.tok0 + r) * a.N + n] = P::from_float(acc[mb][4 * j + 2 * h + i] * cs);
-            }
-        }
-    }
+    if (!kSplit || u.role == Role::whole) return store_out<NT>(a, it, acc, 0, NT / 8);
+    const bool owner = u.role == Role::owner;
+    exchange(sm, acc, owner);
+    store_out<NT>(a, it, acc, owner ? 0 : NT / 16, owner ? NT / 16 : NT / 8);
   }
 
   __device__ static void consumer(const WArgs& a, const Smem& sm, const Schedule& sc) {
     int fill = 0;
-    const int g = int(gridDim.x), b = int(blockIdx.x);
 #pragma unroll 1
-    for (int r = 0, item = sc.item_of_round(0, g, b); item < sc.total(); item = sc.item_of_round(++r, g, b)) {
-      const Item it = schedule_item<C::BM>(sc, item);
+    for (int r = 0;; ++r) {
+      const Unit u = unit(a, sc, r);
+      if (u.item >= sc.total()) break;
+      const Item it = schedule_item<C::BM>(sc, u.item);
       const int tw = tok_width(it.rows);
       if (C::BM == 256 && tw == 256)
-        run_item<C::BM == 256 ? 256 : 128>(a, it, sm, fill);
+        run_item<C::BM == 256 ? 256 : 128>(a, it, u, sm, fill);
       else if (tw == 128)
-        run_item<128>(a, it, sm, fill);
+        run_item<128>(a, it, u, sm, fill);
       else if (tw == 96 && (!Mid || it.rows > 64))
-        run_item<96>(a, it, sm, fill);
+        run_item<96>(a, it, u, sm, fill);
       else if constexpr (Mid)  // items of up to 64 tokens
-        run_item<64>(a, it, sm, fill);
+        run_item<64>(a, it, u, sm, fill);
       else
-        run_item<32>(a, it, sm, fill);
+        run_item<32>(a, it, u, sm, fill);
     }
   }
 };
@@ -681,8 +811,9 @@ __global__ void __launch_bounds__(384, 1) wgmma_kernel(const WArgs a, const __gr
   // (Pointer arithmetic on the shared array keeps the address space known:
   // shared loads, not generic ones.)
   unsigned char* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
-  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + C::STAGES * C::STAGE);  // full[STAGES], empty[STAGES]
-  int* s_tok = reinterpret_cast<int*>(bars + 2 * C::STAGES);                  // schedule_ints(E): Schedule
+  // full[STAGES], empty[STAGES], the exchange's ready
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + C::STAGES * C::STAGE);
+  int* s_tok = reinterpret_cast<int*>(bars + 2 * C::STAGES + 1);              // schedule_ints(E): Schedule
   long long* scratch = reinterpret_cast<long long*>(smem);                    // stage 0 is free until the loop
   const int tid = threadIdx.x;
 
@@ -690,11 +821,13 @@ __global__ void __launch_bounds__(384, 1) wgmma_kernel(const WArgs a, const __gr
   sm.base = smem;
   sm.full = smem_addr(bars);
   sm.empty = smem_addr(bars + C::STAGES);
+  sm.ready = smem_addr(bars + 2 * C::STAGES);
   if (tid == 0) {
     for (int s = 0; s < C::STAGES; ++s) {
       mbar_init(sm.full + 8 * s, 128);  // the producer's 128 threads (+ TMA bytes)
       mbar_init(sm.empty + 8 * s, 256);  // every consumer thread, after its own reads of the stage
     }
+    mbar_init(sm.ready, 256);  // every consumer thread of the partner, remotely
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   if (tid == 32) {
@@ -706,8 +839,9 @@ __global__ void __launch_bounds__(384, 1) wgmma_kernel(const WArgs a, const __gr
   int* s_cls = s_tok + (a.E + 1);
   int* s_meta = s_cls + kClasses * (a.E + 1);
   build_class_schedule<C::kThreads, C::BM>(a.counts, a.E, a.T, a.n_tiles, V == kGlu ? C::BN / 2 : C::BN,
-                                           a.ordered != 0, s_tok, s_cls, s_meta, scratch);
+                                           a.ordered != 0, a.split != 0, s_tok, s_cls, s_meta, scratch);
   __syncthreads();  // also publishes the barrier initialisation
+  if (a.split) cluster_arrive_relaxed();  // exchange waits for the partner's barrier initialisation
   // The schedule's view, made after the register split (nothing kept live across it).
   const auto schedule = [&] { return Schedule(s_tok, s_cls, s_meta, a.E); };
 
@@ -725,6 +859,12 @@ __global__ void __launch_bounds__(384, 1) wgmma_kernel(const WArgs a, const __gr
       uint16_t* base = a.out + int64_t(covered) * cols;
       for (int64_t i = int64_t(blockIdx.x) * 256 + (tid - 128); i < n_zero; i += int64_t(gridDim.x) * 256) base[i] = 0;
     }
+  }
+  if (a.split) {  // leave with the partner: it may still read this CTA's shared memory (exchange)
+    // (the consumers of a split item's halves waited for the first phase in exchange)
+    if (tid < 128 || !runs_split_half(schedule(), gridDim.x, blockIdx.x)) cluster_wait();
+    cluster_arrive();
+    cluster_wait();
   }
 #endif
 }
@@ -794,15 +934,40 @@ int ordered_items() {
   return !C::kNative && on;
 }
 
+// Launch attribute of the split tail: clusters of 2 CTAs (b, b + 1).
+inline cudaLaunchAttribute cta_pairs() {
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = 2;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  return attr;
+}
+
+// The split tail (unit_of_round) from this many k tiles on (each half then
+// runs at least 4); QMOE_PREFILL_SPLIT=0 never, =1 from 2 k tiles.
+constexpr int kSplitMinKTiles = 8;
+inline bool use_split(int k_tiles) {
+  const int o = split_override();
+  static const int env = env_switch("QMOE_PREFILL_SPLIT");
+  const int on = o >= 0 ? o : env;
+  return on < 0 ? k_tiles >= kSplitMinKTiles : on == 1 && k_tiles >= 2;
+}
+
 template <class Act, class Enc, int V, bool Wide = false, bool Mid = false>
 bool launch_variant(const MoeGemmParams& p, cudaStream_t stream, Status* status, int64_t glu) {
   using C = WCfg<Act, Enc, Wide>;
   const auto kernel = wgmma_kernel<Act, Enc, V, Wide, Mid>;
+  // Stage buffers (1024-aligned), barriers (full, empty, the exchange's ready), the schedule.
+  const auto smem_bytes_for = [](int64_t E) {
+    return 1024 + int64_t(C::STAGES) * C::STAGE + 16 * C::STAGES + 8 + 4 * schedule_ints(E);
+  };
 
   constexpr int kMaxDevices = 64;
   struct DeviceInfo {
     int sms = 0, smem_optin = 0, major = 0;
-    bool ok = false;  // sm_90 with the sm_90a kernel compiled in, attributes set
+    int pair_ctas = 0;  // CTAs co-resident as clusters of 2 (the split tail)
+    bool ok = false;    // sm_90 with the sm_90a kernel compiled in, attributes set
   };
   static DeviceInfo info[kMaxDevices];
   static std::once_flag once[kMaxDevices];
@@ -823,13 +988,24 @@ bool launch_variant(const MoeGemmParams& p, cudaStream_t stream, Status* status,
       cudaFuncAttributes fa{};
       d.ok = cudaFuncGetAttributes(&fa, kernel) == cudaSuccess && fa.binaryVersion == 90 && fa.numRegs >= 64 &&
              cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, d.smem_optin) == cudaSuccess;
+      if (d.ok) {
+        int clusters = 0;
+        cudaLaunchAttribute attr = cta_pairs();
+        cudaLaunchConfig_t cfg{};
+        cfg.gridDim = dim3(unsigned(d.sms & ~1));
+        cfg.blockDim = dim3(C::kThreads);
+        cfg.dynamicSmemBytes = size_t(smem_bytes_for(1024));
+        cfg.attrs = &attr;
+        cfg.numAttrs = 1;
+        if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess) d.pair_ctas = 2 * clusters;
+      }
     }
     cudaGetLastError();
     info[dev] = d;
   });
   const DeviceInfo& d = info[dev];
   if (!d.ok || d.sms <= 0) return false;
-  const int64_t smem_bytes = 1024 + int64_t(C::STAGES) * C::STAGE + 16 * C::STAGES + 4 * schedule_ints(p.num_experts);
+  const int64_t smem_bytes = smem_bytes_for(p.num_experts);
   if (smem_bytes > d.smem_optin) return false;
   if (p.num_experts * p.n >= (int64_t(1) << 31)) return false;
   if (C::kScaled && p.n * (p.k / p.group_size) >= (int64_t(1) << 31)) return false;
@@ -859,20 +1035,43 @@ bool launch_variant(const MoeGemmParams& p, cudaStream_t stream, Status* status,
   a.N = int(p.n);
   a.K = int(p.k);
   a.T = int(p.total_tokens);
-  a.group_size = C::kScaled ? int(p.group_size) : 1;
   a.groups = C::kScaled ? int(p.k / p.group_size) : 1;
+  a.gdiv = C::kScaled ? group_divisor(p.group_size) : 0u;
   a.glu = int(glu);
   a.ordered = ordered_items<C>();
   a.n_tiles = glu ? ceil_div(glu, C::BN / 2) : ceil_div(p.n, C::BN);
   a.k_tiles = ceil_div(p.k, C::BK);
   const int64_t max_items = int64_t(a.n_tiles) * ((p.total_tokens + C::BM - 1) / C::BM + p.num_experts);
-  const int grid = int(std::max<int64_t>(1, std::min<int64_t>(max_items, d.sms)));
+  const int cap = grid_override() > 0 ? std::min(grid_override(), d.sms) : d.sms;
+  // The split tail runs CTA pairs: an even grid, every CTA of it co-resident
+  // in clusters of 2 (all the SMs, or it is not used), up to two a last-round item.
+  a.split = WKernel<Act, Enc, V, Wide, Mid>::kSplit && use_split(a.k_tiles) && d.pair_ctas >= (d.sms & ~1);
+  int grid = int(std::max<int64_t>(1, std::min<int64_t>(max_items, cap)));
+  if (a.split) {
+    grid = int(std::min<int64_t>(2 * max_items, std::min(cap, d.pair_ctas))) & ~1;
+    if (grid < 2) {
+      a.split = 0;
+      grid = 1;
+    }
+  }
   // Launched normally, not early as the decode kernels are: an early launch
   // (PDL) saved 1-2% on small rows alone but took the 512-token layers of
   // Qwen1.5, DeepSeek and Qwen3 1.13, 1.08 and 1.04 times as long (H100): its
   // blocks hold SMs while they wait for the kernel before, beside the shared
   // expert's stream.
-  kernel<<<grid, C::kThreads, size_t(smem_bytes), stream>>>(a, maps);
+  if (a.split) {
+    cudaLaunchAttribute attr = cta_pairs();
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(unsigned(grid));
+    cfg.blockDim = dim3(C::kThreads);
+    cfg.dynamicSmemBytes = size_t(smem_bytes);
+    cfg.stream = stream;
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+    cudaLaunchKernelEx(&cfg, kernel, a, maps);
+  } else {
+    kernel<<<grid, C::kThreads, size_t(smem_bytes), stream>>>(a, maps);
+  }
   *status = launch_status("prefill MoE kernel launch (wgmma)");
   return true;
 }

@@ -25,6 +25,8 @@ namespace qmoe::cuda::prefill {
 void set_overrides(int scales, int tiles);
 void set_wgmma_override(int on);  // 0 off, 1 on (where it applies), -1 environment
 void set_item_set_override(int set);  // the wgmma kernel's item set (ItemSet), -1 automatic
+void set_split_override(int on);      // the wgmma kernel's split tail: -1 automatic, 0 never, 1 wherever it applies
+void set_grid_override(int ctas);     // at most this many CTAs (0: no cap)
 int last_path();                  // 1 mma.sync, 2 wgmma, 3 the decode kernel
 }  // namespace qmoe::cuda::prefill
 
@@ -126,6 +128,23 @@ struct ItemSetScope {
   ~ItemSetScope() { cuda::prefill::set_item_set_override(-1); }
 };
 
+// The wgmma kernel's split tail (prefill_schedule.h, unit_of_round) for a
+// scope: at most `grid` CTAs, so that small shapes run several rounds, and
+// the split forced on (from 2 k tiles), so that the items of a last round of
+// at most grid / 2 run as CTA pairs, the helper of each handing its partial
+// sums to the owner through distributed shared memory. grid 0: the defaults.
+struct SplitScope {
+  explicit SplitScope(int grid) {
+    cuda::prefill::set_split_override(grid > 0 ? 1 : -1);
+    cuda::prefill::set_grid_override(grid);
+  }
+  ~SplitScope() {
+    cuda::prefill::set_split_override(-1);
+    cuda::prefill::set_grid_override(0);
+  }
+};
+std::string split_name(int grid) { return grid > 0 ? "split tail, " + std::to_string(grid) + " CTAs" : "default grid"; }
+
 TEST_P(CudaPrefill, MatchesFloat64Reference) {
   QMOE_SKIP_WITHOUT_CUDA();
   const auto [at, enc] = GetParam();
@@ -138,6 +157,24 @@ TEST_P(CudaPrefill, MatchesFloat64Reference) {
       // K = 96: the last k tile is half full (int2 needs K % 64 == 0: fallback).
       check_fast_path(at, enc, {"k_half_tile", 40, 96, 32, {5, 9}}, enc.type != WeightType::int2, path);
     }
+}
+
+// The split tail on every shape above, with every item set: caps of 2 and 6
+// CTAs give last rounds of 1..3 items (split where they are at most half the
+// CTAs) on shapes of 1..17 items, odd k-tile counts split unevenly.
+TEST_P(CudaPrefill, SplitTailOnWgmma) {
+  QMOE_SKIP_WITHOUT_CUDA();
+  if (!is_hopper()) GTEST_SKIP() << "the split tail is the sm_90 wgmma kernel's";
+  const auto [at, enc] = GetParam();
+  for (const ItemSet set : kItemSets) {
+    if (set != ItemSet::narrow && enc.type == WeightType::native16) continue;
+    ItemSetScope set_scope(set);
+    for (const int grid : {2, 6}) {
+      SCOPED_TRACE(set_name(set) + ", " + split_name(grid));
+      SplitScope split(grid);
+      for (const Shape& s : shapes()) check_fast_path(at, enc, s, true, Path::wgmma);
+    }
+  }
 }
 
 // Every schedule (256-row tiles, 128-row tiles) with both scale paths
@@ -269,37 +306,39 @@ TEST(CudaPrefillSizes, AutomaticTileChoice) {
 TEST(CudaPrefillSizes, InconsistentCounts) {
   QMOE_SKIP_WITHOUT_CUDA();
   for (const Path path : paths())
-    for (const ItemSet set : kItemSets) {  // (wgmma: every item set)
-      if (set != ItemSet::narrow && path != Path::wgmma) continue;
-      PathScope scope(path);
-      ItemSetScope set_scope(set);
-      const uint64_t seed = fresh_seed();
-      SCOPED_TRACE(path_name(path) + " " + set_name(set) + " seed=" + std::to_string(seed));
-      Problem pr = Problem::random(ActType::bf16, {WeightType::int4, true}, 64, 256, 64, {40, 30}, seed);
-      const struct {
-        std::vector<int32_t> bad, effective;
-      } cases[] = {{{50, 50}, {50, 20}},
-                   {{-4, 10}, {0, 10}},
-                   {{1000000, 1}, {70, 0}},
-                   {{0, 0}, {0, 0}},
-                   {{2147483647, 2147483647}, {70, 0}}};
-      for (const auto& cs : cases) {
-        DeviceProblem dp(pr);
-        dp.counts.upload(cs.bad);
-        dp.poison();
-        Status st;
-        ASSERT_TRUE(cuda::launch_prefill(dp.params, nullptr, &st));
-        ASSERT_TRUE(st.ok()) << st.message;
-        expect_path(path);
-        QMOE_CUDA_OK(cudaDeviceSynchronize());
-        Problem eff = pr;
-        eff.counts = cs.effective;
-        eff.bind();
-        const Comparison c = compare(eff, dp.out.download(), eff.reference());
-        EXPECT_EQ(c.unwritten, 0);
-        EXPECT_LT(c.rel_error, tolerance(ActType::bf16));
+    for (const ItemSet set : kItemSets)  // (wgmma: every item set, with and without the split tail)
+      for (const int grid : {0, 2}) {
+        if ((set != ItemSet::narrow || grid > 0) && path != Path::wgmma) continue;
+        PathScope scope(path);
+        ItemSetScope set_scope(set);
+        SplitScope split(grid);
+        const uint64_t seed = fresh_seed();
+        SCOPED_TRACE(path_name(path) + " " + set_name(set) + " " + split_name(grid) + " seed=" + std::to_string(seed));
+        Problem pr = Problem::random(ActType::bf16, {WeightType::int4, true}, 64, 256, 64, {40, 30}, seed);
+        const struct {
+          std::vector<int32_t> bad, effective;
+        } cases[] = {{{50, 50}, {50, 20}},
+                     {{-4, 10}, {0, 10}},
+                     {{1000000, 1}, {70, 0}},
+                     {{0, 0}, {0, 0}},
+                     {{2147483647, 2147483647}, {70, 0}}};
+        for (const auto& cs : cases) {
+          DeviceProblem dp(pr);
+          dp.counts.upload(cs.bad);
+          dp.poison();
+          Status st;
+          ASSERT_TRUE(cuda::launch_prefill(dp.params, nullptr, &st));
+          ASSERT_TRUE(st.ok()) << st.message;
+          expect_path(path);
+          QMOE_CUDA_OK(cudaDeviceSynchronize());
+          Problem eff = pr;
+          eff.counts = cs.effective;
+          eff.bind();
+          const Comparison c = compare(eff, dp.out.download(), eff.reference());
+          EXPECT_EQ(c.unwritten, 0);
+          EXPECT_LT(c.rel_error, tolerance(ActType::bf16));
+        }
       }
-    }
 }
 
 // Capture once, replay with new activations, weights, scales, zeros and
@@ -307,49 +346,52 @@ TEST(CudaPrefillSizes, InconsistentCounts) {
 TEST(CudaPrefillSizes, GraphCaptureReplaysWithNewData) {
   QMOE_SKIP_WITHOUT_CUDA();
   for (const Path path : paths())
-    for (const ItemSet set : kItemSets) {  // (wgmma: every item set)
-      if (set != ItemSet::narrow && path != Path::wgmma) continue;
-      SCOPED_TRACE(path_name(path) + " " + set_name(set));
-      PathScope scope(path);
-      ItemSetScope set_scope(set);
-      const int64_t N = 200, K = 256;
-      const int32_t T = 300;
-      const Encoding enc{WeightType::int4, true};
-      Problem pr = Problem::random(ActType::bf16, enc, N, K, 128, {T / 2, 0, T / 2, 0}, fresh_seed());
-      DeviceProblem dp(pr);
-      cudaStream_t stream;
-      QMOE_CUDA_OK(cudaStreamCreate(&stream));
-      cudaGraph_t graph;
-      cudaGraphExec_t exec;
-      QMOE_CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-      Status st;
-      const bool fast = cuda::launch_prefill(dp.params, stream, &st);
-      QMOE_CUDA_OK(cudaStreamEndCapture(stream, &graph));
-      ASSERT_TRUE(fast);
-      ASSERT_TRUE(st.ok()) << st.message;
-      expect_path(path);
-      QMOE_CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
-      const std::vector<std::vector<int32_t>> splits{{0, T, 0, 0}, {1, 2, 3, T - 6}, {T - 1, 0, 0, 1}, {100, 100, 0, 100}};
-      for (const auto& counts : splits) {
-        const uint64_t seed = fresh_seed();
-        SCOPED_TRACE(seed);
-        Problem next = Problem::random(ActType::bf16, enc, N, K, 128, counts, seed);
-        dp.act.upload(next.act);
-        dp.weights.upload(next.weights);
-        dp.scales.upload(next.scales);
-        dp.zeros.upload(next.zeros);
-        dp.counts.upload(next.counts);
-        dp.poison();
-        QMOE_CUDA_OK(cudaGraphLaunch(exec, stream));
-        QMOE_CUDA_OK(cudaStreamSynchronize(stream));
-        const Comparison c = compare(next, dp.out.download(), next.reference());
-        EXPECT_EQ(c.unwritten, 0);
-        EXPECT_LT(c.rel_error, tolerance(ActType::bf16));
+    for (const ItemSet set : kItemSets)  // (wgmma: every item set, with and without the split tail)
+      for (const int grid : {0, 4}) {
+        if ((set != ItemSet::narrow || grid > 0) && path != Path::wgmma) continue;
+        SCOPED_TRACE(path_name(path) + " " + set_name(set) + " " + split_name(grid));
+        PathScope scope(path);
+        ItemSetScope set_scope(set);
+        SplitScope split(grid);
+        const int64_t N = 200, K = 256;
+        const int32_t T = 300;
+        const Encoding enc{WeightType::int4, true};
+        Problem pr = Problem::random(ActType::bf16, enc, N, K, 128, {T / 2, 0, T / 2, 0}, fresh_seed());
+        DeviceProblem dp(pr);
+        cudaStream_t stream;
+        QMOE_CUDA_OK(cudaStreamCreate(&stream));
+        cudaGraph_t graph;
+        cudaGraphExec_t exec;
+        QMOE_CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+        Status st;
+        const bool fast = cuda::launch_prefill(dp.params, stream, &st);
+        QMOE_CUDA_OK(cudaStreamEndCapture(stream, &graph));
+        ASSERT_TRUE(fast);
+        ASSERT_TRUE(st.ok()) << st.message;
+        expect_path(path);
+        QMOE_CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+        const std::vector<std::vector<int32_t>> splits{
+            {0, T, 0, 0}, {1, 2, 3, T - 6}, {T - 1, 0, 0, 1}, {100, 100, 0, 100}};
+        for (const auto& counts : splits) {
+          const uint64_t seed = fresh_seed();
+          SCOPED_TRACE(seed);
+          Problem next = Problem::random(ActType::bf16, enc, N, K, 128, counts, seed);
+          dp.act.upload(next.act);
+          dp.weights.upload(next.weights);
+          dp.scales.upload(next.scales);
+          dp.zeros.upload(next.zeros);
+          dp.counts.upload(next.counts);
+          dp.poison();
+          QMOE_CUDA_OK(cudaGraphLaunch(exec, stream));
+          QMOE_CUDA_OK(cudaStreamSynchronize(stream));
+          const Comparison c = compare(next, dp.out.download(), next.reference());
+          EXPECT_EQ(c.unwritten, 0);
+          EXPECT_LT(c.rel_error, tolerance(ActType::bf16));
+        }
+        cudaGraphExecDestroy(exec);
+        cudaGraphDestroy(graph);
+        cudaStreamDestroy(stream);
       }
-      cudaGraphExecDestroy(exec);
-      cudaGraphDestroy(graph);
-      cudaStreamDestroy(stream);
-    }
 }
 
 // Shapes outside the fast path's rules launch nothing there, and the public
@@ -411,20 +453,23 @@ TEST(CudaPrefillSizes, MoeGemmEKNOnWgmma) {
   } cases[] = {{264, 288, {70, 0, 129, 1, 300}}, {512, 256, {33}}, {72, 1056, {5, 64, 2}}};
   for (ActType at : {ActType::f16, ActType::bf16})
     for (bool column_scales : {false, true})
-      for (const auto& cs : cases) {
-        const uint64_t seed = fresh_seed();
-        SCOPED_TRACE("N=" + std::to_string(cs.n) + " K=" + std::to_string(cs.k) + " seed=" + std::to_string(seed));
-        Problem pr = Problem::random(at, {WeightType::native16, false}, cs.n, cs.k, 0, cs.counts, seed,
-                                     WeightLayout::EKN, column_scales);
-        DeviceProblem dp(pr);
-        dp.poison();
-        ASSERT_TRUE(moe_gemm(dp.params, cuda_device()).ok());
-        QMOE_CUDA_OK(cudaDeviceSynchronize());
-        expect_path(Path::wgmma);
-        const Comparison c = compare(pr, dp.out.download(), pr.reference());
-        EXPECT_EQ(c.unwritten, 0);
-        EXPECT_LT(c.rel_error, tolerance(at));
-      }
+      for (const auto& cs : cases)
+        for (const int grid : {0, 4}) {
+          SplitScope split(grid);
+          const uint64_t seed = fresh_seed();
+          SCOPED_TRACE("N=" + std::to_string(cs.n) + " K=" + std::to_string(cs.k) + " " + split_name(grid) +
+                       " seed=" + std::to_string(seed));
+          Problem pr = Problem::random(at, {WeightType::native16, false}, cs.n, cs.k, 0, cs.counts, seed,
+                                       WeightLayout::EKN, column_scales);
+          DeviceProblem dp(pr);
+          dp.poison();
+          ASSERT_TRUE(moe_gemm(dp.params, cuda_device()).ok());
+          QMOE_CUDA_OK(cudaDeviceSynchronize());
+          expect_path(Path::wgmma);
+          const Comparison c = compare(pr, dp.out.download(), pr.reference());
+          EXPECT_EQ(c.unwritten, 0);
+          EXPECT_LT(c.rel_error, tolerance(at));
+        }
 }
 
 // moe_gemm's 16-bit [E, K, N] layout on the mma.sync kernel (its KN
@@ -514,39 +559,41 @@ TEST(CudaPrefillSizes, SwigluEpilogueOnWgmma) {
   for (ActType at : {ActType::f16, ActType::bf16})
     for (const Encoding& enc : encs)
       for (const auto& cs : cases)
-        for (const ItemSet set : kItemSets) {
-          if (set != ItemSet::narrow && enc.type == WeightType::native16) continue;
-          ItemSetScope set_scope(set);
-          const uint64_t seed = fresh_seed();
-          const int64_t I = cs.inter;
-          SCOPED_TRACE(name(at, enc) + " I=" + std::to_string(I) + " " + set_name(set) + " seed=" +
-                       std::to_string(seed));
-          Problem pr = Problem::random(at, enc, 2 * I, cs.k, enc.type == WeightType::native16 ? 0 : cs.gs, cs.counts,
-                                       seed);
-          DeviceProblem dp(pr);
-          dp.poison();
-          Status st;
-          ASSERT_TRUE(cuda::launch_prefill(dp.params, nullptr, &st, I));
-          ASSERT_TRUE(st.ok()) << st.message;
-          QMOE_CUDA_OK(cudaDeviceSynchronize());
-          expect_path(Path::wgmma);
-          const std::vector<uint16_t> out = dp.out.download();
-          const std::vector<double> ref = pr.reference();  // [T, 2I]
-          const int64_t T = pr.params.total_tokens;
-          double num = 0, den = 0;
-          int64_t bad = 0;
-          for (int64_t t = 0; t < T; ++t)
-            for (int64_t i = 0; i < I; ++i) {
-              const double g = ref[size_t(t * 2 * I + i)], u = ref[size_t(t * 2 * I + I + i)];
-              const double want = g / (1 + std::exp(-g)) * u;
-              const double got = pr.half_value(out[size_t(t * I + i)]);
-              if (!std::isfinite(got)) ++bad;
-              num += (got - want) * (got - want);
-              den += want * want;
-            }
-          EXPECT_EQ(bad, 0);
-          EXPECT_LT(std::sqrt(num / std::max(den, 1e-300)), tolerance(at));
-        }
+        for (const ItemSet set : kItemSets)
+          for (const int grid : {0, 2}) {
+            if (set != ItemSet::narrow && enc.type == WeightType::native16) continue;
+            ItemSetScope set_scope(set);
+            SplitScope split(grid);
+            const uint64_t seed = fresh_seed();
+            const int64_t I = cs.inter;
+            SCOPED_TRACE(name(at, enc) + " I=" + std::to_string(I) + " " + set_name(set) + " " + split_name(grid) +
+                         " seed=" + std::to_string(seed));
+            Problem pr =
+                Problem::random(at, enc, 2 * I, cs.k, enc.type == WeightType::native16 ? 0 : cs.gs, cs.counts, seed);
+            DeviceProblem dp(pr);
+            dp.poison();
+            Status st;
+            ASSERT_TRUE(cuda::launch_prefill(dp.params, nullptr, &st, I));
+            ASSERT_TRUE(st.ok()) << st.message;
+            QMOE_CUDA_OK(cudaDeviceSynchronize());
+            expect_path(Path::wgmma);
+            const std::vector<uint16_t> out = dp.out.download();
+            const std::vector<double> ref = pr.reference();  // [T, 2I]
+            const int64_t T = pr.params.total_tokens;
+            double num = 0, den = 0;
+            int64_t bad = 0;
+            for (int64_t t = 0; t < T; ++t)
+              for (int64_t i = 0; i < I; ++i) {
+                const double g = ref[size_t(t * 2 * I + i)], u = ref[size_t(t * 2 * I + I + i)];
+                const double want = g / (1 + std::exp(-g)) * u;
+                const double got = pr.half_value(out[size_t(t * I + i)]);
+                if (!std::isfinite(got)) ++bad;
+                num += (got - want) * (got - want);
+                den += want * want;
+              }
+            EXPECT_EQ(bad, 0);
+            EXPECT_LT(std::sqrt(num / std::max(den, 1e-300)), tolerance(at));
+          }
 }
 
 }  // namespace

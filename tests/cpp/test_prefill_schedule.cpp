@@ -22,7 +22,11 @@ namespace {
 using cuda::prefill::class_tiles;
 using cuda::prefill::Item;
 using cuda::prefill::kClasses;
+using cuda::prefill::Role;
+using cuda::prefill::runs_split_half;
 using cuda::prefill::Schedule;
+using cuda::prefill::Unit;
+using cuda::prefill::unit_of_round;
 using cuda::prefill::schedule_item;
 using cuda::prefill::schedule_meta;
 using cuda::prefill::tok_width;
@@ -33,7 +37,8 @@ struct Built {
 
 // build_class_schedule's arrays, from counts clamped to T.
 template <int BM>
-Built build(const std::vector<int32_t>& counts, int64_t T, int n_tiles, bool ordered) {
+Built build(const std::vector<int32_t>& counts, int64_t T, int n_tiles, bool ordered, int grid = 1,
+            bool split = false) {
   const int E = int(counts.size());
   Built b;
   b.tok.assign(size_t(E) + 1, 0);
@@ -55,8 +60,8 @@ Built build(const std::vector<int32_t>& counts, int64_t T, int n_tiles, bool ord
     }
     b.cls[size_t(c) * (E + 1) + E] = o;
   }
-  b.meta.assign(size_t(4 + kClasses), 0);
-  schedule_meta(E, n_tiles, 128, ordered, b.cls.data(), b.meta.data());
+  b.meta.assign(size_t(cuda::prefill::kMetaInts), 0);
+  schedule_meta(E, n_tiles, 128, ordered, b.cls.data(), b.meta.data(), grid, split);
   return b;
 }
 
@@ -99,6 +104,48 @@ void check(const std::vector<int32_t>& counts, int64_t T, int n_tiles, bool orde
       ++taken[size_t(i)];
     }
   EXPECT_TRUE(std::all_of(taken.begin(), taken.end(), [](int n) { return n == 1; }));
+  // The units of an even grid, with and without the split tail: every k tile
+  // of every item in one unit; a split item's halves on the CTA pair (b, b + 1)
+  // of one cluster, in the last round only; nothing after a CTA's first empty
+  // round (the kernel stops there).
+  if (grid % 2 != 0) return;
+  for (const int k_tiles : {2, 3, 8, 17})
+    for (const bool split : {false, true}) {
+      SCOPED_TRACE("k_tiles " + std::to_string(k_tiles) + (split ? " split" : ""));
+      const Built bs = build<BM>(counts, T, n_tiles, ordered, grid, split);
+      const Schedule ss(bs.tok.data(), bs.cls.data(), bs.meta.data(), E);
+      std::vector<int> covered(size_t(ss.total()) * size_t(k_tiles), 0);
+      const int full = ss.total() / grid, rem = ss.total() % grid;
+      const bool split_round = split && rem > 0 && 2 * rem <= grid;
+      EXPECT_EQ(ss.split_first() < ss.total(), split_round);
+      for (int cta = 0; cta < grid; ++cta) {
+        int r = 0;
+        bool half = false;
+        for (;; ++r) {
+          const Unit u = unit_of_round(ss, r, grid, cta, k_tiles);
+          if (u.item >= ss.total()) break;
+          ASSERT_LT(u.k0, u.k1);
+          ASSERT_GE(u.k0, 0);
+          ASSERT_LE(u.k1, k_tiles);
+          for (int k = u.k0; k < u.k1; ++k) ++covered[size_t(u.item) * size_t(k_tiles) + size_t(k)];
+          if (u.role == Role::whole) {
+            EXPECT_TRUE(u.k0 == 0 && u.k1 == k_tiles);
+            continue;
+          }
+          EXPECT_TRUE(split_round && r == full);
+          half = true;
+          const Unit p = unit_of_round(ss, r, grid, cta ^ 1, k_tiles);
+          EXPECT_EQ(p.item, u.item);
+          EXPECT_EQ(u.role, cta % 2 ? Role::helper : Role::owner);
+          EXPECT_EQ(p.role, cta % 2 ? Role::owner : Role::helper);
+          EXPECT_EQ(cta % 2 ? u.k0 : u.k1, cta % 2 ? p.k1 : p.k0);
+        }
+        EXPECT_EQ(runs_split_half(ss, grid, cta), half);
+        for (int after = r + 1; after < r + 3; ++after)
+          EXPECT_GE(unit_of_round(ss, after, grid, cta, k_tiles).item, ss.total());
+      }
+      EXPECT_TRUE(std::all_of(covered.begin(), covered.end(), [](int n) { return n == 1; }));
+    }
 }
 
 TEST(PrefillSchedule, EveryItemOnceInTheOrder) {
@@ -114,7 +161,7 @@ TEST(PrefillSchedule, EveryItemOnceInTheOrder) {
       sum += std::max(c, 0);
     }
     const int64_t T = int64_t(rng() % (sum + 6));  // counts beyond T are clamped
-    const int n_tiles = 1 + int(rng() % 5), grid = 1 + int(rng() % 20);
+    const int n_tiles = 1 + int(rng() % 5), grid = 1 + int(rng() % 40);
     for (const bool ordered : {true, false}) {
       SCOPED_TRACE("trial " + std::to_string(trial) + (ordered ? " ordered" : " expert-major"));
       check<128>(counts, T, n_tiles, ordered, grid);
