@@ -67,6 +67,13 @@ int split_override() { return g_split.load(std::memory_order_relaxed); }
 void set_split_override(int on) { g_split.store(on, std::memory_order_relaxed); }
 int grid_override() { return g_grid.load(std::memory_order_relaxed); }
 void set_grid_override(int ctas) { g_grid.store(ctas, std::memory_order_relaxed); }
+// Whether the last wgmma launch ran in CTA pairs (the split tail possible):
+// the tests check that forcing the split took effect.
+namespace {
+std::atomic<bool> g_pairs{false};
+}  // namespace
+void note_pair_launch(bool pairs) { g_pairs.store(pairs, std::memory_order_relaxed); }
+bool last_pair_launch() { return g_pairs.load(std::memory_order_relaxed); }
 // The kernel the last prefill call launched: 1 mma.sync, 2 wgmma, 3 the
 // decode kernel (prefill_prefers_decode) (tests check that the path they
 // force is the one that ran; prefill_bench.py names it).

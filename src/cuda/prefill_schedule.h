@@ -102,7 +102,11 @@ struct Schedule {
 // over through distributed shared memory). That round then takes about half
 // an item's time instead of a whole one (ARK's t528 8x14336x4096 row: 448
 // items on 132 CTAs, 3.39 rounds that took 4; t610u bf16: 176 items, 1.33
-// that took 2). Two addends: the sum is the same whichever CTA is first.
+// that took 2). Two addends: the sum is the same whichever CTA is first;
+// but whether an item is split depends on the item count (every expert's
+// tokens) and the grid, so an output's last bits may change with the other
+// tokens' routing or the card (QMOE_PREFILL_SPLIT=0 keeps them fixed). The
+// caller passes split only with k_tiles >= 2 (each half non-empty).
 // The first item of the split round, or INT32_MAX where none is split.
 QMOE_SCHED_FN int split_first_item(int total, int g, bool split) {
   const int rem = total % g;

@@ -109,6 +109,7 @@ namespace qmoe::cuda::prefill {
 int item_set_override();  // prefill.cu: -1 automatic, 0 widths 32 / 96 / 128, 1 wide, 2 widths 64 / 96 / 128
 int split_override();     // prefill.cu: the split tail, -1 automatic, 0 never, 1 wherever it applies
 int grid_override();      // prefill.cu: at most this many CTAs (tests: several rounds on small shapes), 0 none
+void note_pair_launch(bool pairs);  // prefill.cu: whether the last launch ran in CTA pairs (tests check it)
 }  // namespace qmoe::cuda::prefill
 
 namespace qmoe::cuda::prefill::hopper {
@@ -338,9 +339,9 @@ struct WGather<Enc, 2> {
 // same arrays in shared memory from the device counts, then walks its items.
 // ---------------------------------------------------------------------------
 template <int kThreads, int BM>
-__device__ __forceinline__ void build_class_schedule(const int32_t* counts, int E, int64_t T, int n_tiles, int bn,
-                                                     bool ordered, bool split, int* s_tok, int* s_cls, int* s_meta,
-                                                     long long* scratch) {
+__device__ __forceinline__ void build_class_schedule(const int32_t* counts, int E, int64_t T, int n_tiles, int k_tiles,
+                                                     int bn, bool ordered, bool split, int* s_tok, int* s_cls,
+                                                     int* s_meta, long long* scratch) {
   const int tid = threadIdx.x;
   build_token_ranges<kThreads>(counts, E, T, s_tok, scratch);
   const auto [i0, i1] = expert_range<kThreads>(E);
@@ -363,7 +364,7 @@ __device__ __forceinline__ void build_class_schedule(const int32_t* counts, int 
     if (tid == kThreads - 1) s_cls[c * (E + 1) + E] = o;
   }
   __syncthreads();
-  if (tid == 0) schedule_meta(E, n_tiles, bn, ordered, s_cls, s_meta, gridDim.x, split);
+  if (tid == 0) schedule_meta(E, n_tiles, bn, ordered, s_cls, s_meta, gridDim.x, split && k_tiles >= 2);
 }
 
 // What a kernel instantiation computes (compile-time: one variant per
@@ -666,6 +667,18 @@ struct WKernel {
       }
   }
 
+  // f(j, i, r) for the lane's tokens r = 8j + 2c + i of [8 j0, 8 j1) (j, i
+  // compile-time after unrolling: they index the accumulators).
+  template <int NT, class F>
+  __device__ static __forceinline__ void for_lane_tokens(int j0, int j1, F&& f) {
+    const int c = threadIdx.x & 3;
+#pragma unroll
+    for (int j = 0; j < NT / 8; ++j)
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+        if (j >= j0 && j < j1) f(j, i, 8 * j + 2 * c + i);
+  }
+
   // The output of the item's tokens [8 j0, 8 j1) from the accumulators:
   // d[4j + 2h + i] of block mb is tile row tile_row + kHalfStep h + g, token
   // 8j + 2c + i.
@@ -674,7 +687,7 @@ struct WKernel {
                                                    int j0, int j1) {
     constexpr int MB = C::MB;
     const int wg = (threadIdx.x >> 7) - 1, warp = (threadIdx.x >> 5) & 3;
-    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const int g = (threadIdx.x & 31) >> 2;
     if constexpr (V == kGlu) {  // SiLU(gate) * up of the 16-bit products, as the unfused layer
       // Outputs of the lane: (wide) one, gate in fragment row g and up in
       // 8 + g; else two (h), gate in block 0 and up in block 1.
@@ -682,16 +695,11 @@ struct WKernel {
       for (int h = 0; h < (kGluWide ? 1 : 2); ++h) {
         const int n = it.n0 + (kGluWide ? tile_row(wg, 0, warp) + g : wg * 64 + warp * 16 + 8 * h + g);
         if (n >= a.glu) continue;
-#pragma unroll
-        for (int j = 0; j < NT / 8; ++j)
-#pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            const int r = 8 * j + 2 * c + i;
-            if (j < j0 || j >= j1) continue;
-            const float gate = P::to_float(P::from_float(acc[0][4 * j + 2 * h + i]));
-            const float up = P::to_float(P::from_float(acc[MB - 1][4 * j + (kGluWide ? 2 : 2 * h) + i]));
-            if (r < it.rows) a.out[int64_t(it.tok0 + r) * a.glu + n] = P::from_float(silu(gate) * up);
-          }
+        for_lane_tokens<NT>(j0, j1, [&](int j, int i, int r) {
+          const float gate = P::to_float(P::from_float(acc[0][4 * j + 2 * h + i]));
+          const float up = P::to_float(P::from_float(acc[MB - 1][4 * j + (kGluWide ? 2 : 2 * h) + i]));
+          if (r < it.rows) a.out[int64_t(it.tok0 + r) * a.glu + n] = P::from_float(silu(gate) * up);
+        });
       }
     } else {
 #pragma unroll
@@ -703,14 +711,9 @@ struct WKernel {
           float cs = 1.0f;  // [E, K, N] weights: the optional per-column scale
           if constexpr (V == kEKN)
             if (a.col_scales) cs = P::to_float(a.col_scales[int64_t(it.e) * a.N + n]);
-#pragma unroll
-          for (int j = 0; j < NT / 8; ++j)
-#pragma unroll
-            for (int i = 0; i < 2; ++i) {
-              const int r = 8 * j + 2 * c + i;
-              if (j < j0 || j >= j1) continue;
-              if (r < it.rows) a.out[int64_t(it.tok0 + r) * a.N + n] = P::from_float(acc[mb][4 * j + 2 * h + i] * cs);
-            }
+          for_lane_tokens<NT>(j0, j1, [&](int j, int i, int r) {
+            if (r < it.rows) a.out[int64_t(it.tok0 + r) * a.N + n] = P::from_float(acc[mb][4 * j + 2 * h + i] * cs);
+          });
         }
     }
   }
@@ -838,7 +841,7 @@ __global__ void __launch_bounds__(384, 1) wgmma_kernel(const WArgs a, const __gr
   // ---- schedule (Schedule): token ranges and the items by width class.
   int* s_cls = s_tok + (a.E + 1);
   int* s_meta = s_cls + kClasses * (a.E + 1);
-  build_class_schedule<C::kThreads, C::BM>(a.counts, a.E, a.T, a.n_tiles, V == kGlu ? C::BN / 2 : C::BN,
+  build_class_schedule<C::kThreads, C::BM>(a.counts, a.E, a.T, a.n_tiles, a.k_tiles, V == kGlu ? C::BN / 2 : C::BN,
                                            a.ordered != 0, a.split != 0, s_tok, s_cls, s_meta, scratch);
   __syncthreads();  // also publishes the barrier initialisation
   if (a.split) cluster_arrive_relaxed();  // exchange waits for the partner's barrier initialisation
@@ -994,7 +997,9 @@ bool launch_variant(const MoeGemmParams& p, cudaStream_t stream, Status* status,
         cudaLaunchConfig_t cfg{};
         cfg.gridDim = dim3(unsigned(d.sms & ~1));
         cfg.blockDim = dim3(C::kThreads);
-        cfg.dynamicSmemBytes = size_t(smem_bytes_for(1024));
+        // (one CTA an SM whatever E: the stages take more than half of it;
+        // with E = 1024 int4 items would ask for more than an SM has)
+        cfg.dynamicSmemBytes = size_t(smem_bytes_for(1));
         cfg.attrs = &attr;
         cfg.numAttrs = 1;
         if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess) d.pair_ctas = 2 * clusters;
@@ -1073,6 +1078,7 @@ bool launch_variant(const MoeGemmParams& p, cudaStream_t stream, Status* status,
     kernel<<<grid, C::kThreads, size_t(smem_bytes), stream>>>(a, maps);
   }
   *status = launch_status("prefill MoE kernel launch (wgmma)");
+  note_pair_launch(a.split != 0);
   return true;
 }
 

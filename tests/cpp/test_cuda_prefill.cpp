@@ -27,6 +27,7 @@ void set_wgmma_override(int on);  // 0 off, 1 on (where it applies), -1 environm
 void set_item_set_override(int set);  // the wgmma kernel's item set (ItemSet), -1 automatic
 void set_split_override(int on);      // the wgmma kernel's split tail: -1 automatic, 0 never, 1 wherever it applies
 void set_grid_override(int ctas);     // at most this many CTAs (0: no cap)
+bool last_pair_launch();             // the last wgmma launch ran in CTA pairs (the split tail possible)
 int last_path();                  // 1 mma.sync, 2 wgmma, 3 the decode kernel
 }  // namespace qmoe::cuda::prefill
 
@@ -159,20 +160,30 @@ TEST_P(CudaPrefill, MatchesFloat64Reference) {
     }
 }
 
-// The split tail on every shape above, with every item set: caps of 2 and 6
-// CTAs give last rounds of 1..3 items (split where they are at most half the
-// CTAs) on shapes of 1..17 items, odd k-tile counts split unevenly.
+// The split tail on every shape above and three more, with every item set:
+// caps of 2 and 6 CTAs give last rounds of 1..3 items (split where they are
+// at most half the CTAs) on shapes of 1..17 items, odd k-tile counts split
+// unevenly; split items 128 wide (split_w128) and 256 wide (split_w256, wide
+// items: the largest exchange), and a split in the snake order's odd round
+// (split_odd_round at 2 CTAs). Every launch must run in CTA pairs.
 TEST_P(CudaPrefill, SplitTailOnWgmma) {
   QMOE_SKIP_WITHOUT_CUDA();
   if (!is_hopper()) GTEST_SKIP() << "the split tail is the sm_90 wgmma kernel's";
   const auto [at, enc] = GetParam();
+  std::vector<Shape> all = shapes();
+  all.push_back({"split_w128", 256, 512, 128, {128, 120, 97}});
+  all.push_back({"split_w256", 128, 512, 128, {256, 200, 230}});
+  all.push_back({"split_odd_round", 256, 512, 128, {300}});
   for (const ItemSet set : kItemSets) {
     if (set != ItemSet::narrow && enc.type == WeightType::native16) continue;
     ItemSetScope set_scope(set);
     for (const int grid : {2, 6}) {
       SCOPED_TRACE(set_name(set) + ", " + split_name(grid));
       SplitScope split(grid);
-      for (const Shape& s : shapes()) check_fast_path(at, enc, s, true, Path::wgmma);
+      for (const Shape& s : all) {
+        check_fast_path(at, enc, s, true, Path::wgmma);
+        EXPECT_TRUE(cuda::prefill::last_pair_launch()) << s.label;
+      }
     }
   }
 }
@@ -442,7 +453,9 @@ TEST(CudaPrefillSizes, OutsideRulesFallBack) {
 // moe_gemm's 16-bit [E, K, N] layout on the wgmma kernel (transposed
 // fragments from k-major tiles): uneven and empty experts, a token tile of
 // more than 128, N and K tails (k past K read as zero, not as the next
-// expert's rows), with and without per-column scales.
+// expert's rows), with and without per-column scales; with a cap of 4 CTAs
+// (several rounds) the split forced on does not apply to this layout (its
+// launches are never in CTA pairs).
 TEST(CudaPrefillSizes, MoeGemmEKNOnWgmma) {
   QMOE_SKIP_WITHOUT_CUDA();
   if (!is_hopper()) GTEST_SKIP() << "the [E, K, N] fast path is the sm_90 wgmma kernel";
@@ -466,6 +479,7 @@ TEST(CudaPrefillSizes, MoeGemmEKNOnWgmma) {
           ASSERT_TRUE(moe_gemm(dp.params, cuda_device()).ok());
           QMOE_CUDA_OK(cudaDeviceSynchronize());
           expect_path(Path::wgmma);
+          EXPECT_FALSE(cuda::prefill::last_pair_launch());
           const Comparison c = compare(pr, dp.out.download(), pr.reference());
           EXPECT_EQ(c.unwritten, 0);
           EXPECT_LT(c.rel_error, tolerance(at));
@@ -553,7 +567,10 @@ TEST(CudaPrefillSizes, SwigluEpilogueOnWgmma) {
   const struct {
     int64_t inter, k, gs;
     std::vector<int32_t> counts;
-  } cases[] = {{96, 256, 128, {70, 0, 129, 1}}, {200, 128, 32, {300, 5}}, {40, 192, 64, {257, 0, 31}}};
+  } cases[] = {{96, 256, 128, {70, 0, 129, 1}},
+               {200, 128, 32, {300, 5}},
+               {40, 192, 64, {257, 0, 31}},
+               {96, 256, 128, {70, 0, 129}}};  // (3 items of 256 rows: a split at 2 CTAs)
   const Encoding encs[] = {{WeightType::int4, false}, {WeightType::int8, true}, {WeightType::fp8_e4m3, false},
                            {WeightType::native16, false}};
   for (ActType at : {ActType::f16, ActType::bf16})
