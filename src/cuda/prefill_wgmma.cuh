@@ -148,6 +148,7 @@ struct WCfg {
   // 64-byte for the 64-byte rows of 8-bit codes, none for 4-bit and 2-bit.
   static constexpr CUtensorMapSwizzle kWSwizzle = kBits == 8 ? CU_TENSOR_MAP_SWIZZLE_64B : CU_TENSOR_MAP_SWIZZLE_NONE;
   static_assert(STAGES >= 3, "pipeline depth");
+  static constexpr int kBarriers = 2 * STAGES + 1;  // full[STAGES], empty[STAGES], the split tail's ready
   static_assert((TOK_BYTES + W_BYTES) % 1024 == 0, "scale words after 1024-aligned buffers");
   using Dec = PrefillDecode<Act, Enc>;
   using raw_t = typename Dec::raw_t;
@@ -196,14 +197,25 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
 __device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 }
+// Waits for the phase of `parity`; Cluster: acquiring at cluster scope (the
+// partner CTA's arrivals, the split tail's exchange).
+template <bool Cluster = false>
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   uint32_t done;
   do {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
+    if constexpr (Cluster)
+      asm volatile(
+          "{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, "
+          "1, 0, p;\n}\n"
+          : "=r"(done)
+          : "r"(bar), "r"(parity)
+          : "memory");
+    else
+      asm volatile(
+          "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+          : "=r"(done)
+          : "r"(bar), "r"(parity)
+          : "memory");
   } while (!done);
 }
 __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
@@ -223,7 +235,7 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map
 }
 // Distributed shared memory (the split tail's hand-over between the two CTAs
 // of a cluster): the partner's address of a local shared address, loads
-// from it, and arrivals on its barriers; waits that acquire at cluster scope.
+// from it, and arrivals on its barriers (waits: mbar_wait<true>).
 __device__ __forceinline__ uint32_t cluster_addr(uint32_t local, uint32_t rank) {
   uint32_t r;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(local), "r"(rank));
@@ -239,17 +251,6 @@ __device__ __forceinline__ float4 ld_cluster_f4(uint32_t addr) {
 }
 __device__ __forceinline__ void mbar_arrive_cluster(uint32_t remote_bar) {
   asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote_bar) : "memory");
-}
-__device__ __forceinline__ void mbar_wait_cluster(uint32_t bar, uint32_t parity) {
-  uint32_t done;
-  do {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, "
-        "0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  } while (!done);
 }
 // The cluster barrier: every thread arrives at the start (after the
 // barrier initialisation's fence) and waits for that phase before it first
@@ -650,7 +651,7 @@ struct WKernel {
                                                    : make_float4(x[0], x[1], x[2], x[3]);
       }
     mbar_arrive_cluster(cluster_addr(sm.ready, rank));
-    mbar_wait_cluster(sm.ready, 0);
+    mbar_wait<true>(sm.ready, 0);
     const uint32_t src = cluster_addr(smem_addr(sm.base), rank);
 #pragma unroll
     for (int mb = 0; mb < C::MB; ++mb)
@@ -814,9 +815,8 @@ __global__ void __launch_bounds__(384, 1) wgmma_kernel(const WArgs a, const __gr
   // (Pointer arithmetic on the shared array keeps the address space known:
   // shared loads, not generic ones.)
   unsigned char* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
-  // full[STAGES], empty[STAGES], the exchange's ready
-  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + C::STAGES * C::STAGE);
-  int* s_tok = reinterpret_cast<int*>(bars + 2 * C::STAGES + 1);              // schedule_ints(E): Schedule
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + C::STAGES * C::STAGE);  // C::kBarriers
+  int* s_tok = reinterpret_cast<int*>(bars + C::kBarriers);                   // schedule_ints(E): Schedule
   long long* scratch = reinterpret_cast<long long*>(smem);                    // stage 0 is free until the loop
   const int tid = threadIdx.x;
 
@@ -961,9 +961,9 @@ template <class Act, class Enc, int V, bool Wide = false, bool Mid = false>
 bool launch_variant(const MoeGemmParams& p, cudaStream_t stream, Status* status, int64_t glu) {
   using C = WCfg<Act, Enc, Wide>;
   const auto kernel = wgmma_kernel<Act, Enc, V, Wide, Mid>;
-  // Stage buffers (1024-aligned), barriers (full, empty, the exchange's ready), the schedule.
+  // Stage buffers (1024-aligned), barriers, the schedule.
   const auto smem_bytes_for = [](int64_t E) {
-    return 1024 + int64_t(C::STAGES) * C::STAGE + 16 * C::STAGES + 8 + 4 * schedule_ints(E);
+    return 1024 + int64_t(C::STAGES) * C::STAGE + 8 * C::kBarriers + 4 * schedule_ints(E);
   };
 
   constexpr int kMaxDevices = 64;
