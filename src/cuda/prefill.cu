@@ -57,21 +57,18 @@ std::atomic<int> g_item_set{-1};
 int item_set_override() { return g_item_set.load(std::memory_order_relaxed); }
 void set_item_set_override(int set) { g_item_set.store(set, std::memory_order_relaxed); }
 // The wgmma kernel's split tail (prefill_schedule.h, unit_of_round): -1 the
-// automatic (or environment's) choice, 0 never, 1 wherever it applies; and a
-// cap on its CTAs (0 none), so that the tests' small shapes run several
-// rounds and a split last one.
+// automatic (or environment's) choice, 0 never, 1 wherever it applies; a cap
+// on its CTAs (0 none), so that the tests' small shapes run several rounds
+// and a split last one; and whether the last launch ran in CTA pairs (the
+// split tail possible), so the tests check that forcing it took effect.
 namespace {
 std::atomic<int> g_split{-1}, g_grid{0};
+std::atomic<bool> g_pairs{false};
 }  // namespace
 int split_override() { return g_split.load(std::memory_order_relaxed); }
 void set_split_override(int on) { g_split.store(on, std::memory_order_relaxed); }
 int grid_override() { return g_grid.load(std::memory_order_relaxed); }
 void set_grid_override(int ctas) { g_grid.store(ctas, std::memory_order_relaxed); }
-// Whether the last wgmma launch ran in CTA pairs (the split tail possible):
-// the tests check that forcing the split took effect.
-namespace {
-std::atomic<bool> g_pairs{false};
-}  // namespace
 void note_pair_launch(bool pairs) { g_pairs.store(pairs, std::memory_order_relaxed); }
 bool last_pair_launch() { return g_pairs.load(std::memory_order_relaxed); }
 // The kernel the last prefill call launched: 1 mma.sync, 2 wgmma, 3 the

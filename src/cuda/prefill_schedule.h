@@ -96,10 +96,11 @@ struct Schedule {
 
 // The split tail. With `split` (a launch in clusters of 2 CTAs, g even),
 // the items of the last round are each run by a CTA pair (b, b + 1; b even)
-// of one cluster where they are at most half the CTAs: b over the first half
-// of the k tiles (the owner: it adds its partner's partial sums and writes
-// the output), b + 1 over the second (the helper: it hands its partial sums
-// over through distributed shared memory). That round then takes about half
+// of one cluster where they are at most half the CTAs: b (the owner) over
+// the first half of the k tiles, b + 1 (the helper) over the second; the two
+// swap half of their partial sums through distributed shared memory, and
+// each writes half of the item's tokens (the owner the first, the helper the
+// rest: exchange in prefill_wgmma.cuh). That round then takes about half
 // an item's time instead of a whole one (ARK's t528 8x14336x4096 row: 448
 // items on 132 CTAs, 3.39 rounds that took 4; t610u bf16: 176 items, 1.33
 // that took 2). Two addends: the sum is the same whichever CTA is first;
