@@ -135,7 +135,7 @@ struct WCfg {
   static_assert(!Wide || !kNative, "wide items are for quantized weights");
   static constexpr int W_BYTES = BN * KPB;
   static constexpr int S_BYTES = kScaled ? 2 * BN * 4 : 0;  // word per (chunk, row)
-  static constexpr int Z_BYTES = kBias ? 2 * BN * 4 : 0;
+  static constexpr int Z_BYTES = kBias ? 2 * BN * 4 : 0;     // (asym: beside each scale word)
   static constexpr int STAGE = (TOK_BYTES + W_BYTES + S_BYTES + Z_BYTES + 1023) / 1024 * 1024;
   static constexpr int STAGES_RAW = (208 * 1024) / STAGE;
   static constexpr int STAGES = STAGES_RAW > 8 ? 8 : STAGES_RAW;
@@ -442,20 +442,35 @@ struct WKernel {
     }
   }
 
-  // A stage's scale words: per chunk q, row 2t + j, the scale twice (and the
-  // zero's bias word).
+  // A stage's scale words: per chunk q, row 2t + j, the scale twice; with
+  // zero points (asym) the pair (scale word, the zero's bias word), so a
+  // consumer reads both in one 8-byte load (scale_words). Separate 4-byte
+  // loads made the asym kernels wait on the shared-memory pipe (ncu, t528
+  // 8x4096x14336 int4 asym on H100: mio_throttle and short_scoreboard 4.4
+  // of 9 stall cycles an instruction, 1.5x the loads of int4 sym).
   __device__ static __forceinline__ void store_scales(unsigned char* stage, int t, const RawScales& r) {
     if (!C::kScaled || 2 * t >= C::BN) return;
     uint32_t* sS = reinterpret_cast<uint32_t*>(stage + C::TOK_BYTES + C::W_BYTES);
 #pragma unroll
     for (int q = 0; q < 2; ++q) {
-      *reinterpret_cast<uint2*>(sS + q * C::BN + 2 * t) =
-          make_uint2(dup16(uint16_t(r.s[2 * q])), dup16(uint16_t(r.s[2 * q + 1])));
-      if constexpr (C::kBias)
-        *reinterpret_cast<uint2*>(sS + 2 * C::BN + q * C::BN + 2 * t) =
-            make_uint2(Dec::bias_word(P::to_float(uint16_t(r.z[2 * q]))),
-                       Dec::bias_word(P::to_float(uint16_t(r.z[2 * q + 1]))));
+      const uint32_t s0 = dup16(uint16_t(r.s[2 * q])), s1 = dup16(uint16_t(r.s[2 * q + 1]));
+      if constexpr (C::kBias) {  // (word stores: wider ones made ptxas spill in the producer of a glu kernel)
+        uint32_t* sz = sS + 2 * (q * C::BN + 2 * t);
+        sz[0] = s0;
+        sz[2] = s1;
+        sz[1] = Dec::bias_word(P::to_float(uint16_t(r.z[2 * q])));
+        sz[3] = Dec::bias_word(P::to_float(uint16_t(r.z[2 * q + 1])));
+      } else {
+        *reinterpret_cast<uint2*>(sS + q * C::BN + 2 * t) = make_uint2(s0, s1);
+      }
     }
+  }
+
+  // The scale word and bias word of row r, chunk q of a stage (store_scales).
+  __device__ static __forceinline__ uint2 scale_words(const unsigned char* stage, int q, int r) {
+    const uint32_t* sS = reinterpret_cast<const uint32_t*>(stage + C::TOK_BYTES + C::W_BYTES);
+    if constexpr (C::kBias) return reinterpret_cast<const uint2*>(sS)[q * C::BN + r];
+    else return make_uint2(C::kScaled ? sS[q * C::BN + r] : 0u, Dec::kSymBias);
   }
 
   // Weight row of row r (0..255) of an item's tile at n0: rows n0 + r, or
@@ -581,16 +596,13 @@ struct WKernel {
     } else {
       const unsigned char* sw = stage + C::TOK_BYTES;
       __builtin_assume((rbase & 7) == 0);  // tile_row: the lane's rows are g mod 8
-      const uint32_t* sS = reinterpret_cast<const uint32_t*>(stage + C::TOK_BYTES + C::W_BYTES) + q * C::BN;
-      const uint32_t* sZ = sS + 2 * C::BN;
       uint32_t b[2][4];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int r = rbase + kHalfStep * h + g;
         const auto raw = WGather<Enc>::get(sw, r, q, c);
-        const uint32_t s2 = C::kScaled ? sS[r] : 0u;
-        const uint32_t bias = C::kBias ? sZ[r] : Dec::kSymBias;
-        Dec::decode(raw, s2, bias, b[h]);
+        const uint2 sb = scale_words(stage, q, r);
+        Dec::decode(raw, sb.x, sb.y, b[h]);
       }
 #pragma unroll
       for (int s = 0; s < 2; ++s) {
