@@ -202,7 +202,7 @@ def main():
     ap.add_argument("--lib", default="build/gpu/libqmoe.a")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--check", action="store_true", help="end-to-end check against torch first")
-    ap.add_argument("--encodings", default="native16,ekn16,int4,int4a,int8,fp8_e4m3,int2a",
+    ap.add_argument("--encodings", default="native16,ekn16,int4,int4a,int8,int8a,fp8_e4m3,int2,int2a",
                     help="ekn16: 16-bit weights [E, K, N] through qmoe.moe_gemm")
     ap.add_argument("--shapes", default="", help="comma-separated substrings of shape labels to run")
     ap.add_argument("--profile", default="", help="E,N,K,T,enc[,even]: three plain calls (for ncu), no timing; "
