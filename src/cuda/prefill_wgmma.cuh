@@ -18,8 +18,9 @@
 //    256) and 64 k x 256 packed weight rows (wide: 128); the threads load
 //    the 16-bit scales / zero points of their two weight rows for the
 //    stage's two 32-wide k chunks (loaded two stages ahead, raw, in
-//    registers), convert them into the words the decoders want (scale
-//    pair, asym bias), store them into the stage and
+//    registers; once a group where every k tile lies in one group), convert
+//    them into the words the decoders want (scale pair, asym bias), store
+//    them into the stage and
 //    arrive on the stage's `full` mbarrier (128 arrivals + the TMA bytes).
 //  - warpgroups 1 and 2, the consumers (setmaxnreg 232): each owns 128 of
 //    the item's 256 weight rows (two m64 blocks; wide: 64 of 128, one) and
@@ -168,6 +169,7 @@ struct WArgs {
   int E, N, K, T;
   int groups;
   uint32_t gdiv;  // 32-wide k chunk -> group by a multiply (chunk_group)
+  int two_groups;  // some 64-wide k tile spans two groups (group_size % 64 != 0): the producer's Two
   int n_tiles, k_tiles;
   int split;  // launched in CTA pairs (clusters of 2): the last round's items split over k (split_first_item)
 };
@@ -399,7 +401,7 @@ struct WKernel {
 
   // ---- producer ----------------------------------------------------------
   struct Fill {
-    int round, item, kt, k1;  // k tile kt of the round's unit, which ends at k1
+    int round, item, kt, k0, k1;  // k tile kt of the round's unit [k0, k1)
     Item it;
   };
 
@@ -410,60 +412,105 @@ struct WKernel {
     const Unit u = unit(a, sc, f.round);
     f.item = u.item;
     f.kt = u.k0;
+    f.k0 = u.k0;
     f.k1 = u.k1;
     if (f.item < sc.total()) f.it = schedule_item<C::BM>(sc, f.item);
   }
 
-  // The raw 16-bit scales (zeros) of rows 2t, 2t + 1 for both k chunks of a
-  // k tile, one a register: s[2 q + j] is chunk q, row j. They are packed
+  // The producer's scale words. Two: some k tile spans two groups (group
+  // sizes that are not multiples of 64); else each tile has one group and
+  // the tiles of a group after its first store the words of the first again
+  // (groups of 128: every other tile), without loading them. (Each 16-bit
+  // scale load brings a 32-byte sector from L2 into an L1 of ~20 KB beside
+  // the stages: on ARK's t528 8x4096x14336 row the scale and zero loads of
+  // every tile kept L2 78.7% busy for int4 asym with 14% L1 hits, sym 63%
+  // and 60%, H100 ncu. Copying the previous stage's words instead of keeping
+  // them in registers made Mixtral's rows 1.05x slower: the copy's shared
+  // load waited behind the stage's bulk copies, and the consumers with it.)
+  //
+  // The raw 16-bit scales (zeros) of rows 2t, 2t + 1 of one k tile, one a
+  // register: s[2 q + j] is chunk q's group (Two), row j. They are packed
   // only where they are stored (store_scales), so their loads stay in flight
   // until then: packing them here made the producer wait for each load as it
   // was issued.
+  template <bool Two>
   struct RawScales {
-    uint32_t s[4], z[C::kBias ? 4 : 1];
+    static constexpr int kN = Two ? 4 : 2;
+    uint32_t s[kN], z[C::kBias ? kN : 1];
+  };
+  // The words a thread stores for each chunk: (scale, scale) per row, with
+  // the zero's bias word beside each (asym: one 8-byte load a consumer).
+  struct Words {
+    uint32_t w[C::kBias ? 4 : 2];
   };
 
-  __device__ static __forceinline__ void load_scales(const WArgs& a, const Fill& f, int t, RawScales& r) {
-    if (2 * t >= C::BN) return;
-    if constexpr (C::kScaled) {
-      const int g0 = int(chunk_group(2 * f.kt, a.gdiv));
-      const int g1 = min(int(chunk_group(2 * f.kt + 1, a.gdiv)), a.groups - 1);
+  // Whether fill f's k tile (one group: !Two) has the group of the tile
+  // before it in its unit.
+  __device__ static __forceinline__ bool same_group(const WArgs& a, const Fill& f) {
+    return f.kt > f.k0 && chunk_group(2 * f.kt, a.gdiv) == chunk_group(2 * f.kt - 2, a.gdiv);
+  }
+
+  template <bool Two>
+  __device__ static __forceinline__ void load_scales(const WArgs& a, const Fill& f, int t, RawScales<Two>& r) {
+    if (!C::kScaled || 2 * t >= C::BN) return;
+    if (!Two && same_group(a, f)) return;  // (uniform: store_scales keeps the words)
+    const int g0 = int(chunk_group(2 * f.kt, a.gdiv));
+    const int g1 = min(int(chunk_group(2 * f.kt + 1, a.gdiv)), a.groups - 1);  // (K % 64 == 32: clamped)
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int row = min(global_row(a, f.it.n0, 2 * t + j), a.N - 1);
-        const int64_t off = (int64_t(f.it.e) * a.N + row) * a.groups;
-        r.s[j] = __ldg(a.scales + off + g0);
-        r.s[2 + j] = __ldg(a.scales + off + g1);
-        if constexpr (C::kBias) {
-          r.z[j] = __ldg(a.zeros + off + g0);
-          r.z[2 + j] = __ldg(a.zeros + off + g1);
-        }
+    for (int j = 0; j < 2; ++j) {
+      const int row = min(global_row(a, f.it.n0, 2 * t + j), a.N - 1);
+      const int64_t off = (int64_t(f.it.e) * a.N + row) * a.groups;
+      r.s[j] = __ldg(a.scales + off + g0);
+      if constexpr (Two) r.s[2 + j] = __ldg(a.scales + off + g1);
+      if constexpr (C::kBias) {
+        r.z[j] = __ldg(a.zeros + off + g0);
+        if constexpr (Two) r.z[2 + j] = __ldg(a.zeros + off + g1);
       }
     }
   }
 
-  // A stage's scale words: per chunk q, row 2t + j, the scale twice; with
-  // zero points (asym) the pair (scale word, the zero's bias word), so a
-  // consumer reads both in one 8-byte load (scale_words), as many shared
-  // loads as sym. (Two 4-byte loads: the asym kernels stalled on the
-  // shared-memory pipe, ncu on t528 8x4096x14336 int4 asym, H100; one load
-  // measured 1.6% faster over 40 asym rows, the rest of the asym gap is
-  // elsewhere.)
-  __device__ static __forceinline__ void store_scales(unsigned char* stage, int t, const RawScales& r) {
-    if (!C::kScaled || 2 * t >= C::BN) return;
+  __device__ static __forceinline__ Words pack_words(uint32_t s0, uint32_t s1, uint32_t z0, uint32_t z1) {
+    Words w;
+    if constexpr (C::kBias) {
+      w.w[0] = dup16(uint16_t(s0));
+      w.w[1] = Dec::bias_word(P::to_float(uint16_t(z0)));
+      w.w[2] = dup16(uint16_t(s1));
+      w.w[3] = Dec::bias_word(P::to_float(uint16_t(z1)));
+    } else {
+      w.w[0] = dup16(uint16_t(s0));
+      w.w[1] = dup16(uint16_t(s1));
+    }
+    return w;
+  }
+  __device__ static __forceinline__ void put_words(unsigned char* stage, int q, int t, const Words& w) {
     uint32_t* sS = reinterpret_cast<uint32_t*>(stage + C::TOK_BYTES + C::W_BYTES);
+    if constexpr (C::kBias) {  // (word stores: wider ones made ptxas spill in the producer of a glu kernel)
+      uint32_t* sz = sS + 2 * (q * C::BN + 2 * t);
 #pragma unroll
-    for (int q = 0; q < 2; ++q) {
-      const uint32_t s0 = dup16(uint16_t(r.s[2 * q])), s1 = dup16(uint16_t(r.s[2 * q + 1]));
-      if constexpr (C::kBias) {  // (word stores: wider ones made ptxas spill in the producer of a glu kernel)
-        uint32_t* sz = sS + 2 * (q * C::BN + 2 * t);
-        sz[0] = s0;
-        sz[2] = s1;
-        sz[1] = Dec::bias_word(P::to_float(uint16_t(r.z[2 * q])));
-        sz[3] = Dec::bias_word(P::to_float(uint16_t(r.z[2 * q + 1])));
-      } else {
-        *reinterpret_cast<uint2*>(sS + q * C::BN + 2 * t) = make_uint2(s0, s1);
-      }
+      for (int i = 0; i < 4; ++i) sz[i] = w.w[i];
+    } else {
+      *reinterpret_cast<uint2*>(sS + q * C::BN + 2 * t) = make_uint2(w.w[0], w.w[1]);
+    }
+  }
+
+  // A stage's scale words (scale_words reads them): per chunk q and row, the
+  // scale twice, and for asym the zero's bias word beside it. `kept`: the
+  // words of the group's first tile (!Two), packed there and stored again
+  // for its other tiles.
+  template <bool Two>
+  __device__ static __forceinline__ void store_scales(const WArgs& a, const Fill& f, unsigned char* stage, int t,
+                                                      const RawScales<Two>& r, Words& kept) {
+    if (!C::kScaled || 2 * t >= C::BN) return;
+    const uint32_t* z = r.z;
+    if constexpr (Two) {
+#pragma unroll
+      for (int q = 0; q < 2; ++q)
+        put_words(stage, q, t,
+                  pack_words(r.s[2 * q], r.s[2 * q + 1], C::kBias ? z[2 * q] : 0u, C::kBias ? z[2 * q + 1] : 0u));
+    } else {
+      if (!same_group(a, f)) kept = pack_words(r.s[0], r.s[1], C::kBias ? z[0] : 0u, C::kBias ? z[1] : 0u);
+      put_words(stage, 0, t, kept);
+      put_words(stage, 1, t, kept);
     }
   }
 
@@ -488,6 +535,7 @@ struct WKernel {
     }
   }
 
+  template <bool Two>
   __device__ static void producer(const WArgs& a, const WMaps& maps, const Smem& sm, const Schedule& sc) {
     const int t = threadIdx.x;  // 0..127
     const int total = sc.total();
@@ -500,8 +548,9 @@ struct WKernel {
     // packed as they came, the producer waited for them at every fill (the
     // packing's PRMT held 9% of the stall samples on ARK's t528 int4 row,
     // H100) while the consumers waited on the full barriers.
-    constexpr int kAhead = C::kScaleAhead;
-    RawScales r[kAhead];
+    constexpr int kAhead = Two && C::kBias ? 1 : C::kScaleAhead;  // (asym Two: 8 raw registers a fill; two fills ahead spilled)
+    RawScales<Two> r[kAhead];
+    Words kept;  // (!Two) the words of the current group
     Fill ahead = f;  // the fill whose scales load next
 #pragma unroll
     for (int i = 0; i < kAhead; ++i) {
@@ -510,7 +559,7 @@ struct WKernel {
     }
 #pragma unroll 1
     for (int fill = 0; f.item < total; ++fill) {
-      RawScales nr;
+      RawScales<Two> nr;
       if (ahead.item < total) load_scales(a, ahead, t, nr);  // in flight during the waits below
       advance(a, ahead, sc);
       const int st = fill % C::STAGES;
@@ -545,7 +594,7 @@ struct WKernel {
           }
         }
       }
-      store_scales(stage, t, r[0]);
+      store_scales(a, f, stage, t, r[0], kept);
       mbar_arrive(fb);
 #pragma unroll
       for (int i = 0; i + 1 < kAhead; ++i) r[i] = r[i + 1];
@@ -863,7 +912,10 @@ __global__ void __launch_bounds__(384, 1) wgmma_kernel(const WArgs a, const __gr
 
   if (tid < 128) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-    K::producer(a, maps, sm, schedule());
+    if (a.two_groups)
+      K::template producer<true>(a, maps, sm, schedule());
+    else
+      K::template producer<false>(a, maps, sm, schedule());
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
     K::consumer(a, sm, schedule());
@@ -1055,6 +1107,7 @@ bool launch_variant(const MoeGemmParams& p, cudaStream_t stream, Status* status,
   a.T = int(p.total_tokens);
   a.groups = C::kScaled ? int(p.k / p.group_size) : 1;
   a.gdiv = C::kScaled ? group_divisor(p.group_size) : 0u;
+  a.two_groups = C::kScaled && p.group_size % 64 != 0;
   a.glu = int(glu);
   a.ordered = ordered_items<C>();
   a.n_tiles = glu ? ceil_div(glu, C::BN / 2) : ceil_div(p.n, C::BN);

@@ -106,6 +106,10 @@ std::vector<Shape> shapes() {
       // group_size 96: the two k chunks of a tile straddle a group boundary
       // (groups 2j, 2j + 1 of one scale word); 4 groups, async scales.
       {"gs96", 136, 384, 96, {90, 7, 33}},
+      // group_size 160, K = 960 (15 k tiles): tiles whose groups are those
+      // of the tile before (the wgmma producer copies their scale words from
+      // the previous stage) and tiles that straddle a group boundary.
+      {"gs160", 72, 960, 160, {40, 0, 90}},
       // Token tiles of 128 + 2 and of every token width (32, 64, 96, 128,
       // and 256 with wide items) at its edges; N past one 256-row tile;
       // group 64.
@@ -157,6 +161,8 @@ TEST_P(CudaPrefill, MatchesFloat64Reference) {
       for (const Shape& s : shapes()) check_fast_path(at, enc, s, true, path);
       // K = 96: the last k tile is half full (int2 needs K % 64 == 0: fallback).
       check_fast_path(at, enc, {"k_half_tile", 40, 96, 32, {5, 9}}, enc.type != WeightType::int2, path);
+      // K = 800, group 160: the half tile at the end repeats the last group.
+      check_fast_path(at, enc, {"gs160_half_tile", 72, 800, 160, {40, 0, 90}}, enc.type != WeightType::int2, path);
     }
 }
 
