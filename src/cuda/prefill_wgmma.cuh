@@ -120,8 +120,9 @@ namespace qmoe::cuda::prefill::hopper {
 // accumulators and MMA work for half the decode (each weight decoded once
 // per 256 tokens, not 128), and one item for an expert of up to 256 tokens.
 // Quantized weights, plain and glu products (launch, item_set).
-template <class Act, class Enc, bool Wide = false>
+template <class Act, class Enc, ItemSet S = ItemSet::narrow>
 struct WCfg {
+  static constexpr bool Wide = S == ItemSet::wide;
   static constexpr int kBits = Enc::kBits;
   static constexpr bool kScaled = Enc::kScaled;
   static constexpr bool kBias = Enc::kAsym;
@@ -376,10 +377,10 @@ __device__ __forceinline__ void build_class_schedule(const int32_t* counts, int 
 // the quantized rows ~20% slower on H100).
 enum Variant { kPlain = 0, kEKN = 1, kGlu = 2 };
 
-template <class Act, class Enc, int V, bool Wide, bool Mid>
+template <class Act, class Enc, int V, ItemSet S>
 struct WKernel {
-  using C = WCfg<Act, Enc, Wide>;
-  static_assert(!(Wide && Mid), "one item set");
+  using C = WCfg<Act, Enc, S>;
+  static constexpr bool Wide = C::Wide, Mid = S == ItemSet::mid;
   static_assert(!Wide || V != kEKN, "wide items: [E, N, K] products");
   // Wide glu items: 64 outputs, their gate rows as tile rows 0..63 and up
   // rows 64..127; fragment rows g and 8 + g of a warp are the gate and up
@@ -866,10 +867,10 @@ struct WKernel {
   }
 };
 
-template <class Act, class Enc, int V, bool Wide, bool Mid = false>
+template <class Act, class Enc, int V, ItemSet S>
 __global__ void __launch_bounds__(384, 1) wgmma_kernel(const WArgs a, const __grid_constant__ WMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using K = WKernel<Act, Enc, V, Wide, Mid>;
+  using K = WKernel<Act, Enc, V, S>;
   using C = typename K::C;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   // Stage buffers 1024-aligned (128-byte swizzle atoms), then the barriers
@@ -1022,10 +1023,10 @@ inline bool use_split(int k_tiles) {
   return on < 0 ? k_tiles >= kSplitMinKTiles : on == 1 && k_tiles >= 2;
 }
 
-template <class Act, class Enc, int V, bool Wide = false, bool Mid = false>
+template <class Act, class Enc, int V, ItemSet S>
 bool launch_variant(const MoeGemmParams& p, cudaStream_t stream, Status* status, int64_t glu) {
-  using C = WCfg<Act, Enc, Wide>;
-  const auto kernel = wgmma_kernel<Act, Enc, V, Wide, Mid>;
+  using C = WCfg<Act, Enc, S>;
+  const auto kernel = wgmma_kernel<Act, Enc, V, S>;
   // Stage buffers (1024-aligned), barriers, the schedule.
   const auto smem_bytes_for = [](int64_t E) {
     return 1024 + int64_t(C::STAGES) * C::STAGE + 8 * C::kBarriers + 4 * schedule_ints(E);
@@ -1116,7 +1117,7 @@ bool launch_variant(const MoeGemmParams& p, cudaStream_t stream, Status* status,
   const int cap = grid_override() > 0 ? std::min(grid_override(), d.sms) : d.sms;
   // The split tail runs CTA pairs: an even grid, every CTA of it co-resident
   // in clusters of 2 (all the SMs, or it is not used), up to two a last-round item.
-  a.split = WKernel<Act, Enc, V, Wide, Mid>::kSplit && use_split(a.k_tiles) && d.pair_ctas >= (d.sms & ~1);
+  a.split = WKernel<Act, Enc, V, S>::kSplit && use_split(a.k_tiles) && d.pair_ctas >= (d.sms & ~1);
   int grid = int(std::max<int64_t>(1, std::min<int64_t>(max_items, cap)));
   if (a.split) {
     grid = int(std::min<int64_t>(2 * max_items, std::min(cap, d.pair_ctas))) & ~1;
@@ -1167,6 +1168,9 @@ bool launch_variant(const MoeGemmParams& p, cudaStream_t stream, Status* status,
 //    expert, every expert 31 or 32) and t610u (uneven, 76) keep the 32 / 96
 //    set: 1.06-1.11 times as long with this one. QMOE_PREFILL_MID=0 never, =1
 //    always (where the items are not wide).
+//  (Tried: items of 32 tokens with 4 KB token buffers, twice the stages, for
+//  rows under 32 tokens an expert: ARK's t252 and 2048-wide rows 0.99 of the
+//  time, H100, 2026-11-28: the bytes in flight do not bound them.)
 inline ItemSet item_set(const MoeGemmParams& p) {
   const int o = item_set_override();
   if (o >= 0) return ItemSet(o);
@@ -1183,7 +1187,7 @@ template <class Act, class Enc>
 bool launch(const MoeGemmParams& p, cudaStream_t stream, Status* status, int64_t glu) {
   if (p.layout == WeightLayout::EKN) {
     if constexpr (WCfg<Act, Enc>::kNative) {
-      if (!glu) return launch_variant<Act, Enc, kEKN>(p, stream, status, 0);
+      if (!glu) return launch_variant<Act, Enc, kEKN, ItemSet::narrow>(p, stream, status, 0);
     }
     return false;
   }
@@ -1191,11 +1195,13 @@ bool launch(const MoeGemmParams& p, cudaStream_t stream, Status* status, int64_t
   const auto variant = [&](auto v) {
     constexpr int V = decltype(v)::value;
     if constexpr (!WCfg<Act, Enc>::kNative) {
-      const ItemSet set = item_set(p);
-      if (set == ItemSet::wide) return launch_variant<Act, Enc, V, true>(p, stream, status, glu);
-      if (set == ItemSet::mid) return launch_variant<Act, Enc, V, false, true>(p, stream, status, glu);
+      switch (item_set(p)) {
+        case ItemSet::wide: return launch_variant<Act, Enc, V, ItemSet::wide>(p, stream, status, glu);
+        case ItemSet::mid: return launch_variant<Act, Enc, V, ItemSet::mid>(p, stream, status, glu);
+        case ItemSet::narrow: break;
+      }
     }
-    return launch_variant<Act, Enc, V>(p, stream, status, glu);
+    return launch_variant<Act, Enc, V, ItemSet::narrow>(p, stream, status, glu);
   };
   if (glu) return p.n == 2 * glu && variant(std::integral_constant<int, kGlu>{});
   return variant(std::integral_constant<int, kPlain>{});
