@@ -78,20 +78,23 @@
 // (K % 64 == 32) and rows past N / T are zero-filled by the TMA; the group
 // of the last chunk is clamped.
 //
-// Measured (H200, 2026-11-27, bench/prefill_bench.py; % of dense cuBLAS bf16
-// at the same size): Mixtral 4096 tokens top-2 with wide items int4 w13 60.6%
-// / w2 63.0%, int8 59.2 / 61.3%, fp8 60.5 / 63.1% (256-row items: 49-57%);
-// 16-bit weights 80-82% (H100, 0.97-1.07x torch._grouped_mm). ncu (H100, int4
-// w13, 256-row items): issue active 41%, SM throughput 56% (bf16 weights: 23%,
-// 81%): the quantized rows are bound by the decode's issue slots and its
-// latency between the wgmma groups, not by the tensor pipe. Left: a one-time
-// prepack of the codes into the lane order (no gather, fewer decode
-// instructions); a per-expert choice of item shape (the
-// uneven 610-token row is 0.73-0.88 of the time with wide items, which the
-// average rule does not pick); a shared-memory epilogue (16-byte stores).
+// Measured (H100, 2026-11-28, bench/prefill_bench.py; docs/PERFORMANCE.md,
+// fourteenth session): Mixtral 4096 tokens top-2 at 63-79% of dense cuBLAS
+// bf16 for every encoding (wide items); ARK's rows int8 / fp8 71-78% of the
+// byte floor on t252 and t528, int4 45-51%, int2 27-40%, the uneven t610u
+// 28-40%; 16-bit weights 83-98% of the floor on the even rows (71% on
+// t610u), 1.06-1.32x torch._grouped_mm.
+// ncu on the int4 rows: the consumers' decode (232 instructions a k tile, 56
+// of them byte gathers) with two consumer warps a scheduler, ~1.5
+// instructions a cycle an SM: bound by the decode's latency and issue, not by
+// the tensor pipe or DRAM. Left: a one-time prepack of the codes into the
+// lane order (no gather, fewer decode instructions); a per-expert choice of
+// item shape (the uneven 610-token row); a shared-memory epilogue (16-byte
+// stores).
 // Tried: four consumer warpgroups of one m64 block each (16 warps to hide
 // the decode's latency, 112-120 registers): no faster than two on ARK's t528
-// and t610u rows (H100), and setmaxnreg must then stay within the CTA's own
+// and t610u rows (H100, 2026-11-27: before the producer's scale loads were
+// cut to one a group), and setmaxnreg must then stay within the CTA's own
 // launch registers (640 x 96), or it can wait for ever.
 #pragma once
 
