@@ -35,6 +35,12 @@
 
 #include <cstdlib>
 
+#if defined(QMOE_AMX)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace qmoe::cpu::simd {
 namespace {
 
@@ -413,6 +419,33 @@ void prefill_micro_t(const uint32_t* const* ra, const uint32_t* pa, int64_t ld, 
   }
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NV; ++j) c[NV * i + j] = acc[i][j];
+}
+
+// Whether the prefill's products run on the AMX tile unit (TDPBF16PS: a
+// 16 x 16 x 32 bf16 product an instruction, ~3.4 TFLOP/s a core in a
+// register-only loop on this session's Intel Xeon, fp32 FMA ~0.23): the CPU
+// has AMX-BF16 and AMX-TILE, the OS enables the tile state (XCR0 bits 17,
+// 18) and grants it to this process (Linux: arch_prctl
+// ARCH_REQ_XCOMP_PERM, once). Without it PyTorch's oneDNN (on AMX) ran 5-6x
+// faster than qmoe's FMA prefill there. QMOE_CPU_AMX=0 turns it off (read on
+// every call, for tests).
+bool amx_ready() {
+#if defined(QMOE_AMX)
+  if (const char* env = std::getenv("QMOE_CPU_AMX"))
+    if (env[0] == '0') return false;
+  static const bool ok = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 22) & 1) || !((d >> 24) & 1)) return false;
+    unsigned lo = 0, hi = 0;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & 0x60000u) != 0x60000u) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+  }();
+  return ok;
+#else
+  return false;
+#endif
 }
 
 // Whether the products should compute with vdpbf16ps (two bf16 products
@@ -912,6 +945,7 @@ struct Runner {
   int64_t Kd = 0;         // dwords along K
   int64_t kc_dw = 0;      // dwords of K per panel chunk
   bool direct_pf = false;  // prefill broadcasts straight from the activation rows
+  bool amx_pf = false;     // prefill on the AMX tile unit (prefill_item_amx)
   CachedBuf<0> pack_buf;
   Buf pack_off_buf;       // [E] byte offsets of each prefill expert's packed block
 
@@ -1196,6 +1230,83 @@ struct Runner {
     }
   }
 
+#if defined(QMOE_AMX)
+  // prefill_item on the AMX tile unit: the same bf16 panels ([kd][48]
+  // dwords: for each K pair the 48 rows' pairs, which is TDPBF16PS's layout
+  // for its second operand, three tiles of 16 rows at a 192-byte stride)
+  // against the expert's tokens as rows of bf16 pairs in the panel's K
+  // order (the first operand: 16 tokens x 16 pairs a tile), 16 tokens x 48
+  // rows of fp32 sums in three tiles.
+  struct alignas(64) TileConfig {
+    uint8_t palette, start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+  };
+  static constexpr int AMR = 16;  // tokens a tile
+  template <int = 0>  // (instantiated where called: bf16 activations, not fp16 weights)
+  void prefill_item_amx(const Plan& plan, int64_t e, int64_t r0, int64_t r1, uint32_t* panel, uint32_t* tmp,
+                        float* srow, int64_t sstride, float* cbuf) const {
+    TileConfig cfg{};
+    cfg.palette = 1;
+    for (int t = 0; t < 7; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;  // 0-2 sums, 3 tokens, 4-6 panel
+    _tile_loadconfig(&cfg);
+    const int64_t t0 = plan.offsets[e], nt = plan.tokens(e);
+    const int64_t nblk = ceil_div(nt, AMR);
+    const uint32_t* rows =
+        reinterpret_cast<const uint32_t*>(pack_buf.as<uint8_t>() + pack_off_buf.as<int64_t>()[e]);
+    constexpr int64_t ldc = PNR * 4, ldb = PNR * 4;
+    const int64_t lda = Kd * 4;
+    alignas(64) float outv[AMR * PNR];
+    const int64_t pf_parts = min64(nblk, 8);
+    for (int64_t rp = r0; rp < r1; rp += PNR) {
+      const int64_t re = min64(r1, rp + PNR);
+      for (int64_t d0 = 0; d0 < Kd; d0 += kc_dw) {
+        const int64_t kd = min64(kc_dw, Kd - d0);  // (a multiple of 16: Kd and kc_dw are)
+        int64_t nrp = rp, nd0 = d0 + kc_dw;
+        if (nd0 >= Kd) nd0 = 0, nrp = rp + PNR;
+        const bool has_next = nrp < r1;
+        fill_panel<false>(e, rp, re, d0, kd, panel, tmp, srow, sstride);
+        const bool first = d0 == 0, last = d0 + kd >= Kd;
+        for (int64_t b = 0; b < nblk; ++b) {
+          float* c = cbuf + (Kd > kc_dw ? b * AMR * PNR : 0);
+          if (first) {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+          } else {
+            _tile_loadd(0, c, ldc);
+            _tile_loadd(1, c + 16, ldc);
+            _tile_loadd(2, c + 32, ldc);
+          }
+          const uint32_t* a = rows + b * AMR * Kd + d0;
+          for (int64_t ks = 0; ks < kd; ks += 16) {
+            const uint32_t* pb = panel + ks * PNR;
+            _tile_loadd(3, a + ks, lda);
+            _tile_loadd(4, pb, ldb);
+            _tile_loadd(5, pb + 16, ldb);
+            _tile_loadd(6, pb + 32, ldb);
+            _tile_dpbf16ps(0, 3, 4);
+            _tile_dpbf16ps(1, 3, 5);
+            _tile_dpbf16ps(2, 3, 6);
+          }
+          if (has_next && b >= nblk - pf_parts)
+            prefetch_panel<false>(e, nrp, min64(r1, nrp + PNR), nd0, min64(kc_dw, Kd - nd0),
+                                  b - (nblk - pf_parts), pf_parts);
+          float* dst = last ? outv : c;
+          _tile_stored(0, dst, ldc);
+          _tile_stored(1, dst + 16, ldc);
+          _tile_stored(2, dst + 32, ldc);
+          if (!last) continue;
+          const int64_t mr = min64(AMR, nt - b * AMR);
+          for (int64_t i = 0; i < mr; ++i) store_act<Act>(outv + i * PNR, out + (t0 + b * AMR + i) * N + rp, re - rp);
+        }
+      }
+    }
+    _tile_release();
+  }
+#endif
+
   // Token t (slot i of a block of `rows` tokens) into the packed layout.
   template <bool F32>
   void pack_token(int64_t t, uint32_t* blk, int64_t rows, int64_t i, uint8_t* row) const {
@@ -1335,6 +1446,10 @@ struct Runner {
     direct_pf = !pf32 && D::kVecs == 1 && K % 32 == 0;
     swap_pf = kSwapOk && !pf32 && K % 32 == 0;
     if (swap_pf) direct_pf = false;
+    // AMX: the bf16 panels against token rows (bf16 activations; not fp16
+    // weights, which do not round to bf16 within the tolerance).
+    amx_pf = !kF16 && !kNativeF16 && amx_ready();
+    if (amx_pf) pf32 = direct_pf = swap_pf = false, Kd = Kp / 2, kc_dw = min64(Kd, 2048);
 
     // Decode tokens: prepared rows (bf16 activations in place when no
     // permutation or padding is needed) and per-group sums.
@@ -1360,6 +1475,9 @@ struct Runner {
         if (nt > kDecodeMaxTokens && swap_pf) {
           bytes += round_up(nt, 16) * Kd * 4;
           max_blocks = max64(max_blocks, tblocks(nt));
+        } else if (nt > kDecodeMaxTokens && amx_pf) {  // token rows, 16 a tile
+          bytes += round_up(nt, 16) * Kd * 4;
+          max_blocks = max64(max_blocks, ceil_div(nt, 16));
         } else if (nt > kDecodeMaxTokens) {
           if (!direct_pf) bytes += ceil_div(nt, PMR) * PMR * Kd * 4;
           max_blocks = max64(max_blocks, ceil_div(nt, PMR));
@@ -1368,7 +1486,9 @@ struct Runner {
       pack_buf.alloc(size_t(bytes));
       for (int64_t e = 0; e < plan.E; ++e) {  // zero the padding slots of the last block
         const int64_t nt = plan.tokens(e);
-        if (nt > kDecodeMaxTokens && nt % 4 && !direct_pf && !swap_pf)  // padding slots of the last block
+        if (nt > kDecodeMaxTokens && amx_pf && nt % 16)  // the last tile's padding rows
+          std::memset(pack_buf.as<uint8_t>() + off[e] + nt * Kd * 4, 0, size_t((round_up(nt, 16) - nt) * Kd * 4));
+        else if (nt > kDecodeMaxTokens && nt % 4 && !direct_pf && !swap_pf && !amx_pf)  // padding slots of the last block
           std::memset(pack_buf.as<uint8_t>() + off[e] + (nt / PMR) * PMR * Kd * 4, 0,
                       size_t(block_rows(nt, nt / PMR) * Kd * 4));
       }
@@ -1382,6 +1502,10 @@ struct Runner {
           if (plan.is_decode_expert(e)) {
             if (!direct) prep_token(t, mode(true));
             if (need_asum) prep_asum(t);
+          } else if (amx_pf) {  // the token's row in the panel's K order
+            if constexpr (!kF16)
+              prep_token_into(t, ActMode::bf16,
+                              pack_buf.as<uint8_t>() + pack_off_buf.as<int64_t>()[e] + (t - plan.offsets[e]) * Kd * 4);
           } else if (!direct_pf && !swap_pf) {
             const int64_t i = t - plan.offsets[e];
             uint32_t* blk = reinterpret_cast<uint32_t*>(pack_buf.as<uint8_t>() + pack_off_buf.as<int64_t>()[e]) +
@@ -1432,8 +1556,9 @@ struct Runner {
       tmp_bytes = 16 * (pf32 ? D::kUnit : D::kUnit / 2) * 4;
       srow_bytes = 2 * 16 * sc_elems * 4;
       pre_bytes = panel_bytes + tmp_bytes + srow_bytes +
-                  (swap_pf ? (Kd > kc_dw ? max_blocks : 1) * 3 * PNR * 64
-                           : (Kd > kc_dw ? max_blocks * PMR * 3 * 64 : PMR * 3 * 64));
+                  (swap_pf  ? (Kd > kc_dw ? max_blocks : 1) * 3 * PNR * 64
+                   : amx_pf ? (Kd > kc_dw ? max_blocks : 1) * 16 * PNR * 4
+                            : (Kd > kc_dw ? max_blocks * PMR * 3 * 64 : PMR * 3 * 64));
     }
     const int64_t per = tot_bytes + small + round_up(pre_bytes, 64);
     CachedBuf<1> scratch;
@@ -1453,6 +1578,11 @@ struct Runner {
         V* cbuf = reinterpret_cast<V*>(q + panel_bytes + tmp_bytes + srow_bytes);
         if (swap_pf) {
           if constexpr (kSwapOk) prefill_item_t(plan, e, it.r0, it.r1, cbuf);
+        } else if (amx_pf) {
+#if defined(QMOE_AMX)
+          if constexpr (!kF16 && !kNativeF16)
+            prefill_item_amx(plan, e, it.r0, it.r1, panel, tmp, srow, sc_elems, reinterpret_cast<float*>(cbuf));
+#endif
         } else if (pf32)
           prefill_item<true>(plan, e, it.r0, it.r1, panel, tmp, srow, sc_elems, cbuf);
         else if constexpr (!kF16)
