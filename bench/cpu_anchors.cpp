@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "cpu/isa.h"
+#include "cpu/simd/simd.h"
 #include "qmoe/qmoe.h"
 
 namespace qmoe::bench {
@@ -212,6 +213,41 @@ double cpu_peak_fma_gflops(int threads, double seconds) {
   return 0;
 }
 
+// Three independent TDPBF16PS an iteration on tiles that stay in the tile
+// registers (each thread configures its own tiles).
+__attribute__((target("amx-tile,amx-bf16"))) double amx_loop(int64_t iters) {
+  struct alignas(64) {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+  } cfg{};
+  cfg.palette = 1;
+  for (int t = 0; t < 6; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+  alignas(64) static const uint16_t src[16 * 32] = {};
+  alignas(64) float out[16 * 16];
+  _tile_loadconfig(&cfg);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_loadd(3, src, 64);
+  _tile_loadd(4, src, 64);
+  _tile_loadd(5, src, 64);
+  for (int64_t i = 0; i < iters; ++i) {
+    _tile_dpbf16ps(0, 3, 4);
+    _tile_dpbf16ps(1, 3, 5);
+    _tile_dpbf16ps(2, 3, 4);
+  }
+  _tile_stored(0, out, 64);
+  _tile_release();
+  return double(out[0]);
+}
+
+double cpu_peak_amx_bf16_gflops(int threads, double seconds) {
+  threads = resolve(threads);
+  if (!cpu::simd::avx512_uses_amx()) return 0;  // (also asks the OS for the tile state)
+  return peak(threads, seconds, amx_loop, 3.0 * 16 * 16 * 32 * 2);
+}
+
 double cpu_peak_bf16_dot_gflops(int threads, double seconds) {
   threads = resolve(threads);
   if (!has_avx512()) return 0;  // qmoe's avx512 level implies AVX512_BF16
@@ -237,6 +273,7 @@ CpuAnchors measure_cpu_anchors_full(int threads) {
   a.read_gbs = cpu_read_bandwidth_gbs(size_t(1) << 30, a.threads);
   a.fma_f32_gflops = cpu_peak_fma_gflops(a.threads);
   a.bf16_dot_gflops = cpu_peak_bf16_dot_gflops(a.threads);
+  if (cpu::selected_isa() == cpu::Isa::avx512) a.amx_bf16_gflops = cpu_peak_amx_bf16_gflops(a.threads);
   return a;
 }
 

@@ -30,6 +30,7 @@ struct CpuAnchors {
   double read_gbs = 0;         // GB/s (1e9 bytes/s)
   double fma_f32_gflops = 0;   // 2 flops per fp32 multiply-add
   double bf16_dot_gflops = 0;  // 2 flops per bf16 multiply-add (64 per zmm vdpbf16ps)
+  double amx_bf16_gflops = 0;  // 2 flops per bf16 multiply-add (16 x 16 x 32 per TDPBF16PS); 0 without AMX
 };
 
 // All-threads sum over `bytes` (>= 1 GiB by default); best of `passes`.
@@ -37,6 +38,7 @@ double cpu_read_bandwidth_gbs(size_t bytes = size_t(1) << 30, int threads = 0, i
 // Register-only loops on every thread at once, ~`seconds` each; best of 3.
 double cpu_peak_fma_gflops(int threads = 0, double seconds = 0.3);
 double cpu_peak_bf16_dot_gflops(int threads = 0, double seconds = 0.3);  // 0: no AVX512_BF16
+double cpu_peak_amx_bf16_gflops(int threads = 0, double seconds = 0.3);  // 0: qmoe does not use AMX here
 std::string cpu_model_name();
 
 // All of the above.

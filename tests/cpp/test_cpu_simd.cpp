@@ -218,19 +218,24 @@ TEST(CpuSimd, EveryCodeDecodesExactly) {
 }
 
 // The AVX-512 level computes with vdpbf16ps or with fp32 FMA, whichever
-// this CPU runs faster (QMOE_CPU_DOT forces one): both modes, decode and
-// prefill, against the float64 product and the exact kernel.
+// this CPU runs faster (QMOE_CPU_DOT forces one), and its prefill on the AMX
+// tile unit where the CPU and OS offer it (QMOE_CPU_AMX=0 turns it off):
+// every mode, decode and prefill, against the float64 product and the exact
+// kernel.
 TEST(CpuSimd, BothComputeModes) {
   if (!cpu::isa_supported(Isa::avx512)) GTEST_SKIP() << "no avx512 level here";
   ForceIsa force(Isa::avx512);
+  for (const char* amx : {"0", "1"})
   for (const char* mode : {"bf16", "fma"})
     for (ActType at : {ActType::bf16, ActType::f16})
       for (bool prefill : {false, true}) {
+    if (amx[0] == '1' && !(prefill && at == ActType::bf16)) continue;  // (AMX: the prefill of bf16 activations)
+    setenv("QMOE_CPU_AMX", amx, 1);
     setenv("QMOE_CPU_DOT", mode, 1);
     for (Encoding enc : all_encodings()) {
       const uint64_t seed = fresh_seed();
-      SCOPED_TRACE(std::string(mode) + " " + name(at, enc) + (prefill ? " prefill" : " decode") +
-                   " seed=" + std::to_string(seed));
+      SCOPED_TRACE(std::string(mode) + (amx[0] == '1' ? " amx" : "") + " " + name(at, enc) +
+                   (prefill ? " prefill" : " decode") + " seed=" + std::to_string(seed));
       // (16-bit weights, decode: K over several L1 chunks of 8 tokens' activations, with a tail)
       const bool chunks = !prefill && enc.type == WeightType::native16;
       Problem pr = Problem::random(at, enc, 53, chunks ? 2088 : 512, enc.type == WeightType::native16 ? 0 : 128,
@@ -248,6 +253,7 @@ TEST(CpuSimd, BothComputeModes) {
     }
       }
   unsetenv("QMOE_CPU_DOT");
+  unsetenv("QMOE_CPU_AMX");
 }
 
 TEST(CpuSimd, LevelSelection) {

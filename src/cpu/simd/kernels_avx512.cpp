@@ -1624,6 +1624,7 @@ struct Runner {
 }  // namespace
 
 bool avx512_uses_bf16_dot() { return use_bf16_dot(); }
+bool avx512_uses_amx() { return amx_ready(); }
 
 bool run_avx512(const MoeGemmParams& p, Phase /*phase*/) {
   float values[256];
