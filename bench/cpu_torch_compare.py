@@ -12,9 +12,10 @@ both activation dtypes, times
 with the same number of threads (torch.set_num_threads = qmoe.set_num_threads),
 median of --runs timed runs after warm-up, and checks that both agree.
 
-Anchors (DESIGN.md §5): the peaks of the instructions computed with, bf16 dot
-product (vdpbf16ps: qmoe with bf16 activations, and oneDNN's bf16 path) and
-fp32 FMA (qmoe with fp16 activations), from `qmoe-bench`'s register-only loops
+Anchors (DESIGN.md §5): the peaks of the instructions computed with — for bf16
+activations the one qmoe-bench names (the AMX tile product TDPBF16PS where qmoe's
+prefill runs on AMX, else vdpbf16ps or fp32 FMA; oneDNN's bf16 path uses the same
+units) and fp32 FMA (qmoe with fp16 activations), from `qmoe-bench`'s register-only loops
 (--anchors-bin, found under build/ by default), measured before and after each
 activation dtype's rows: the dev VM's two vCPUs sometimes share one core, which
 halves every figure, so ratios are the comparable numbers. Each row's % of
@@ -76,11 +77,13 @@ def find_bench_bin() -> str:
 
 
 def measure_peaks(bench_bin: str, threads: int) -> dict:
-    """{'dot': vdpbf16ps GFLOP/s, 'fma': fp32 FMA GFLOP/s} on `threads` threads (0.0 if unknown)."""
-    peaks = {"dot": 0.0, "fma": 0.0}
+    """{'dot': GFLOP/s of the instruction qmoe computes bf16 activations with (AMX
+    TDPBF16PS, vdpbf16ps or fp32 FMA: qmoe-bench names it, in 'dot_name'), 'fma': fp32
+    FMA GFLOP/s} on `threads` threads (0.0 if unknown)."""
+    peaks = {"dot": 0.0, "fma": 0.0, "dot_name": "bf16 peak"}
     if not bench_bin:
         return peaks
-    for act, key, pat in (("bf16", "dot", r"bf16 dot \(vdpbf16ps\) peak ([0-9.]+)"),
+    for act, key, pat in (("bf16", "dot", r"; ([^;]*?) peak ([0-9.]+) GFLOP/s"),
                           ("f16", "fma", r"fp32 FMA peak ([0-9.]+)")):
         try:
             r = subprocess.run([bench_bin, "--device", "cpu", "--quick", "--phase", "prefill",
@@ -89,7 +92,9 @@ def measure_peaks(bench_bin: str, threads: int) -> dict:
                                capture_output=True, text=True, timeout=120)
             m = re.search(pat, r.stdout)
             if m:
-                peaks[key] = float(m.group(1))
+                peaks[key] = float(m.group(m.lastindex))
+                if key == "dot":
+                    peaks["dot_name"] = m.group(1)
         except (OSError, subprocess.SubprocessError):
             pass
     time.sleep(0.2)
@@ -235,9 +240,9 @@ def main() -> None:
                       f"{pct(r['torch_pct_of_dot_peak'])} | {r['qmoe_weight_gbs']:.1f} | "
                       f"{r['rel_err_vs_torch']:.1e} |", flush=True)
             print(f"# anchors for {phase} {r['act'] if block else act_dtype}: "
-                  f"vdpbf16ps {before['dot']:.0f} -> {after['dot']:.0f}, "
+                  f"{after['dot_name']} {before['dot']:.0f} -> {after['dot']:.0f}, "
                   f"fp32 FMA {before['fma']:.0f} -> {after['fma']:.0f} "
-                  f"(qmoe computes with {'vdpbf16ps' if act_dtype == torch.bfloat16 else 'fp32 FMA'})",
+                  f"(qmoe computes with {after['dot_name'] if act_dtype == torch.bfloat16 else 'fp32 FMA'})",
                   flush=True)
             before = after
     if args.json:
