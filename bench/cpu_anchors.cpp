@@ -213,6 +213,7 @@ double cpu_peak_fma_gflops(int threads, double seconds) {
   return 0;
 }
 
+#if defined(QMOE_AMX)
 // Three independent TDPBF16PS an iteration on tiles that stay in the tile
 // registers (each thread configures its own tiles).
 __attribute__((target("amx-tile,amx-bf16"))) double amx_loop(int64_t iters) {
@@ -247,6 +248,9 @@ double cpu_peak_amx_bf16_gflops(int threads, double seconds) {
   if (!cpu::simd::avx512_uses_amx()) return 0;  // (also asks the OS for the tile state)
   return peak(threads, seconds, amx_loop, 3.0 * 16 * 16 * 32 * 2);
 }
+#else
+double cpu_peak_amx_bf16_gflops(int, double) { return 0; }
+#endif
 
 double cpu_peak_bf16_dot_gflops(int threads, double seconds) {
   threads = resolve(threads);

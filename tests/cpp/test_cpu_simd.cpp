@@ -238,7 +238,9 @@ TEST(CpuSimd, BothComputeModes) {
                    (prefill ? " prefill" : " decode") + " seed=" + std::to_string(seed));
       // (16-bit weights, decode: K over several L1 chunks of 8 tokens' activations, with a tail)
       const bool chunks = !prefill && enc.type == WeightType::native16;
-      Problem pr = Problem::random(at, enc, 53, chunks ? 2088 : 512, enc.type == WeightType::native16 ? 0 : 128,
+      // (AMX: K over two panel chunks of 2048 K pairs, the second short)
+      const int64_t K = amx[0] == '1' ? 4224 : chunks ? 2088 : 512;
+      Problem pr = Problem::random(at, enc, 53, K, enc.type == WeightType::native16 ? 0 : 128,
                                    prefill ? std::vector<int32_t>{13, 0, 21} : std::vector<int32_t>{1, 0, 3, 8},
                                    seed);
       ASSERT_TRUE((prefill ? moe_gemm_prefill(pr.params) : moe_gemm_decode(pr.params)).ok());
