@@ -1178,22 +1178,17 @@ struct Runner {
 
   // Rows [r0, r1) of prefill expert e: panels of PNR rows, each over K in
   // chunks of kc_dw dwords. The panel is decoded once and every token block
-  // of the expert runs against it; while the blocks run, the packed weights
-  // of the next panel (same rows' next chunk, else the next rows' first)
-  // are prefetched into L2, a share after each block, so the next fill
-  // reads from L2 instead of waiting on 16 DRAM streams at once. (Also
-  // prefetching the first panel of the item this worker likely takes next,
-  // i + threads, measured no faster.)
-  template <bool F32>
-  void prefill_item(const Plan& plan, int64_t e, int64_t r0, int64_t r1, uint32_t* panel,
-                    uint32_t* tmp, float* srow, int64_t sstride, V* cbuf) const {
-    const int64_t t0 = plan.offsets[e], nt = plan.tokens(e);
-    const int64_t nblk = ceil_div(nt, PMR);
-    const uint32_t* pack =
-        reinterpret_cast<const uint32_t*>(pack_buf.as<uint8_t>() + pack_off_buf.as<int64_t>()[e]);
-    alignas(64) float outv[PNR];
+  // of the expert runs against it (block(b, d0, kd, first, last, rp, re)):
+  // while the blocks run, the packed weights of the next panel (same rows'
+  // next chunk, else the next rows' first) are prefetched into L2, a share
+  // after each block, so the next fill reads from L2 instead of waiting on
+  // 16 DRAM streams at once. (Also prefetching the first panel of the item
+  // this worker likely takes next, i + threads, measured no faster.)
+  template <bool F32, class Block>
+  void walk_panels(int64_t e, int64_t r0, int64_t r1, int64_t nblk, uint32_t* panel, uint32_t* tmp, float* srow,
+                   int64_t sstride, Block&& block) const {
     // Only during the last blocks: each block streams its activations
-    // (kc_dw x 8 dwords) through L2, which would evict what came in earlier.
+    // through L2, which would evict what came in earlier.
     const int64_t pf_parts = min64(nblk, 8);
     for (int64_t rp = r0; rp < r1; rp += PNR) {
       const int64_t re = min64(r1, rp + PNR);
@@ -1203,33 +1198,47 @@ struct Runner {
         if (nd0 >= Kd) nd0 = 0, nrp = rp + PNR;
         const bool has_next = nrp < r1;
         fill_panel<F32>(e, rp, re, d0, kd, panel, tmp, srow, sstride);
-        const bool first = d0 == 0, last = d0 + kd >= Kd;
         for (int64_t b = 0; b < nblk; ++b) {
-          V* c = cbuf + (Kd > kc_dw ? b * PMR * 3 : 0);  // one tile unless K takes chunks
-          const int64_t rows = block_rows(nt, b);
-          if (direct_pf) {  // the block's rows in place (rows past the tokens repeat the last one)
-            const uint32_t* ra[PMR];
-            for (int i = 0; i < PMR; ++i)
-              ra[i] = reinterpret_cast<const uint32_t*>(act + (t0 + min64(b * PMR + i, nt - 1)) * K) + d0;
-            if (rows == PMR) prefill_micro<F32, PMR, true>(nullptr, ra, panel, kd, c, first);
-            else prefill_micro<F32, 4, true>(nullptr, ra, panel, kd, c, first);
-          } else {
-            const uint32_t* pa = pack + b * PMR * Kd + d0 * rows;
-            if (rows == PMR) prefill_micro<F32, PMR>(pa, nullptr, panel, kd, c, first);
-            else prefill_micro<F32, 4>(pa, nullptr, panel, kd, c, first);
-          }
+          block(b, d0, kd, d0 == 0, d0 + kd >= Kd, rp, re);
           if (has_next && b >= nblk - pf_parts)
             prefetch_panel<F32>(e, nrp, min64(r1, nrp + PNR), nd0, min64(kc_dw, Kd - nd0),
                                 b - (nblk - pf_parts), pf_parts);
-          if (!last) continue;
-          const int64_t mr = min64(PMR, nt - b * PMR);
-          for (int64_t i = 0; i < mr; ++i) {
-            for (int j = 0; j < 3; ++j) _mm512_store_ps(outv + 16 * j, c[3 * i + j]);
-            store_act<Act>(outv, out + (t0 + b * PMR + i) * N + rp, re - rp);
-          }
         }
       }
     }
+  }
+
+  // The expert's tokens in blocks of PMR against each panel (prefill_micro),
+  // packed or (direct_pf) the activation rows in place.
+  template <bool F32>
+  void prefill_item(const Plan& plan, int64_t e, int64_t r0, int64_t r1, uint32_t* panel,
+                    uint32_t* tmp, float* srow, int64_t sstride, V* cbuf) const {
+    const int64_t t0 = plan.offsets[e], nt = plan.tokens(e);
+    const uint32_t* pack =
+        reinterpret_cast<const uint32_t*>(pack_buf.as<uint8_t>() + pack_off_buf.as<int64_t>()[e]);
+    alignas(64) float outv[PNR];
+    walk_panels<F32>(e, r0, r1, ceil_div(nt, PMR), panel, tmp, srow, sstride,
+                     [&](int64_t b, int64_t d0, int64_t kd, bool first, bool last, int64_t rp, int64_t re) {
+      V* c = cbuf + (Kd > kc_dw ? b * PMR * 3 : 0);  // one tile unless K takes chunks
+      const int64_t rows = block_rows(nt, b);
+      if (direct_pf) {  // the block's rows in place (rows past the tokens repeat the last one)
+        const uint32_t* ra[PMR];
+        for (int i = 0; i < PMR; ++i)
+          ra[i] = reinterpret_cast<const uint32_t*>(act + (t0 + min64(b * PMR + i, nt - 1)) * K) + d0;
+        if (rows == PMR) prefill_micro<F32, PMR, true>(nullptr, ra, panel, kd, c, first);
+        else prefill_micro<F32, 4, true>(nullptr, ra, panel, kd, c, first);
+      } else {
+        const uint32_t* pa = pack + b * PMR * Kd + d0 * rows;
+        if (rows == PMR) prefill_micro<F32, PMR>(pa, nullptr, panel, kd, c, first);
+        else prefill_micro<F32, 4>(pa, nullptr, panel, kd, c, first);
+      }
+      if (!last) return;
+      const int64_t mr = min64(PMR, nt - b * PMR);
+      for (int64_t i = 0; i < mr; ++i) {
+        for (int j = 0; j < 3; ++j) _mm512_store_ps(outv + 16 * j, c[3 * i + j]);
+        store_act<Act>(outv, out + (t0 + b * PMR + i) * N + rp, re - rp);
+      }
+    });
   }
 
 #if defined(QMOE_AMX)
@@ -1254,57 +1263,42 @@ struct Runner {
     for (int t = 0; t < 7; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;  // 0-2 sums, 3 tokens, 4-6 panel
     _tile_loadconfig(&cfg);
     const int64_t t0 = plan.offsets[e], nt = plan.tokens(e);
-    const int64_t nblk = ceil_div(nt, AMR);
     const uint32_t* rows =
         reinterpret_cast<const uint32_t*>(pack_buf.as<uint8_t>() + pack_off_buf.as<int64_t>()[e]);
     constexpr int64_t ldc = PNR * 4, ldb = PNR * 4;
     const int64_t lda = Kd * 4;
     alignas(64) float outv[AMR * PNR];
-    const int64_t pf_parts = min64(nblk, 8);
-    for (int64_t rp = r0; rp < r1; rp += PNR) {
-      const int64_t re = min64(r1, rp + PNR);
-      for (int64_t d0 = 0; d0 < Kd; d0 += kc_dw) {
-        const int64_t kd = min64(kc_dw, Kd - d0);  // (a multiple of 16: Kd and kc_dw are)
-        int64_t nrp = rp, nd0 = d0 + kc_dw;
-        if (nd0 >= Kd) nd0 = 0, nrp = rp + PNR;
-        const bool has_next = nrp < r1;
-        fill_panel<false>(e, rp, re, d0, kd, panel, tmp, srow, sstride);
-        const bool first = d0 == 0, last = d0 + kd >= Kd;
-        for (int64_t b = 0; b < nblk; ++b) {
-          float* c = cbuf + (Kd > kc_dw ? b * AMR * PNR : 0);
-          if (first) {
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-          } else {
-            _tile_loadd(0, c, ldc);
-            _tile_loadd(1, c + 16, ldc);
-            _tile_loadd(2, c + 32, ldc);
-          }
-          const uint32_t* a = rows + b * AMR * Kd + d0;
-          for (int64_t ks = 0; ks < kd; ks += 16) {
-            const uint32_t* pb = panel + ks * PNR;
-            _tile_loadd(3, a + ks, lda);
-            _tile_loadd(4, pb, ldb);
-            _tile_loadd(5, pb + 16, ldb);
-            _tile_loadd(6, pb + 32, ldb);
-            _tile_dpbf16ps(0, 3, 4);
-            _tile_dpbf16ps(1, 3, 5);
-            _tile_dpbf16ps(2, 3, 6);
-          }
-          if (has_next && b >= nblk - pf_parts)
-            prefetch_panel<false>(e, nrp, min64(r1, nrp + PNR), nd0, min64(kc_dw, Kd - nd0),
-                                  b - (nblk - pf_parts), pf_parts);
-          float* dst = last ? outv : c;
-          _tile_stored(0, dst, ldc);
-          _tile_stored(1, dst + 16, ldc);
-          _tile_stored(2, dst + 32, ldc);
-          if (!last) continue;
-          const int64_t mr = min64(AMR, nt - b * AMR);
-          for (int64_t i = 0; i < mr; ++i) store_act<Act>(outv + i * PNR, out + (t0 + b * AMR + i) * N + rp, re - rp);
-        }
+    walk_panels<false>(e, r0, r1, ceil_div(nt, AMR), panel, tmp, srow, sstride,
+                       [&](int64_t b, int64_t d0, int64_t kd, bool first, bool last, int64_t rp, int64_t re) {
+      float* c = cbuf + (Kd > kc_dw ? b * AMR * PNR : 0);
+      if (first) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+      } else {
+        _tile_loadd(0, c, ldc);
+        _tile_loadd(1, c + 16, ldc);
+        _tile_loadd(2, c + 32, ldc);
       }
-    }
+      const uint32_t* a = rows + b * AMR * Kd + d0;
+      for (int64_t ks = 0; ks < kd; ks += 16) {  // (kd: a multiple of 16, as Kd and kc_dw are)
+        const uint32_t* pb = panel + ks * PNR;
+        _tile_loadd(3, a + ks, lda);
+        _tile_loadd(4, pb, ldb);
+        _tile_loadd(5, pb + 16, ldb);
+        _tile_loadd(6, pb + 32, ldb);
+        _tile_dpbf16ps(0, 3, 4);
+        _tile_dpbf16ps(1, 3, 5);
+        _tile_dpbf16ps(2, 3, 6);
+      }
+      float* dst = last ? outv : c;
+      _tile_stored(0, dst, ldc);
+      _tile_stored(1, dst + 16, ldc);
+      _tile_stored(2, dst + 32, ldc);
+      if (!last) return;
+      const int64_t mr = min64(AMR, nt - b * AMR);
+      for (int64_t i = 0; i < mr; ++i) store_act<Act>(outv + i * PNR, out + (t0 + b * AMR + i) * N + rp, re - rp);
+    });
     _tile_release();
   }
 #endif
