@@ -948,6 +948,7 @@ struct Runner {
   int64_t kc_dw = 0;      // dwords of K per panel chunk
   bool direct_pf = false;  // prefill broadcasts straight from the activation rows
   bool amx_pf = false;     // prefill on the AMX tile unit (prefill_item_amx)
+  int64_t amx_ld = 0;      // dwords a token row of the AMX prefill (Kd + 16: see run)
   CachedBuf<0> pack_buf;
   Buf pack_off_buf;       // [E] byte offsets of each prefill expert's packed block
 
@@ -1266,7 +1267,7 @@ struct Runner {
     const uint32_t* rows =
         reinterpret_cast<const uint32_t*>(pack_buf.as<uint8_t>() + pack_off_buf.as<int64_t>()[e]);
     constexpr int64_t ldc = PNR * 4, ldb = PNR * 4;
-    const int64_t lda = Kd * 4;
+    const int64_t lda = amx_ld * 4;
     alignas(64) float outv[AMR * PNR];
     walk_panels<false>(e, r0, r1, ceil_div(nt, AMR), panel, tmp, srow, sstride,
                        [&](int64_t b, int64_t d0, int64_t kd, bool first, bool last, int64_t rp, int64_t re) {
@@ -1280,7 +1281,7 @@ struct Runner {
         _tile_loadd(1, c + 16, ldc);
         _tile_loadd(2, c + 32, ldc);
       }
-      const uint32_t* a = rows + b * AMR * Kd + d0;
+      const uint32_t* a = rows + b * AMR * amx_ld + d0;
       for (int64_t ks = 0; ks < kd; ks += 16) {  // (kd: a multiple of 16, as Kd and kc_dw are)
         const uint32_t* pb = panel + ks * PNR;
         _tile_loadd(3, a + ks, lda);
@@ -1446,6 +1447,9 @@ struct Runner {
     // weights, which do not round to bf16 within the tolerance).
     amx_pf = !kF16 && !kNativeF16 && amx_ready();
     if (amx_pf) pf32 = direct_pf = swap_pf = false, Kd = Kp / 2, kc_dw = min64(Kd, 2048);
+    // The token rows one cache line longer than K: a tile load reads 16 rows,
+    // which at a multiple of 4 KB apart would share one L1 set.
+    amx_ld = Kd + 16;
 
     // Decode tokens: prepared rows (bf16 activations in place when no
     // permutation or padding is needed) and per-group sums.
@@ -1472,7 +1476,7 @@ struct Runner {
           bytes += round_up(nt, 16) * Kd * 4;
           max_blocks = max64(max_blocks, tblocks(nt));
         } else if (nt > kDecodeMaxTokens && amx_pf) {  // token rows, 16 a tile
-          bytes += round_up(nt, 16) * Kd * 4;
+          bytes += round_up(nt, 16) * amx_ld * 4;
           max_blocks = max64(max_blocks, ceil_div(nt, 16));
         } else if (nt > kDecodeMaxTokens) {
           if (!direct_pf) bytes += ceil_div(nt, PMR) * PMR * Kd * 4;
@@ -1483,7 +1487,8 @@ struct Runner {
       for (int64_t e = 0; e < plan.E; ++e) {  // zero the padding slots of the last block
         const int64_t nt = plan.tokens(e);
         if (nt > kDecodeMaxTokens && amx_pf && nt % 16)  // the last tile's padding rows
-          std::memset(pack_buf.as<uint8_t>() + off[e] + nt * Kd * 4, 0, size_t((round_up(nt, 16) - nt) * Kd * 4));
+          std::memset(pack_buf.as<uint8_t>() + off[e] + nt * amx_ld * 4, 0,
+                      size_t((round_up(nt, 16) - nt) * amx_ld * 4));
         else if (nt > kDecodeMaxTokens && nt % 4 && !direct_pf && !swap_pf && !amx_pf)  // padding slots of the last block
           std::memset(pack_buf.as<uint8_t>() + off[e] + (nt / PMR) * PMR * Kd * 4, 0,
                       size_t(block_rows(nt, nt / PMR) * Kd * 4));
@@ -1501,7 +1506,7 @@ struct Runner {
           } else if (amx_pf) {  // the token's row in the panel's K order
             if constexpr (!kF16)
               prep_token_into(t, ActMode::bf16,
-                              pack_buf.as<uint8_t>() + pack_off_buf.as<int64_t>()[e] + (t - plan.offsets[e]) * Kd * 4);
+                              pack_buf.as<uint8_t>() + pack_off_buf.as<int64_t>()[e] + (t - plan.offsets[e]) * amx_ld * 4);
           } else if (!direct_pf && !swap_pf) {
             const int64_t i = t - plan.offsets[e];
             uint32_t* blk = reinterpret_cast<uint32_t*>(pack_buf.as<uint8_t>() + pack_off_buf.as<int64_t>()[e]) +
