@@ -56,11 +56,13 @@ Anchors measure_cpu_anchors(ActType act) {
   a.bandwidth_gbps = c.read_gbs;
   a.bandwidth_what = "all-threads read bandwidth";
   // The peak of the instruction the prefill kernels compute with: the AMX
-  // tile product for bf16 activations where the AVX-512 level runs it, else
-  // vdpbf16ps where it runs that, else fp32 FMA.
-  const bool avx512 = act == ActType::bf16 && cpu::selected_isa() == cpu::Isa::avx512;
+  // tile product where the AVX-512 level runs it (fp16 activations: from 24
+  // tokens an expert), else vdpbf16ps for bf16 activations where it runs
+  // that, else fp32 FMA.
+  const bool avx512 = cpu::selected_isa() == cpu::Isa::avx512;
   const bool amx = avx512 && c.amx_bf16_gflops > 0;
-  const bool bf16_dot = avx512 && !amx && cpu::simd::avx512_uses_bf16_dot() && c.bf16_dot_gflops > 0;
+  const bool bf16_dot = avx512 && act == ActType::bf16 && !amx && cpu::simd::avx512_uses_bf16_dot() &&
+                        c.bf16_dot_gflops > 0;
   a.peak_gflops = amx ? c.amx_bf16_gflops : bf16_dot ? c.bf16_dot_gflops : c.fma_f32_gflops;
   a.peak_what = amx ? "bf16 tile (AMX TDPBF16PS) peak" : bf16_dot ? "bf16 dot (vdpbf16ps) peak" : "fp32 FMA peak";
   return a;

@@ -77,14 +77,14 @@ def find_bench_bin() -> str:
 
 
 def measure_peaks(bench_bin: str, threads: int) -> dict:
-    """{'dot': GFLOP/s of the instruction qmoe computes bf16 activations with (AMX
-    TDPBF16PS, vdpbf16ps or fp32 FMA: qmoe-bench names it, in 'dot_name'), 'fma': fp32
-    FMA GFLOP/s} on `threads` threads (0.0 if unknown)."""
-    peaks = {"dot": 0.0, "fma": 0.0, "dot_name": "bf16 peak"}
+    """{'dot', 'fma': GFLOP/s of the instruction qmoe's prefill computes bf16 / fp16
+    activations with (AMX TDPBF16PS, vdpbf16ps or fp32 FMA: qmoe-bench names it, in
+    'dot_name' / 'fma_name')} on `threads` threads (0.0 if unknown)."""
+    peaks = {"dot": 0.0, "fma": 0.0, "dot_name": "bf16 peak", "fma_name": "fp16 peak"}
     if not bench_bin:
         return peaks
     for act, key, pat in (("bf16", "dot", r"; ([^;]*?) peak ([0-9.]+) GFLOP/s"),
-                          ("f16", "fma", r"fp32 FMA peak ([0-9.]+)")):
+                          ("f16", "fma", r"; ([^;]*?) peak ([0-9.]+) GFLOP/s")):
         try:
             r = subprocess.run([bench_bin, "--device", "cpu", "--quick", "--phase", "prefill",
                                 "--encodings", "bf16", "--shapes", "ark", "--act", act,
@@ -92,9 +92,8 @@ def measure_peaks(bench_bin: str, threads: int) -> dict:
                                capture_output=True, text=True, timeout=120)
             m = re.search(pat, r.stdout)
             if m:
-                peaks[key] = float(m.group(m.lastindex))
-                if key == "dot":
-                    peaks["dot_name"] = m.group(1)
+                peaks[key] = float(m.group(2))
+                peaks[key + "_name"] = m.group(1)
         except (OSError, subprocess.SubprocessError):
             pass
     time.sleep(0.2)
@@ -241,8 +240,8 @@ def main() -> None:
                       f"{r['rel_err_vs_torch']:.1e} |", flush=True)
             print(f"# anchors for {phase} {r['act'] if block else act_dtype}: "
                   f"{after['dot_name']} {before['dot']:.0f} -> {after['dot']:.0f}, "
-                  f"fp32 FMA {before['fma']:.0f} -> {after['fma']:.0f} "
-                  f"(qmoe computes with {after['dot_name'] if act_dtype == torch.bfloat16 else 'fp32 FMA'})",
+                  f"{after['fma_name']} {before['fma']:.0f} -> {after['fma']:.0f} "
+                  f"(qmoe computes with {after['dot_name'] if act_dtype == torch.bfloat16 else after['fma_name']})",
                   flush=True)
             before = after
     if args.json:

@@ -429,8 +429,13 @@ void prefill_micro_t(const uint32_t* const* ra, const uint32_t* pa, int64_t ld, 
 // has AMX-BF16 and AMX-TILE, the OS enables the tile state (XCR0 bits 17,
 // 18) and grants it to this process (Linux: arch_prctl
 // ARCH_REQ_XCOMP_PERM, once). Without it PyTorch's oneDNN (on AMX) ran 5-6x
-// faster than qmoe's FMA prefill there. QMOE_CPU_AMX=0 turns it off (read on
-// every call, for tests).
+// faster than qmoe's FMA prefill there. QMOE_CPU_AMX=0 turns it off, =1 takes
+// it wherever it applies (fp16 activations too at few tokens an expert; read
+// on every call, for tests).
+bool amx_forced() {
+  const char* env = std::getenv("QMOE_CPU_AMX");
+  return env && env[0] == '1';
+}
 bool amx_ready() {
 #if defined(QMOE_AMX)
   if (const char* env = std::getenv("QMOE_CPU_AMX"))
@@ -983,7 +988,9 @@ struct Runner {
   // of 16 dwords.
   template <bool F32>
   static constexpr int kUnitVecs = D::kUnit / (F32 ? 1 : 2) / 16;
-  template <bool F32>
+  // Lo (bf16 panels only): the residual w - bf16(w) of each dequantized
+  // weight, in bf16 (the low half of w = hi + lo: fp16 activations on AMX).
+  template <bool F32, bool Lo = false>
   [[gnu::always_inline]] inline void unit_vecs(const uint8_t* wr, int64_t u, const float* sbuf,
                                                const float* szbuf, VI* out) const {
     if constexpr (kNativeF16) {
@@ -1017,6 +1024,9 @@ struct Runner {
         if constexpr (F32) {
           out[2 * j] = _mm512_castps_si512(f0);
           out[2 * j + 1] = _mm512_castps_si512(f1);
+        } else if constexpr (Lo) {
+          const VI hi = (VI)_mm512_cvtne2ps_pbh(f1, f0);
+          out[j] = (VI)_mm512_cvtne2ps_pbh(_mm512_sub_ps(f1, bf16_hi_f32(hi)), _mm512_sub_ps(f0, bf16_lo_f32(hi)));
         } else {
           out[j] = (VI)_mm512_cvtne2ps_pbh(f1, f0);
         }
@@ -1082,16 +1092,17 @@ struct Runner {
       }
     }
   }
-  template <bool F32>
+  template <bool F32, bool Lo = false>
   void unit_dwords(const uint8_t* wr, int64_t u, const float* sbuf, const float* szbuf,
                    uint32_t* dst) const {
     VI v[kUnitVecs<F32>];
-    unit_vecs<F32>(wr, u, sbuf, szbuf, v);
+    unit_vecs<F32, Lo>(wr, u, sbuf, szbuf, v);
     for (int j = 0; j < kUnitVecs<F32>; ++j) _mm512_storeu_si512(dst + 16 * j, v[j]);
   }
 
-  // Panel [kd][48] of rows r0.. (zero past r1) over K dwords [d0, d0 + kd).
-  template <bool F32>
+  // Panel [kd][48] of rows r0.. (zero past r1) over K dwords [d0, d0 + kd)
+  // (Lo: of the weights' low halves, unit_vecs).
+  template <bool F32, bool Lo = false>
   void fill_panel(int64_t e, int64_t r0, int64_t r1, int64_t d0, int64_t kd, uint32_t* panel,
                   uint32_t* tmp, float* srow, int64_t sstride) const {
     constexpr int64_t ud = D::kUnit / (F32 ? 1 : 2);  // dwords per unit
@@ -1108,7 +1119,7 @@ struct Runner {
               if (u + 4 < u1 && (D::kBytes >= 64 || u % 2 == 0))  // in case this panel was not prefetched
                 _mm_prefetch(reinterpret_cast<const char*>(w + (e * N + rb + i) * row_bytes + (u + 4) * D::kBytes),
                              _MM_HINT_T0);
-              unit_vecs<F32>(w + (e * N + rb + i) * row_bytes, u, srow + i * 2 * sstride,
+              unit_vecs<F32, Lo>(w + (e * N + rb + i) * row_bytes, u, srow + i * 2 * sstride,
                              srow + (i * 2 + 1) * sstride, r + i);
             } else {
               r[i] = _mm512_setzero_si512();
@@ -1127,7 +1138,7 @@ struct Runner {
             if (u + 4 < u1)  // in case this panel was not prefetched
               _mm_prefetch(reinterpret_cast<const char*>(w + (e * N + rb + i) * row_bytes + (u + 4) * D::kBytes),
                            _MM_HINT_T0);
-            unit_dwords<F32>(w + (e * N + rb + i) * row_bytes, u, srow + i * 2 * sstride,
+            unit_dwords<F32, Lo>(w + (e * N + rb + i) * row_bytes, u, srow + i * 2 * sstride,
                         srow + (i * 2 + 1) * sstride, t);
           } else {
             for (int64_t c = 0; c < ud; c += 16) _mm512_storeu_si512(t + c, _mm512_setzero_si512());
@@ -1185,7 +1196,8 @@ struct Runner {
   // after each block, so the next fill reads from L2 instead of waiting on
   // 16 DRAM streams at once. (Also prefetching the first panel of the item
   // this worker likely takes next, i + threads, measured no faster.)
-  template <bool F32, class Block>
+  // (Lo: a second panel of the weights' low halves right after the first.)
+  template <bool F32, bool Lo, class Block>
   void walk_panels(int64_t e, int64_t r0, int64_t r1, int64_t nblk, uint32_t* panel, uint32_t* tmp, float* srow,
                    int64_t sstride, Block&& block) const {
     // Only during the last blocks: each block streams its activations
@@ -1199,6 +1211,7 @@ struct Runner {
         if (nd0 >= Kd) nd0 = 0, nrp = rp + PNR;
         const bool has_next = nrp < r1;
         fill_panel<F32>(e, rp, re, d0, kd, panel, tmp, srow, sstride);
+        if constexpr (Lo) fill_panel<F32, true>(e, rp, re, d0, kd, panel + kc_dw * PNR, tmp, srow, sstride);
         for (int64_t b = 0; b < nblk; ++b) {
           block(b, d0, kd, d0 == 0, d0 + kd >= Kd, rp, re);
           if (has_next && b >= nblk - pf_parts)
@@ -1218,7 +1231,7 @@ struct Runner {
     const uint32_t* pack =
         reinterpret_cast<const uint32_t*>(pack_buf.as<uint8_t>() + pack_off_buf.as<int64_t>()[e]);
     alignas(64) float outv[PNR];
-    walk_panels<F32>(e, r0, r1, ceil_div(nt, PMR), panel, tmp, srow, sstride,
+    walk_panels<F32, false>(e, r0, r1, ceil_div(nt, PMR), panel, tmp, srow, sstride,
                      [&](int64_t b, int64_t d0, int64_t kd, bool first, bool last, int64_t rp, int64_t re) {
       V* c = cbuf + (Kd > kc_dw ? b * PMR * 3 : 0);  // one tile unless K takes chunks
       const int64_t rows = block_rows(nt, b);
@@ -1248,7 +1261,10 @@ struct Runner {
   // for its second operand, three tiles of 16 rows at a 192-byte stride)
   // against the expert's tokens as rows of bf16 pairs in the panel's K
   // order (the first operand: 16 tokens x 16 pairs a tile), 16 tokens x 48
-  // rows of fp32 sums in three tiles.
+  // rows of fp32 sums in three tiles. fp16 activations (kF16) keep their
+  // precision as a = hi + lo and w = hi + lo, all bf16 (the activations'
+  // split exact, the weights' to 2^-16): three products a step, a_hi w_hi +
+  // a_lo w_hi + a_hi w_lo (a_lo w_lo under 2^-16 of the sum).
   struct alignas(64) TileConfig {
     uint8_t palette, start_row;
     uint8_t reserved[14];
@@ -1256,12 +1272,13 @@ struct Runner {
     uint8_t rows[16];
   };
   static constexpr int AMR = 16;  // tokens a tile
-  template <int = 0>  // (instantiated where called: bf16 activations, not fp16 weights)
+  template <int = 0>  // (instantiated where called: not for fp16 weights)
   void prefill_item_amx(const Plan& plan, int64_t e, int64_t r0, int64_t r1, uint32_t* panel, uint32_t* tmp,
                         float* srow, int64_t sstride, float* cbuf) const {
     TileConfig cfg{};
     cfg.palette = 1;
-    for (int t = 0; t < 7; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;  // 0-2 sums, 3 tokens, 4-6 panel
+    // 0-2 sums; 3 tokens; 4-6 panel (kF16: 3 and 4 the tokens' hi and lo, 5 and 6 a panel tile's hi and lo)
+    for (int t = 0; t < 7; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
     _tile_loadconfig(&cfg);
     const int64_t t0 = plan.offsets[e], nt = plan.tokens(e);
     const uint32_t* rows =
@@ -1269,7 +1286,8 @@ struct Runner {
     constexpr int64_t ldc = PNR * 4, ldb = PNR * 4;
     const int64_t lda = amx_ld * 4;
     alignas(64) float outv[AMR * PNR];
-    walk_panels<false>(e, r0, r1, ceil_div(nt, AMR), panel, tmp, srow, sstride,
+    const uint32_t* panel_lo = panel + kc_dw * PNR;
+    walk_panels<false, kF16>(e, r0, r1, ceil_div(nt, AMR), panel, tmp, srow, sstride,
                        [&](int64_t b, int64_t d0, int64_t kd, bool first, bool last, int64_t rp, int64_t re) {
       float* c = cbuf + (Kd > kc_dw ? b * AMR * PNR : 0);
       if (first) {
@@ -1284,13 +1302,30 @@ struct Runner {
       const uint32_t* a = rows + b * AMR * amx_ld + d0;
       for (int64_t ks = 0; ks < kd; ks += 16) {  // (kd: a multiple of 16, as Kd and kc_dw are)
         const uint32_t* pb = panel + ks * PNR;
-        _tile_loadd(3, a + ks, lda);
-        _tile_loadd(4, pb, ldb);
-        _tile_loadd(5, pb + 16, ldb);
-        _tile_loadd(6, pb + 32, ldb);
-        _tile_dpbf16ps(0, 3, 4);
-        _tile_dpbf16ps(1, 3, 5);
-        _tile_dpbf16ps(2, 3, 6);
+        if constexpr (kF16) {
+          const uint32_t* pl = panel_lo + ks * PNR;
+          _tile_loadd(3, a + ks, lda);
+          _tile_loadd(4, a + Kd + ks, lda);
+          // (GCC's tile intrinsics paste the tile number into the asm: literals)
+#define QMOE_AMX_HILO(J)                  \
+  _tile_loadd(5, pb + 16 * J, ldb);      \
+  _tile_loadd(6, pl + 16 * J, ldb);      \
+  _tile_dpbf16ps(J, 3, 5);               \
+  _tile_dpbf16ps(J, 4, 5);               \
+  _tile_dpbf16ps(J, 3, 6);
+          QMOE_AMX_HILO(0)
+          QMOE_AMX_HILO(1)
+          QMOE_AMX_HILO(2)
+#undef QMOE_AMX_HILO
+        } else {
+          _tile_loadd(3, a + ks, lda);
+          _tile_loadd(4, pb, ldb);
+          _tile_loadd(5, pb + 16, ldb);
+          _tile_loadd(6, pb + 32, ldb);
+          _tile_dpbf16ps(0, 3, 4);
+          _tile_dpbf16ps(1, 3, 5);
+          _tile_dpbf16ps(2, 3, 6);
+        }
       }
       float* dst = last ? outv : c;
       _tile_stored(0, dst, ldc);
@@ -1443,13 +1478,20 @@ struct Runner {
     direct_pf = !pf32 && D::kVecs == 1 && K % 32 == 0;
     swap_pf = kSwapOk && !pf32 && K % 32 == 0;
     if (swap_pf) direct_pf = false;
-    // AMX: the bf16 panels against token rows (bf16 activations; not fp16
-    // weights, which do not round to bf16 within the tolerance).
-    amx_pf = !kF16 && !kNativeF16 && amx_ready();
+    // AMX: the bf16 panels against token rows (fp16 activations with their
+    // and the weights' low halves; not fp16 weights).
+    amx_pf = !kNativeF16 && (!kF16 || Enc::kScaled) && amx_ready();
+    if (kF16 && amx_pf && !amx_forced()) {  // fp16: two panels to decode, from 24 tokens an expert
+      // (Intel Xeon, two interleaved rounds: ARK's rows of 32-76 tokens an
+      // expert 1.2-1.6x the speed of FMA, 256 tokens 2.1x; 16 tokens 0.8x)
+      int64_t experts = 0;
+      for (int64_t e = 0; e < plan.E; ++e) experts += plan.tokens(e) > kDecodeMaxTokens;
+      amx_pf = plan.prefill_tokens >= 24 * experts;
+    }
     if (amx_pf) pf32 = direct_pf = swap_pf = false, Kd = Kp / 2, kc_dw = min64(Kd, 2048);
-    // The token rows one cache line longer than K: a tile load reads 16 rows,
-    // which at a multiple of 4 KB apart would share one L1 set.
-    amx_ld = Kd + 16;
+    // The token rows (kF16: hi, then lo) one cache line longer: a tile load
+    // reads 16 rows, which at a multiple of 4 KB apart would share one L1 set.
+    amx_ld = (kF16 ? 2 * Kd : Kd) + 16;
 
     // Decode tokens: prepared rows (bf16 activations in place when no
     // permutation or padding is needed) and per-group sums.
@@ -1503,10 +1545,9 @@ struct Runner {
           if (plan.is_decode_expert(e)) {
             if (!direct) prep_token(t, mode(true));
             if (need_asum) prep_asum(t);
-          } else if (amx_pf) {  // the token's row in the panel's K order
-            if constexpr (!kF16)
-              prep_token_into(t, ActMode::bf16,
-                              pack_buf.as<uint8_t>() + pack_off_buf.as<int64_t>()[e] + (t - plan.offsets[e]) * amx_ld * 4);
+          } else if (amx_pf) {  // the token's row in the panel's K order (kF16: hi, then lo)
+            prep_token_into(t, kF16 ? ActMode::hilo : ActMode::bf16,
+                            pack_buf.as<uint8_t>() + pack_off_buf.as<int64_t>()[e] + (t - plan.offsets[e]) * amx_ld * 4);
           } else if (!direct_pf && !swap_pf) {
             const int64_t i = t - plan.offsets[e];
             uint32_t* blk = reinterpret_cast<uint32_t*>(pack_buf.as<uint8_t>() + pack_off_buf.as<int64_t>()[e]) +
@@ -1553,7 +1594,7 @@ struct Runner {
     const int64_t small = round_up((8 * sc_elems + res_elems) * 4, 64);
     int64_t pre_bytes = 0, panel_bytes = 0, tmp_bytes = 0, srow_bytes = 0;
     if (plan.prefill_tokens > 0) {
-      panel_bytes = swap_pf ? 0 : kc_dw * PNR * 4;
+      panel_bytes = swap_pf ? 0 : kc_dw * PNR * 4 * (amx_pf && kF16 ? 2 : 1);  // (AMX, fp16: hi and lo)
       tmp_bytes = 16 * (pf32 ? D::kUnit : D::kUnit / 2) * 4;
       srow_bytes = 2 * 16 * sc_elems * 4;
       pre_bytes = panel_bytes + tmp_bytes + srow_bytes +
@@ -1581,7 +1622,7 @@ struct Runner {
           if constexpr (kSwapOk) prefill_item_t(plan, e, it.r0, it.r1, cbuf);
         } else if (amx_pf) {
 #if defined(QMOE_AMX)
-          if constexpr (!kF16 && !kNativeF16)
+          if constexpr (!kNativeF16)
             prefill_item_amx(plan, e, it.r0, it.r1, panel, tmp, srow, sc_elems, reinterpret_cast<float*>(cbuf));
 #endif
         } else if (pf32)
