@@ -19,9 +19,10 @@
 // FMA); the next panel's packed weights are prefetched into L2 meanwhile.
 // bf16 weights with bf16 activations take the roles swapped instead (no
 // panel: weight rows broadcast in place against packed token blocks; see
-// prefill_item_t). Where the CPU has AMX (amx_ready), bf16 activations take
-// the bf16 panels on the tile unit instead (prefill_item_amx): 16 tokens x
-// 48 rows a step, TDPBF16PS.
+// prefill_item_t). Where the CPU has AMX (amx_ready), the prefill takes the
+// bf16 panels on the tile unit instead (prefill_item_amx): 16 tokens x 48
+// rows a step, TDPBF16PS; fp16 activations (from 24 tokens an expert) as
+// bf16 hi + lo halves against the weights' hi and lo panels.
 #include <immintrin.h>
 
 // GCC 12 warns about the deliberately undefined upper halves in its own
