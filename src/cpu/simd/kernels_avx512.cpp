@@ -996,8 +996,16 @@ struct Runner {
                                                const float* szbuf, VI* out) const {
     if constexpr (kNativeF16) {
       const uint16_t* s = reinterpret_cast<const uint16_t*>(wr) + u * 32;
-      out[0] = _mm512_castps_si512(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask16(K - u * 32), s)));
-      out[1] = _mm512_castps_si512(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask16(K - u * 32 - 16), s + 16)));
+      const V f0 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask16(K - u * 32), s));
+      const V f1 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask16(K - u * 32 - 16), s + 16));
+      if constexpr (F32) {
+        out[0] = _mm512_castps_si512(f0);
+        out[1] = _mm512_castps_si512(f1);
+      } else {  // (the AMX prefill: bf16 hi, or with Lo the residual)
+        const VI hi = (VI)_mm512_cvtne2ps_pbh(f1, f0);
+        out[0] = Lo ? (VI)_mm512_cvtne2ps_pbh(_mm512_sub_ps(f1, bf16_hi_f32(hi)), _mm512_sub_ps(f0, bf16_lo_f32(hi)))
+                    : hi;
+      }
     } else if constexpr (!Enc::kScaled) {  // bf16 weights
       const uint16_t* s = reinterpret_cast<const uint16_t*>(wr) + u * 32;
       const VI v = _mm512_maskz_loadu_epi16(mask32(K - u * 32), s);
@@ -1273,7 +1281,7 @@ struct Runner {
     uint8_t rows[16];
   };
   static constexpr int AMR = 16;  // tokens a tile
-  template <int = 0>  // (instantiated where called: not for fp16 weights)
+  template <int = 0>  // (instantiated where called)
   void prefill_item_amx(const Plan& plan, int64_t e, int64_t r0, int64_t r1, uint32_t* panel, uint32_t* tmp,
                         float* srow, int64_t sstride, float* cbuf) const {
     TileConfig cfg{};
@@ -1480,8 +1488,8 @@ struct Runner {
     swap_pf = kSwapOk && !pf32 && K % 32 == 0;
     if (swap_pf) direct_pf = false;
     // AMX: the bf16 panels against token rows (fp16 activations with their
-    // and the weights' low halves; not fp16 weights).
-    amx_pf = !kNativeF16 && (!kF16 || Enc::kScaled) && amx_ready();
+    // and the weights' low halves).
+    amx_pf = amx_ready();
     if (kF16 && amx_pf && !amx_forced()) {  // fp16: two panels to decode, from 24 tokens an expert
       // (Intel Xeon, two interleaved rounds: ARK's rows of 32-76 tokens an
       // expert 1.2-1.6x the speed of FMA, 256 tokens 2.1x; 16 tokens 0.8x)
@@ -1623,8 +1631,7 @@ struct Runner {
           if constexpr (kSwapOk) prefill_item_t(plan, e, it.r0, it.r1, cbuf);
         } else if (amx_pf) {
 #if defined(QMOE_AMX)
-          if constexpr (!kNativeF16)
-            prefill_item_amx(plan, e, it.r0, it.r1, panel, tmp, srow, sc_elems, reinterpret_cast<float*>(cbuf));
+          prefill_item_amx(plan, e, it.r0, it.r1, panel, tmp, srow, sc_elems, reinterpret_cast<float*>(cbuf));
 #endif
         } else if (pf32)
           prefill_item<true>(plan, e, it.r0, it.r1, panel, tmp, srow, sc_elems, cbuf);
