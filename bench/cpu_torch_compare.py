@@ -12,10 +12,10 @@ both activation dtypes, times
 with the same number of threads (torch.set_num_threads = qmoe.set_num_threads),
 median of --runs timed runs after warm-up, and checks that both agree.
 
-Anchors (DESIGN.md §5): the peaks of the instructions computed with — for bf16
-activations the one qmoe-bench names (the AMX tile product TDPBF16PS where qmoe's
-prefill runs on AMX, else vdpbf16ps or fp32 FMA; oneDNN's bf16 path uses the same
-units) and fp32 FMA (qmoe with fp16 activations), from `qmoe-bench`'s register-only loops
+Anchors (DESIGN.md §5): the peaks of the instructions computed with, for each
+activation dtype the one qmoe-bench names (the AMX tile product TDPBF16PS where qmoe's
+prefill runs on AMX, else vdpbf16ps for bf16 or fp32 FMA; oneDNN's bf16 path uses the
+same units), from `qmoe-bench`'s register-only loops
 (--anchors-bin, found under build/ by default), measured before and after each
 activation dtype's rows: the dev VM's two vCPUs sometimes share one core, which
 halves every figure, so ratios are the comparable numbers. Each row's % of

@@ -106,9 +106,11 @@ std::vector<Shape> shapes() {
       // group_size 96: the two k chunks of a tile straddle a group boundary
       // (groups 2j, 2j + 1 of one scale word); 4 groups, async scales.
       {"gs96", 136, 384, 96, {90, 7, 33}},
-      // group_size 160, K = 960 (15 k tiles): tiles whose groups are those
-      // of the tile before (the wgmma producer copies their scale words from
-      // the previous stage) and tiles that straddle a group boundary.
+      // group_size 160, K = 960 (15 k tiles): not a multiple of 64, so the
+      // wgmma producer loads both chunks' groups every tile (its Two path),
+      // over tiles that repeat the tile before's groups and tiles that
+      // straddle a group boundary. (Groups of 64k, whose tiles after a
+      // group's first reuse its kept words, are the other shapes' 64 / 128.)
       {"gs160", 72, 960, 160, {40, 0, 90}},
       // Token tiles of 128 + 2 and of every token width (32, 64, 96, 128,
       // and 256 with wide items) at its edges; N past one 256-row tile;

@@ -109,6 +109,7 @@ struct Plan {
   Item* items = nullptr;
   int64_t n_items = 0;
   int64_t decode_tokens = 0, prefill_tokens = 0;
+  int64_t prefill_experts = 0;  // experts of more than kDecodeMaxTokens tokens
 
   // decode_rows_cap: most rows per decode item; nb: rows per prefill item.
   // nb_floor: a level whose prefill items hold several panels first halves
@@ -117,7 +118,7 @@ struct Plan {
       : E(p.num_experts), N(p.n), K(p.k), T(p.total_tokens), offsets_buf(8 * (E + 1)) {
     offsets = offsets_buf.as<int64_t>();
     offsets[0] = 0;
-    int64_t dec_experts = 0, pre_experts = 0;
+    int64_t dec_experts = 0;
     for (int64_t e = 0; e < E; ++e) {
       const int64_t c = p.tokens_per_expert[e];
       offsets[e + 1] = offsets[e] + c;
@@ -126,7 +127,7 @@ struct Plan {
         ++dec_experts;
         decode_tokens += c;
       } else {
-        ++pre_experts;
+        ++prefill_experts;
         prefill_tokens += c;
       }
     }
@@ -137,9 +138,9 @@ struct Plan {
     int64_t rb = max64(1, ceil_div(dec_rows_total, 4 * threads));
     rb = max64(rb, ceil_div(64 << 10, max64(1, row_bytes)));
     // Prefill: shrink the panel while there are fewer than 2 items a thread.
-    while (nb > nb_floor && nb_floor > 0 && pre_experts * ceil_div(N, nb) < 16 * threads) nb /= 2;
-    while (nb > 8 && pre_experts * ceil_div(N, nb) < 2 * threads) nb /= 2;
-    const int64_t max_items = dec_experts * ceil_div(N, rb) + pre_experts * ceil_div(N, nb);
+    while (nb > nb_floor && nb_floor > 0 && prefill_experts * ceil_div(N, nb) < 16 * threads) nb /= 2;
+    while (nb > 8 && prefill_experts * ceil_div(N, nb) < 2 * threads) nb /= 2;
+    const int64_t max_items = dec_experts * ceil_div(N, rb) + prefill_experts * ceil_div(N, nb);
     items_buf.alloc(sizeof(Item) * max64(1, max_items));
     items = items_buf.as<Item>();
     // Prefill items first (they are longer), then decode.

@@ -1493,9 +1493,7 @@ struct Runner {
     if (kF16 && amx_pf && !amx_forced()) {  // fp16: two panels to decode, from 24 tokens an expert
       // (Intel Xeon, two interleaved rounds: ARK's rows of 32-76 tokens an
       // expert 1.2-1.6x the speed of FMA, 256 tokens 2.1x; 16 tokens 0.8x)
-      int64_t experts = 0;
-      for (int64_t e = 0; e < plan.E; ++e) experts += plan.tokens(e) > kDecodeMaxTokens;
-      amx_pf = plan.prefill_tokens >= 24 * experts;
+      amx_pf = plan.prefill_tokens >= 24 * plan.prefill_experts;
     }
     if (amx_pf) pf32 = direct_pf = swap_pf = false, Kd = Kp / 2, kc_dw = min64(Kd, 2048);
     // The token rows (kF16: hi, then lo) one cache line longer: a tile load

@@ -18,9 +18,9 @@ bool run_avx512(const MoeGemmParams& p, Phase phase);
 // Only meaningful where the avx512 level is supported.
 bool avx512_uses_bf16_dot();
 
-// Whether the avx512 level's prefill of bf16 activations runs on the AMX
-// tile unit (TDPBF16PS): the CPU has AMX-BF16, the OS grants the tile state
-// (asked once, here) and QMOE_CPU_AMX is not 0.
+// Whether the avx512 level's prefill runs on the AMX tile unit (TDPBF16PS;
+// fp16 activations from 24 tokens an expert): the CPU has AMX-BF16, the OS
+// grants the tile state (asked once, here) and QMOE_CPU_AMX is not 0.
 bool avx512_uses_amx();
 
 // Experts with at most this many tokens take the decode (weight-streaming)
