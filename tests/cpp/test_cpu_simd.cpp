@@ -232,17 +232,21 @@ TEST(CpuSimd, BothComputeModes) {
     if (amx[0] == '1' && !prefill) continue;  // (AMX: the prefill)
     setenv("QMOE_CPU_AMX", amx, 1);
     setenv("QMOE_CPU_DOT", mode, 1);
-    for (Encoding enc : all_encodings()) {
+    for (Encoding enc : all_encodings())
+      for (int shape = 0; shape < (amx[0] == '1' ? 2 : 1); ++shape) {
       const uint64_t seed = fresh_seed();
       SCOPED_TRACE(std::string(mode) + (amx[0] == '1' ? " amx" : "") + " " + name(at, enc) +
-                   (prefill ? " prefill" : " decode") + " seed=" + std::to_string(seed));
+                   (prefill ? " prefill" : " decode") + " shape " + std::to_string(shape) +
+                   " seed=" + std::to_string(seed));
       // (16-bit weights, decode: K over several L1 chunks of 8 tokens' activations, with a tail)
       const bool chunks = !prefill && enc.type == WeightType::native16;
-      // (AMX: K over two panel chunks of 2048 K pairs, the second short)
-      const int64_t K = amx[0] == '1' ? 4224 : chunks ? 2088 : 512;
-      Problem pr = Problem::random(at, enc, 53, K, enc.type == WeightType::native16 ? 0 : 128,
-                                   prefill ? std::vector<int32_t>{13, 0, 21} : std::vector<int32_t>{1, 0, 3, 8},
-                                   seed);
+      // (AMX: K over two panel chunks of 2048 K pairs, the second short, 13 and
+      // 21 tokens; then 1040 tokens an expert, 65 tiles of 16, the last of one)
+      const int64_t K = amx[0] == '1' ? (shape == 0 ? 4224 : 256) : chunks ? 2088 : 512;
+      const std::vector<int32_t> counts = !prefill ? std::vector<int32_t>{1, 0, 3, 8}
+                                          : shape == 0 ? std::vector<int32_t>{13, 0, 21}
+                                                       : std::vector<int32_t>{1040};
+      Problem pr = Problem::random(at, enc, 53, K, enc.type == WeightType::native16 ? 0 : 128, counts, seed);
       ASSERT_TRUE((prefill ? moe_gemm_prefill(pr.params) : moe_gemm_decode(pr.params)).ok());
       EXPECT_EQ(cpu::last_isa(), Isa::avx512);
       const std::vector<uint16_t> fast = pr.out;

@@ -512,6 +512,12 @@ bool use_bf16_dot() {
   return dot;
 }
 
+// Whether QMOE_CPU_DOT forces the compute mode (tests).
+bool dot_forced() {
+  const char* env = std::getenv("QMOE_CPU_DOT");
+  return env && (env[0] == 'b' || env[0] == 'f');
+}
+
 // ---------------------------------------------------------------- one call
 enum class ActMode { bf16, hilo, f32, eo32 };  // prepared activation format
 
@@ -1478,6 +1484,20 @@ struct Runner {
     Plan plan(p, row_bytes, 4 * PNR, threads, PNR);
     pf32 = kF16 || !use_bf16_dot();
     dfma = !kNativeF16 && !use_bf16_dot();
+    // Where FMA outruns the dot product (Intel), a decode of few tokens an
+    // expert is bound by the decode's instructions, not the products: the
+    // dot product's path (weights to bf16 pairs, one vdpbf16ps for 32) then
+    // runs faster for bf16 activations (Intel Xeon, one thread, L2-resident
+    // weights, GB/s of weights FMA -> dot: 1 token int2 8.7 -> 9.8, int4
+    // 14.6 -> 16.6, bf16 weights 43.7 -> 56.5; 2 tokens int4 11.2 -> 10.2;
+    // bf16 weights 4 tokens 16.9 -> 22.7, 8 tokens 14.9 -> 13.9; int8, fp8
+    // and fp16 activations no faster).
+    if (dfma && !kF16 && !dot_forced()) {
+      int64_t most = 0;
+      for (int64_t e = 0; e < plan.E; ++e)
+        if (plan.is_decode_expert(e)) most = max64(most, plan.tokens(e));
+      if ((!Enc::kScaled && most <= 4) || (Enc::kBits <= 4 && most <= 1)) dfma = false;
+    }
     Kd = pf32 ? Kp : Kp / 2;
     kc_dw = min64(Kd, 2048);
     // bf16 activations already in the panel's K order (no permutation or
