@@ -218,7 +218,9 @@ TEST(CpuSimd, EveryCodeDecodesExactly) {
 }
 
 // The AVX-512 level computes with vdpbf16ps or with fp32 FMA, whichever
-// this CPU runs faster (QMOE_CPU_DOT forces one), and its prefill on the AMX
+// this CPU runs faster, its int4 / int2 decode with vpdpwssd on int16
+// activations where that runs faster still (QMOE_CPU_DOT forces one of
+// bf16, fma, i16), and its prefill on the AMX
 // tile unit where the CPU and OS offer it (QMOE_CPU_AMX=0 turns it off):
 // every mode, decode and prefill, against the float64 product and the exact
 // kernel.
@@ -226,7 +228,7 @@ TEST(CpuSimd, BothComputeModes) {
   if (!cpu::isa_supported(Isa::avx512)) GTEST_SKIP() << "no avx512 level here";
   ForceIsa force(Isa::avx512);
   for (const char* amx : {"0", "1"})
-  for (const char* mode : {"bf16", "fma"})
+  for (const char* mode : {"bf16", "fma", "i16"})
     for (ActType at : {ActType::bf16, ActType::f16})
       for (bool prefill : {false, true}) {
     if (amx[0] == '1' && !prefill) continue;  // (AMX: the prefill)

@@ -168,6 +168,14 @@ struct Dec<IntEncoding<Bits, Asym>, std::enable_if_t<(Bits < 8)>> {
     return _mm512_ternarylogic_epi32(y, _mm512_set1_epi16(int16_t(e | lo)), _mm512_set1_epi16(int16_t(e | sign)),
                                      0xCA);
   }
+  // Field f of every word as an int16: the code read as unsigned (sym: its
+  // sign bit flipped, u = code + half), for vpdpwssd (value = u + kQmin).
+  VI field16(VI x, int f) const {
+    const VI y = f == 0 ? x : _mm512_srli_epi16(x, unsigned(f * Bits));
+    if constexpr (Asym) return _mm512_and_si512(y, _mm512_set1_epi16(int16_t(Enc::kMask)));
+    return _mm512_ternarylogic_epi32(y, _mm512_set1_epi16(int16_t(Enc::kMask)),
+                                     _mm512_set1_epi16(int16_t(1 << (Bits - 1))), 0x6A);  // (y & mask) ^ half
+  }
   VI vec(VI x, int f, bool wide = false) const {
     constexpr int kHalf = 1 << (Bits - 1);
     const VI one28 = _mm512_set1_epi16(0x4300);
@@ -463,63 +471,82 @@ bool amx_ready() {
 // prefill of bf16 activations (fp16 activations always take FMA there).
 // Measured once (two register-only loops, well under a millisecond);
 // QMOE_CPU_DOT=bf16|fma overrides it (read on every call, for tests).
+// Nanoseconds of the best of 3 runs of 4096 steps of 12 independent chains
+// of op (a register-only loop: the instruction's throughput).
+template <class Init, class Op>
+double chain_ns(Init init, Op op) {
+  using T = decltype(init(0));
+  double best = 1e30;
+  for (int rep = 0; rep < 3; ++rep) {
+    T a[12];
+    for (int i = 0; i < 12; ++i) a[i] = init(i);
+    const int64_t t0 = now_ns();
+    for (int it = 0; it < 4096; ++it) {
+#pragma GCC unroll 12
+      for (int i = 0; i < 12; ++i) a[i] = op(a[i]);
+      __asm__ volatile("" : "+v"(a[0]), "+v"(a[1]), "+v"(a[2]), "+v"(a[3]), "+v"(a[4]), "+v"(a[5]), "+v"(a[6]),
+                       "+v"(a[7]), "+v"(a[8]), "+v"(a[9]), "+v"(a[10]), "+v"(a[11]));
+    }
+    const double dt = double(now_ns() - t0);
+    best = best < dt ? best : dt;
+  }
+  return best;
+}
+double fma_ns() {
+  static const double ns = chain_ns([](int i) { return _mm512_set1_ps(float(i)); },
+                                    [](V a) { return _mm512_fmadd_ps(a, _mm512_set1_ps(0.5f), _mm512_set1_ps(0.5f)); });
+  return ns;
+}
+double bf16_dot_ns() {
+  static const double ns = chain_ns([](int i) { return _mm512_set1_ps(float(i)); }, [](V a) {
+    const __m512bh x = bh(_mm512_set1_epi16(0x3f80));
+    return _mm512_dpbf16_ps(a, x, x);
+  });
+  return ns;
+}
+double i16_dot_ns() {
+  static const double ns = chain_ns([](int i) { return _mm512_set1_epi32(i); }, [](VI a) {
+    const VI x = _mm512_set1_epi16(3);
+    return _mm512_dpwssd_epi32(a, x, x);
+  });
+  return ns;
+}
+
 bool use_bf16_dot() {
   if (const char* env = std::getenv("QMOE_CPU_DOT")) {
     if (env[0] == 'b') return true;
-    if (env[0] == 'f') return false;
+    if (env[0] == 'f' || env[0] == 'i') return false;
   }
-  static const bool dot = [] {
-#define QMOE_C12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
-#define QMOE_K12 __asm__ volatile("" : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(a4), "+v"(a5), \
-                                  "+v"(a6), "+v"(a7), "+v"(a8), "+v"(a9), "+v"(a10), "+v"(a11))
-#define DECL(i) V a##i = _mm512_set1_ps(float(i));
-    constexpr int kIters = 4096;
-    double best_fma = 1e30, best_dot = 1e30;
-    for (int rep = 0; rep < 3; ++rep) {
-      {
-        QMOE_C12(DECL)
-        const V x = _mm512_set1_ps(0.5f);
-        const int64_t t0 = now_ns();
-        for (int it = 0; it < kIters; ++it) {
-#define STEP(i) a##i = _mm512_fmadd_ps(a##i, x, x);
-          QMOE_C12(STEP)
-#undef STEP
-          QMOE_K12;
-        }
-        const double dt = double(now_ns() - t0);
-        best_fma = best_fma < dt ? best_fma : dt;
-      }
-      {
-        QMOE_C12(DECL)
-        const __m512bh x = bh(_mm512_set1_epi16(0x3f80));
-        const int64_t t0 = now_ns();
-        for (int it = 0; it < kIters; ++it) {
-#define STEP(i) a##i = _mm512_dpbf16_ps(a##i, x, x);
-          QMOE_C12(STEP)
-#undef STEP
-          QMOE_K12;
-        }
-        const double dt = double(now_ns() - t0);
-        best_dot = best_dot < dt ? best_dot : dt;
-      }
-    }
-#undef DECL
-#undef QMOE_K12
-#undef QMOE_C12
-    // Same instruction count: the dot product does twice the flops.
-    return 2.0 * best_fma > 1.3 * best_dot;
-  }();
+  // Same instruction count: the dot product does twice the flops.
+  static const bool dot = 2.0 * fma_ns() > 1.3 * bf16_dot_ns();
   return dot;
+}
+
+// Whether the decode of int4 / int2 weights takes vpdpwssd on int16 fields
+// and activations (Runner::kI16Ok): where it runs at least 1.5 times the
+// rate of vdpbf16ps (Intel Xeon: 4x, 2 a cycle against 0.5 — the bf16 dot
+// product bound the 1-token decode of int2 there; AMD Zen runs both at
+// the same rate). QMOE_CPU_DOT=i16 forces it, =bf16 or =fma the others.
+bool use_i16_dot() {
+  if (const char* env = std::getenv("QMOE_CPU_DOT")) {
+    if (env[0] == 'i') return true;
+    if (env[0] == 'b' || env[0] == 'f') return false;
+  }
+  static const bool i16 = bf16_dot_ns() > 1.5 * i16_dot_ns();
+  return i16;
 }
 
 // Whether QMOE_CPU_DOT forces the compute mode (tests).
 bool dot_forced() {
   const char* env = std::getenv("QMOE_CPU_DOT");
-  return env && (env[0] == 'b' || env[0] == 'f');
+  return env && (env[0] == 'b' || env[0] == 'f' || env[0] == 'i');
 }
 
 // ---------------------------------------------------------------- one call
-enum class ActMode { bf16, hilo, f32, eo32 };  // prepared activation format
+enum class ActMode { bf16, hilo, f32, eo32, i16 };  // prepared activation format
+// The decode's products: vdpbf16ps on bf16 words, fp32 FMA, or vpdpwssd on
+// int16 fields and int16 activations (int2 / int4 weights: see kI16Ok).
+enum DotMode { kDotBf16 = 0, kDotFma = 1, kDotI16 = 2 };
 
 template <class Act, class Enc>
 struct Runner {
@@ -535,6 +562,19 @@ struct Runner {
   template <int NT>
   static constexpr bool kWide = kVarOff && NT == 1;
   static constexpr int64_t kSums = kVarOff ? 2 : 1;  // per-group sums a token
+  // The integer decode (DotMode kDotI16): int4 / int2 codes as int16 fields
+  // against the activations rounded to int16 on a scale per (token, group)
+  // (|error| <= max|a| of the group / 65534 an element), exact int32 sums
+  // a group (15 x 32767 x 2048 < 2^31: groups of up to 2048), folded as
+  // float(sum) * s_a * s_w; the codes' offset -kQmin comes off through the
+  // activation sums like kOffset does.
+  static constexpr bool kI16Ok = Enc::kScaled && Enc::kBits < 8 && !kNativeF16;
+  static constexpr float i16_offset() {
+    if constexpr (kI16Ok) return float(-Enc::kQmin);
+    return 0.0f;
+  }
+  bool i16 = false;        // the decode takes kDotI16
+  int64_t asum_ld = 0;     // floats a token in asum: kSums x G sums (+ G activation scales and 16 of slack with i16)
   static constexpr float delta(int f) {
     if constexpr (kVarOff) return D::delta(f);
     return 0.0f;
@@ -608,6 +648,7 @@ struct Runner {
 
   ActMode mode(bool decode_token) const {
     if (kNativeF16) return ActMode::f32;
+    if (decode_token && i16) return ActMode::i16;
     if (decode_token && dfma) return ActMode::eo32;
     if (!kF16) return ActMode::bf16;
     return decode_token ? ActMode::hilo : ActMode::f32;
@@ -621,6 +662,7 @@ struct Runner {
   void prep_token(int64_t t, ActMode m) { prep_token_into(t, m, act_buf.as<uint8_t>() + t * stride); }
   void prep_token_into(int64_t t, ActMode m, uint8_t* dst) const {
     const uint16_t* src = act + t * K;
+    if (m == ActMode::i16) return prep_token_i16(t, dst);
     for (int64_t u = 0; u < units; ++u) {
       VI x[D::kVecs], y[D::kVecs];
       for (int j = 0; j < D::kVecs; ++j) {
@@ -664,11 +706,44 @@ struct Runner {
     }
   }
 
+  // Token t for the integer decode: each group's scale s_a = max|a| / 32767
+  // (1 for a zero group) into its asum row, and the activations as int16
+  // round(a / s_a) in the unit's permuted order.
+  void prep_token_i16(int64_t t, uint8_t* dst) const {
+    const uint16_t* src = act + t * K;
+    float* sa = asum + t * asum_ld + kSums * G;
+    for (int64_t g = 0; g < G; ++g) {
+      V m = _mm512_setzero_ps();
+      for (int64_t k = g * gs; k < (g + 1) * gs; k += 16)
+        m = _mm512_max_ps(m, _mm512_abs_ps(half_to_f32<Act>(_mm256_maskz_loadu_epi16(mask16(K - k), src + k))));
+      const float mx = _mm512_reduce_max_ps(m);
+      sa[g] = mx > 0.0f ? mx / 32767.0f : 1.0f;
+    }
+    // (slack: the fold's lanes of a partial last unit read up to 16 groups past G)
+    _mm512_storeu_ps(sa + G, _mm512_setzero_ps());
+    for (int64_t u = 0; u < units; ++u) {
+      VI x[D::kVecs], y[D::kVecs];
+      for (int j = 0; j < D::kVecs; ++j) {
+        const int64_t k0 = u * D::kUnit + j * 32;
+        __m256i h[2];
+        for (int q = 0; q < 2; ++q) {  // 16 elements in one group (gs % 16 == 0); zero past K
+          const int64_t k = k0 + 16 * q, g = min64(k / gs, G - 1);
+          const V f = half_to_f32<Act>(_mm256_maskz_loadu_epi16(mask16(K - k), src + k));
+          h[q] = _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_div_ps(f, _mm512_set1_ps(sa[g]))));
+        }
+        x[j] = _mm512_inserti64x4(_mm512_castsi256_si512(h[0]), h[1], 1);
+      }
+      permute_unit<D::kVecs>(x, y);
+      for (int j = 0; j < D::kVecs; ++j)
+        _mm512_storeu_si512(reinterpret_cast<uint16_t*>(dst) + u * D::kUnit + j * 32, y[j]);
+    }
+  }
+
   // Sum of each group's activations (fp32) of token t, and (kVarOff) the
   // sum weighted by delta of each element's vector.
   void prep_asum(int64_t t) {
     const uint16_t* src = act + t * K;
-    float* as = asum + t * kSums * G;
+    float* as = asum + t * asum_ld;
     alignas(64) float dp[16];
     for (int l = 0; l < 16; ++l) dp[l] = delta(l % D::kVecs);
     const V dpat = _mm512_load_ps(dp);  // (groups start at multiples of 16 where kVarOff)
@@ -735,7 +810,7 @@ struct Runner {
 
   // acc[(j + P) % C][i][t] += vector j of unit u of R rows (raw registers
   // x[i]) . token t.
-  template <int NT, int R, int C, int P, bool FMA>
+  template <int NT, int R, int C, int P, int M>
   [[gnu::always_inline]] inline void unit_dots(const VI* x, int64_t u, const uint8_t* const* a, V (*acc)[R][NT]) const {
     if constexpr (kNativeF16) {  // fp16 weights: vcvtph2ps + FMA on fp32 activations
       V w0[R], w1[R];
@@ -752,10 +827,25 @@ struct Runner {
         }
       }
     } else {
+      constexpr bool FMA = M == kDotFma;
 #pragma GCC unroll 8
       for (int j = 0; j < D::kVecs; ++j) {
         const int c = (j + P) % C;
         VI v[R];
+        if constexpr (M == kDotI16) {  // fields as int16 . int16 activations, int32 sums
+          if constexpr (kI16Ok) {
+            for (int i = 0; i < R; ++i) v[i] = dec.field16(x[i], j);
+            const int64_t eo = u * D::kUnit + j * 32;
+#pragma GCC unroll 8
+            for (int t = 0; t < NT; ++t) {
+              const VI ah = loadu(a[t] + eo * 2);
+#pragma GCC unroll 4
+              for (int i = 0; i < R; ++i)
+                acc[c][i][t] = _mm512_castsi512_ps(_mm512_dpwssd_epi32(_mm512_castps_si512(acc[c][i][t]), v[i], ah));
+            }
+          }
+          continue;
+        }
         for (int i = 0; i < R; ++i) v[i] = dec.vec(x[i], j, kWide<NT>);
         const int64_t eo = u * D::kUnit + j * 32;  // element offset of the vector
         // acc[c] += words v . the tokens' activations of this vector
@@ -792,14 +882,14 @@ struct Runner {
 
   // Units [u0, u1) of the R rows at wr into acc (whole units; unit pairs
   // alternate chains where a unit is one vector).
-  template <int NT, int R, int C, bool FMA>
+  template <int NT, int R, int C, int M>
   [[gnu::always_inline]] inline void units_into(const uint8_t* const* wr, int64_t u0, int64_t u1, const uint8_t* const* a,
                          V (*acc)[R][NT]) const {
     // (pf: whether to prefetch; one prefetch a 64-byte line is enough)
     auto load = [&](int64_t u, VI* x, bool pf = true) {
       for (int i = 0; i < R; ++i) {
         if (pf) _mm_prefetch(reinterpret_cast<const char*>(wr[i] + u * D::kBytes) + pf_dist, _MM_HINT_T0);
-        x[i] = dec.raw(wr[i] + u * D::kBytes, kWide<NT>);
+        x[i] = dec.raw(wr[i] + u * D::kBytes, kWide<NT> && M != kDotI16);
       }
     };
     int64_t u = u0;
@@ -808,20 +898,20 @@ struct Runner {
         VI x0[R], x1[R];
         load(u, x0);
         load(u + 1, x1, D::kBytes >= 64);
-        unit_dots<NT, R, C, 0, FMA>(x0, u, a, acc);
-        unit_dots<NT, R, C, 1, FMA>(x1, u + 1, a, acc);
+        unit_dots<NT, R, C, 0, M>(x0, u, a, acc);
+        unit_dots<NT, R, C, 1, M>(x1, u + 1, a, acc);
       }
     for (; u < u1; ++u) {
       VI x[R];
       load(u, x);
-      unit_dots<NT, R, C, 0, FMA>(x, u, a, acc);
+      unit_dots<NT, R, C, 0, M>(x, u, a, acc);
     }
   }
 
   // Rows r + i * rs (i < R) of expert e (rows past r1 repeat row r1 - 1;
   // their results land in res's slack) for NT tokens; res[t * ldr + i * rs]
   // gets the results.
-  template <int NT, int R, bool FMA>
+  template <int NT, int R, int M>
   void decode_step(int64_t e, int64_t r, int64_t rs, int64_t r1, const uint8_t* const* a,
                    const float* const* as, float* sb, float* res, int64_t ldr, int64_t ub, int64_t ue) const {
     constexpr int C = kChains<NT>;
@@ -831,7 +921,7 @@ struct Runner {
       const int64_t row = min64(r + i * rs, r1 - 1);
       wr[i] = w + (e * N + row) * row_bytes;
       float* si = sb + i * 2 * sstride_;
-      load_scales(e, row, 0, G, si, si + sstride_);
+      load_scales(e, row, 0, G, si, si + sstride_, M == kDotI16 ? i16_offset() : D::kOffset);
       prefetch_scales(e, row + 4, 0);
       s[i] = si;
     }
@@ -849,27 +939,39 @@ struct Runner {
     // tot += (sum of chains) * scale of block g: one scale (a group of
     // whole units), or a scale per fp32 lane.
     auto fold = [&](int64_t g) {
+      V av[NT];  // (i16: each token's activation scale of the block's group(s))
+      if constexpr (M == kDotI16)
+        for (int t = 0; t < NT; ++t) {
+          const float* sa = as[t] + kSums * G;
+          av[t] = gs >= D::kUnit ? _mm512_set1_ps(sa[g]) : _mm512_permutexvar_ps(idx_dot, _mm512_loadu_ps(sa + g));
+        }
       for (int i = 0; i < R; ++i) {
         const V sv = gs >= D::kUnit ? _mm512_set1_ps(s[i][g])
                                     : _mm512_permutexvar_ps(idx_dot, _mm512_loadu_ps(s[i] + g));
 #pragma GCC unroll 8
         for (int t = 0; t < NT; ++t) {
           V d = acc[0][i][t];
-          for (int c = 1; c < C; ++c) d = _mm512_add_ps(d, acc[c][i][t]);
+          if constexpr (M == kDotI16) {  // int32 sums, times the token's scale of the block's group(s)
+            VI di = _mm512_castps_si512(d);
+            for (int c = 1; c < C; ++c) di = _mm512_add_epi32(di, _mm512_castps_si512(acc[c][i][t]));
+            d = _mm512_mul_ps(_mm512_cvtepi32_ps(di), av[t]);
+          } else {
+            for (int c = 1; c < C; ++c) d = _mm512_add_ps(d, acc[c][i][t]);
+          }
           tot[i][t] = _mm512_fmadd_ps(d, sv, tot[i][t]);
         }
       }
     };
     auto tail = [&] {  // the partial last unit (masked bytes, zero activations past K)
       VI x[R];
-      for (int i = 0; i < R; ++i) x[i] = dec.raw_part(wr[i] + full * D::kBytes, tail_bytes, kWide<NT>);
-      unit_dots<NT, R, C, 0, FMA>(x, full, a, acc);
+      for (int i = 0; i < R; ++i) x[i] = dec.raw_part(wr[i] + full * D::kBytes, tail_bytes, kWide<NT> && M != kDotI16);
+      unit_dots<NT, R, C, 0, M>(x, full, a, acc);
     };
     for (int i = 0; i < R; ++i)
       for (int t = 0; t < NT; ++t) tot[i][t] = _mm512_setzero_ps();
     if constexpr (!Enc::kScaled) {
       zero();
-      units_into<NT, R, C, FMA>(wr, ub, full, a, acc);
+      units_into<NT, R, C, M>(wr, ub, full, a, acc);
       if (last && tail_bytes) tail();
       for (int i = 0; i < R; ++i)
         for (int t = 0; t < NT; ++t)
@@ -879,7 +981,7 @@ struct Runner {
       int64_t g = 0;
       for (int64_t u0 = 0; u0 < full; u0 += upb, g += gstep) {
         zero();
-        units_into<NT, R, C, FMA>(wr, u0, u0 + upb, a, acc);
+        units_into<NT, R, C, M>(wr, u0, u0 + upb, a, acc);
         fold(g);
       }
       if (tail_bytes) {  // (only where a unit holds several groups: upb == 1)
@@ -901,7 +1003,7 @@ struct Runner {
         float v = sums[i * NT + t];
         // - sum_g s_g (kOffset + z_g) sum_{k in g} a_k
         //   (kVarOff: - sum_g s_g sum_{k in g} delta(k % kVecs) a_k, same reduction)
-        if constexpr (kWide<NT> && kVarOff) v -= dot2_f32(s[i] + sstride_, as[t], s[i], as[t] + G, G);
+        if constexpr (kWide<NT> && kVarOff && M != kDotI16) v -= dot2_f32(s[i] + sstride_, as[t], s[i], as[t] + G, G);
         else if constexpr (kCorr) v -= dot_f32(s[i] + sstride_, as[t], G);
         float& dst = res[t * ldr + i * rs];
         dst = first ? v : dst + v;
@@ -924,7 +1026,7 @@ struct Runner {
   }
 
   // Rows [r0, r1) of expert e for its nt tokens (padded to NT), into out.
-  template <int NT, bool FMA>
+  template <int NT, int M>
   void decode_rows(int64_t e, int64_t r0, int64_t r1, int64_t t0, int64_t nt, const uint8_t* const* a,
                    const float* const* as, float* sb, float* res) const {
     constexpr int R = kRows<NT>;
@@ -936,10 +1038,10 @@ struct Runner {
       // side by side where rows are >= 4 KB measured 5-15% slower from
       // DRAM, interleaved; L2-resident they are up to 20% faster.)
       const int64_t rs = ceil_div(c1 - c0, R);
-      const int64_t cu = chunk_units(NT, FMA);
+      const int64_t cu = chunk_units(NT, M == kDotFma);
       for (int64_t ub = 0; ub < units; ub += cu)
         for (int64_t j = 0; j < rs; ++j)
-          decode_step<NT, R, FMA>(e, c0 + j, rs, c1, a, as, sb, res + j, kResLd, ub, min64(units, ub + cu));
+          decode_step<NT, R, M>(e, c0 + j, rs, c1, a, as, sb, res + j, kResLd, ub, min64(units, ub + cu));
       for (int64_t t = 0; t < nt; ++t) store_act<Act>(res + t * kResLd, out + (t0 + t) * N + c0, c1 - c0);
     }
   }
@@ -1484,20 +1586,23 @@ struct Runner {
     Plan plan(p, row_bytes, 4 * PNR, threads, PNR);
     pf32 = kF16 || !use_bf16_dot();
     dfma = !kNativeF16 && !use_bf16_dot();
-    // Where FMA outruns the dot product (Intel), a decode of few tokens an
-    // expert is bound by the decode's instructions, not the products: the
-    // dot product's path (weights to bf16 pairs, one vdpbf16ps for 32) then
-    // runs faster for bf16 activations (Intel Xeon, one thread, L2-resident
-    // weights, GB/s of weights FMA -> dot: 1 token int2 8.7 -> 9.8, int4
-    // 14.6 -> 16.6, bf16 weights 43.7 -> 56.5; 2 tokens int4 11.2 -> 10.2;
-    // bf16 weights 4 tokens 16.9 -> 22.7, 8 tokens 14.9 -> 13.9; int8, fp8
-    // and fp16 activations no faster).
-    if (dfma && !kF16 && !dot_forced()) {
+    // Where FMA outruns the dot product (Intel), a decode of bf16 weights
+    // and activations, up to 4 tokens an expert, still runs faster on the
+    // dot product: the weights go in as they are (Intel Xeon, one thread,
+    // L2-resident, GB/s of weights FMA -> dot: 1 token 43.7 -> 56.5, 2
+    // tokens 33.2 -> 41.4, 4 tokens 16.9 -> 22.7, 8 tokens 14.9 -> 13.9).
+    if (!Enc::kScaled && dfma && !kF16 && !dot_forced()) {
       int64_t most = 0;
       for (int64_t e = 0; e < plan.E; ++e)
         if (plan.is_decode_expert(e)) most = max64(most, plan.tokens(e));
-      if ((!Enc::kScaled && most <= 4) || (Enc::kBits <= 4 && most <= 1)) dfma = false;
+      if (most <= 4) dfma = false;
     }
+    // int4 / int2: the integer decode where vpdpwssd pays (use_i16_dot;
+    // Intel Xeon, one thread, L2-resident, GB/s of weights FMA -> i16:
+    // 1 token int2 8.7 -> 12.4, int4 14.6 -> 19.2; 2 tokens int2 6.0 ->
+    // 9.0, int4 11.2 -> 14.5; 4 tokens int2 2.8 -> 4.4, int4 5.3 -> 7.2;
+    // 8 tokens int2 1.7 -> 2.0, int4 2.9 -> 3.2).
+    if constexpr (kI16Ok) i16 = use_i16_dot() && gs % 16 == 0 && gs <= 2048;
     Kd = pf32 ? Kp : Kp / 2;
     kc_dw = min64(Kd, 2048);
     // bf16 activations already in the panel's K order (no permutation or
@@ -1522,14 +1627,15 @@ struct Runner {
 
     // Decode tokens: prepared rows (bf16 activations in place when no
     // permutation or padding is needed) and per-group sums.
-    direct = !kF16 && !dfma && D::kVecs == 1 && K % 32 == 0;
+    direct = !kF16 && !dfma && !i16 && D::kVecs == 1 && K % 32 == 0;
     if (!direct && plan.decode_tokens > 0) {
-      stride = Kp * ((kF16 || dfma) ? 4 : 2);
+      stride = Kp * ((kF16 || dfma) && !i16 ? 4 : 2);
       act_buf.alloc(size_t(T * stride));
     }
     const bool need_asum = kCorr && plan.decode_tokens > 0;
     if (need_asum) {
-      asum_buf.alloc(size_t(T * kSums * G * 4));
+      asum_ld = kSums * G + (i16 ? G + 16 : 0);
+      asum_buf.alloc(size_t(T * asum_ld * 4));
       asum = asum_buf.as<float>();
     }
     // Prefill tokens: packed blocks of PMR tokens per expert.
@@ -1662,14 +1768,16 @@ struct Runner {
       for (int t = 0; t < kDecodeMaxTokens; ++t) {
         const int64_t tt = t0 + min64(t, nt - 1);
         a[t] = act_row(tt);
-        as[t] = asum ? asum + tt * kSums * G : nullptr;
+        as[t] = asum ? asum + tt * asum_ld : nullptr;
       }
       auto rows = [&](auto nt_c) {
         constexpr int NT = decltype(nt_c)::value;
+        if constexpr (kI16Ok)
+          if (i16) return decode_rows<NT, kDotI16>(e, it.r0, it.r1, t0, nt, a, as, sbuf, res);
         if (dfma)
-          decode_rows<NT, true>(e, it.r0, it.r1, t0, nt, a, as, sbuf, res);
+          decode_rows<NT, kDotFma>(e, it.r0, it.r1, t0, nt, a, as, sbuf, res);
         else
-          decode_rows<NT, false>(e, it.r0, it.r1, t0, nt, a, as, sbuf, res);
+          decode_rows<NT, kDotBf16>(e, it.r0, it.r1, t0, nt, a, as, sbuf, res);
       };
       // The expert's own token count (padding 3 to 4 or 5 to 8 costs up
       // to 60% more dot products where they bound it); 7 takes 8 (14
