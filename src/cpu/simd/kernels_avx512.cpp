@@ -10,6 +10,9 @@
 // activations are exact in bf16; fp16 activations are split a = hi + lo
 // (both bf16, exact), two dot products. So decode has the accuracy of an
 // fp32 product. fp16 16-bit weights (not exact in bf16) use vcvtph2ps + FMA.
+// Where vpdpwssd issues much faster than vdpbf16ps (Intel), int8 / int4 /
+// int2 codes go in as int16 words against the activations rounded to int16
+// on a scale per (token, group) instead (kDotI16: exact int32 sums a group).
 //
 // Prefill (> 8 tokens): a block of rows is dequantized once into a panel in
 // L2 — bf16 for bf16 activations (the weights then round to bf16, as in
@@ -114,6 +117,18 @@ struct Dec<IntEncoding<8, Asym>, void> {
     return (VI)_mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(hi), _mm512_cvtepi32_ps(lo));
   }
   VI vec(VI raw, int, bool = false) const { return raw; }
+  // The integer decode (Runner's kDotI16): the codes as int16 words (the
+  // value itself: sym sign-extended, asym zero-extended).
+  static constexpr bool kHasI16 = true;
+  static constexpr int kI16Max = Asym ? 255 : 128;  // largest |word|
+  static constexpr int kI16MaxTokens = 1;           // (Runner::run)
+  static constexpr float kI16Offset = 0.0f;          // word = value + kI16Offset
+  VI raw16(const uint8_t* p) const { return conv16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  VI raw16_part(const uint8_t* p, int64_t n) const {
+    return conv16(_mm256_maskz_loadu_epi8(__mmask32((1ull << n) - 1), p));
+  }
+  static VI conv16(__m256i y) { return Asym ? _mm512_cvtepu8_epi16(y) : _mm512_cvtepi8_epi16(y); }
+  VI field16(VI x, int) const { return x; }
 };
 
 // int4 / int2, no shuffles: 64 bytes are 32 words; field f of word i (bits
@@ -168,8 +183,15 @@ struct Dec<IntEncoding<Bits, Asym>, std::enable_if_t<(Bits < 8)>> {
     return _mm512_ternarylogic_epi32(y, _mm512_set1_epi16(int16_t(e | lo)), _mm512_set1_epi16(int16_t(e | sign)),
                                      0xCA);
   }
-  // Field f of every word as an int16: the code read as unsigned (sym: its
-  // sign bit flipped, u = code + half), for vpdpwssd (value = u + kQmin).
+  // The integer decode (Runner's kDotI16): field f of every word as an
+  // int16, the code read as unsigned (sym: its sign bit flipped, u = code +
+  // half), so word = value - kQmin.
+  static constexpr bool kHasI16 = true;
+  static constexpr int kI16Max = int(Enc::kMask);
+  static constexpr int kI16MaxTokens = 0;  // (Runner::run: only where forced)
+  static constexpr float kI16Offset = float(-Enc::kQmin);
+  VI raw16(const uint8_t* p) const { return raw(p); }
+  VI raw16_part(const uint8_t* p, int64_t n) const { return raw_part(p, n); }
   VI field16(VI x, int f) const {
     const VI y = f == 0 ? x : _mm512_srli_epi16(x, unsigned(f * Bits));
     if constexpr (Asym) return _mm512_and_si512(y, _mm512_set1_epi16(int16_t(Enc::kMask)));
@@ -256,6 +278,11 @@ template <class D, class = void>
 struct VarOff : std::false_type {};
 template <class D>
 struct VarOff<D, std::enable_if_t<D::kVarOffset>> : std::true_type {};
+// Whether Dec has the integer decode (raw16 / field16: int8, int4, int2).
+template <class D, class = void>
+struct HasI16 : std::false_type {};
+template <class D>
+struct HasI16<D, std::enable_if_t<D::kHasI16>> : std::true_type {};
 
 // ---------------------------------------------------------------- helpers
 template <class Act>
@@ -562,15 +589,18 @@ struct Runner {
   template <int NT>
   static constexpr bool kWide = kVarOff && NT == 1;
   static constexpr int64_t kSums = kVarOff ? 2 : 1;  // per-group sums a token
-  // The integer decode (DotMode kDotI16): int4 / int2 codes as int16 fields
-  // against the activations rounded to int16 on a scale per (token, group)
-  // (|error| <= max|a| of the group / 65534 an element), exact int32 sums
-  // a group (15 x 32767 x 2048 < 2^31: groups of up to 2048), folded as
-  // float(sum) * s_a * s_w; the codes' offset -kQmin comes off through the
-  // activation sums like kOffset does.
-  static constexpr bool kI16Ok = Enc::kScaled && Enc::kBits < 8 && !kNativeF16;
+  // The integer decode (DotMode kDotI16): int8 / int4 / int2 codes as int16
+  // words (Dec::raw16, field16) against each activation as two int16 words
+  // on a scale per (token, group), a = s_a (hi + lo / 65536) with s_a =
+  // max|a| / 32767 (|error| <= max|a| of the group / 2^32 an element), two
+  // vpdpwssd into exact int32 sums a group (groups where kI16Max x 32767 x
+  // gs < 2^31: int8 up to 256, int4 4368, int2 21845), folded as
+  // float(hi + lo / 65536) * s_a * s_w; the words' offset Dec::kI16Offset
+  // comes off through the activation sums (of the same rounded values) like
+  // kOffset does.
+  static constexpr bool kI16Ok = HasI16<D>::value;
   static constexpr float i16_offset() {
-    if constexpr (kI16Ok) return float(-Enc::kQmin);
+    if constexpr (kI16Ok) return D::kI16Offset;
     return 0.0f;
   }
   bool i16 = false;        // the decode takes kDotI16
@@ -708,10 +738,15 @@ struct Runner {
 
   // Token t for the integer decode: each group's scale s_a = max|a| / 32767
   // (1 for a zero group) into its asum row, and the activations as int16
-  // round(a / s_a) in the unit's permuted order.
+  // words hi = round(a / s_a), then lo = round((a - s_a hi) / s_a * 65536)
+  // (Kp words later), in the unit's permuted order; the group sums of the
+  // asum row are those of the rounded values, so that the codes' offset
+  // comes off the products of the same values.
   void prep_token_i16(int64_t t, uint8_t* dst) const {
     const uint16_t* src = act + t * K;
-    float* sa = asum + t * asum_ld + kSums * G;
+    float* sums = asum + t * asum_ld;
+    float* sa = sums + kSums * G;
+    for (int64_t g = 0; g < G; ++g) sums[g] = 0.0f;
     for (int64_t g = 0; g < G; ++g) {
       V m = _mm512_setzero_ps();
       for (int64_t k = g * gs; k < (g + 1) * gs; k += 16)
@@ -722,20 +757,30 @@ struct Runner {
     // (slack: the fold's lanes of a partial last unit read up to 16 groups past G)
     _mm512_storeu_ps(sa + G, _mm512_setzero_ps());
     for (int64_t u = 0; u < units; ++u) {
-      VI x[D::kVecs], y[D::kVecs];
+      VI x[D::kVecs], y[D::kVecs], xl[D::kVecs], yl[D::kVecs];
       for (int j = 0; j < D::kVecs; ++j) {
         const int64_t k0 = u * D::kUnit + j * 32;
-        __m256i h[2];
+        __m256i h[2], l[2];
         for (int q = 0; q < 2; ++q) {  // 16 elements in one group (gs % 16 == 0); zero past K
           const int64_t k = k0 + 16 * q, g = min64(k / gs, G - 1);
           const V f = half_to_f32<Act>(_mm256_maskz_loadu_epi16(mask16(K - k), src + k));
-          h[q] = _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_div_ps(f, _mm512_set1_ps(sa[g]))));
+          const V sv = _mm512_set1_ps(sa[g]);
+          const VI qi = _mm512_cvtps_epi32(_mm512_div_ps(f, sv));
+          const V r = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(qi), sv, f);  // |r| <= s_a / 2
+          const VI ri = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_div_ps(r, sv), _mm512_set1_ps(65536.0f)));
+          sums[g] += (float(_mm512_reduce_add_epi32(qi)) + float(_mm512_reduce_add_epi32(ri)) / 65536.0f) * sa[g];
+          h[q] = _mm512_cvtsepi32_epi16(qi);
+          l[q] = _mm512_cvtsepi32_epi16(ri);
         }
         x[j] = _mm512_inserti64x4(_mm512_castsi256_si512(h[0]), h[1], 1);
+        xl[j] = _mm512_inserti64x4(_mm512_castsi256_si512(l[0]), l[1], 1);
       }
       permute_unit<D::kVecs>(x, y);
-      for (int j = 0; j < D::kVecs; ++j)
+      permute_unit<D::kVecs>(xl, yl);
+      for (int j = 0; j < D::kVecs; ++j) {
         _mm512_storeu_si512(reinterpret_cast<uint16_t*>(dst) + u * D::kUnit + j * 32, y[j]);
+        _mm512_storeu_si512(reinterpret_cast<uint16_t*>(dst) + Kp + u * D::kUnit + j * 32, yl[j]);
+      }
     }
   }
 
@@ -838,10 +883,13 @@ struct Runner {
             const int64_t eo = u * D::kUnit + j * 32;
 #pragma GCC unroll 8
             for (int t = 0; t < NT; ++t) {
-              const VI ah = loadu(a[t] + eo * 2);
+              const VI ah = loadu(a[t] + eo * 2), al = loadu(a[t] + 2 * Kp + eo * 2);
 #pragma GCC unroll 4
-              for (int i = 0; i < R; ++i)
+              for (int i = 0; i < R; ++i) {
                 acc[c][i][t] = _mm512_castsi512_ps(_mm512_dpwssd_epi32(_mm512_castps_si512(acc[c][i][t]), v[i], ah));
+                acc[C + c][i][t] =
+                    _mm512_castsi512_ps(_mm512_dpwssd_epi32(_mm512_castps_si512(acc[C + c][i][t]), v[i], al));
+              }
             }
           }
           continue;
@@ -889,7 +937,8 @@ struct Runner {
     auto load = [&](int64_t u, VI* x, bool pf = true) {
       for (int i = 0; i < R; ++i) {
         if (pf) _mm_prefetch(reinterpret_cast<const char*>(wr[i] + u * D::kBytes) + pf_dist, _MM_HINT_T0);
-        x[i] = dec.raw(wr[i] + u * D::kBytes, kWide<NT> && M != kDotI16);
+        if constexpr (M == kDotI16 && kI16Ok) x[i] = dec.raw16(wr[i] + u * D::kBytes);
+        else x[i] = dec.raw(wr[i] + u * D::kBytes, kWide<NT>);
       }
     };
     int64_t u = u0;
@@ -930,9 +979,10 @@ struct Runner {
     const bool first = ub == 0;
     const bool last = ue == units;
     const int64_t full = last && tail_bytes ? units - 1 : ue;  // units read whole
-    V tot[R][NT], acc[C][R][NT];
+    constexpr int CA = M == kDotI16 ? 2 * C : C;  // (i16: the chains of the activations' hi words, then lo)
+    V tot[R][NT], acc[CA][R][NT];
     auto zero = [&] {
-      for (int c = 0; c < C; ++c)
+      for (int c = 0; c < CA; ++c)
         for (int i = 0; i < R; ++i)
           for (int t = 0; t < NT; ++t) acc[c][i][t] = _mm512_setzero_ps();
     };
@@ -951,10 +1001,15 @@ struct Runner {
 #pragma GCC unroll 8
         for (int t = 0; t < NT; ++t) {
           V d = acc[0][i][t];
-          if constexpr (M == kDotI16) {  // int32 sums, times the token's scale of the block's group(s)
-            VI di = _mm512_castps_si512(d);
-            for (int c = 1; c < C; ++c) di = _mm512_add_epi32(di, _mm512_castps_si512(acc[c][i][t]));
-            d = _mm512_mul_ps(_mm512_cvtepi32_ps(di), av[t]);
+          if constexpr (M == kDotI16) {  // int32 sums of hi and lo, times the token's scale
+            VI hi = _mm512_castps_si512(d), lo = _mm512_castps_si512(acc[C][i][t]);
+            for (int c = 1; c < C; ++c) {
+              hi = _mm512_add_epi32(hi, _mm512_castps_si512(acc[c][i][t]));
+              lo = _mm512_add_epi32(lo, _mm512_castps_si512(acc[C + c][i][t]));
+            }
+            d = _mm512_mul_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_set1_ps(1.0f / 65536.0f),
+                                              _mm512_cvtepi32_ps(hi)),
+                              av[t]);
           } else {
             for (int c = 1; c < C; ++c) d = _mm512_add_ps(d, acc[c][i][t]);
           }
@@ -964,7 +1019,10 @@ struct Runner {
     };
     auto tail = [&] {  // the partial last unit (masked bytes, zero activations past K)
       VI x[R];
-      for (int i = 0; i < R; ++i) x[i] = dec.raw_part(wr[i] + full * D::kBytes, tail_bytes, kWide<NT> && M != kDotI16);
+      for (int i = 0; i < R; ++i) {
+        if constexpr (M == kDotI16 && kI16Ok) x[i] = dec.raw16_part(wr[i] + full * D::kBytes, tail_bytes);
+        else x[i] = dec.raw_part(wr[i] + full * D::kBytes, tail_bytes, kWide<NT>);
+      }
       unit_dots<NT, R, C, 0, M>(x, full, a, acc);
     };
     for (int i = 0; i < R; ++i)
@@ -1591,18 +1649,33 @@ struct Runner {
     // dot product: the weights go in as they are (Intel Xeon, one thread,
     // L2-resident, GB/s of weights FMA -> dot: 1 token 43.7 -> 56.5, 2
     // tokens 33.2 -> 41.4, 4 tokens 16.9 -> 22.7, 8 tokens 14.9 -> 13.9).
-    if (!Enc::kScaled && dfma && !kF16 && !dot_forced()) {
-      int64_t most = 0;
-      for (int64_t e = 0; e < plan.E; ++e)
-        if (plan.is_decode_expert(e)) most = max64(most, plan.tokens(e));
-      if (most <= 4) dfma = false;
-    }
-    // int4 / int2: the integer decode where vpdpwssd pays (use_i16_dot;
-    // Intel Xeon, one thread, L2-resident, GB/s of weights FMA -> i16:
-    // 1 token int2 8.7 -> 12.4, int4 14.6 -> 19.2; 2 tokens int2 6.0 ->
-    // 9.0, int4 11.2 -> 14.5; 4 tokens int2 2.8 -> 4.4, int4 5.3 -> 7.2;
-    // 8 tokens int2 1.7 -> 2.0, int4 2.9 -> 3.2).
-    if constexpr (kI16Ok) i16 = use_i16_dot() && gs % 16 == 0 && gs <= 2048;
+    int64_t most = 0;  // tokens of the largest decode expert
+    for (int64_t e = 0; e < plan.E; ++e)
+      if (plan.is_decode_expert(e)) most = max64(most, plan.tokens(e));
+    // Where FMA outruns the dot product (Intel), a decode of few tokens an
+    // expert is bound by the decode's instructions, not the products: the
+    // dot product's path (weights to bf16 pairs, one vdpbf16ps for 32, or
+    // bf16 weights as they are) runs faster for bf16 activations (Intel
+    // Xeon, one thread, L2-resident weights, GB/s of weights FMA -> dot: 1
+    // token int2 8.7 -> 9.8, int4 14.6 -> 16.6, bf16 weights 43.7 -> 56.5;
+    // 2 tokens int4 11.2 -> 10.2, bf16 weights 33.2 -> 41.4; bf16 weights 4
+    // tokens 16.9 -> 22.7, 8 tokens 14.9 -> 13.9; fp16 activations and fp8
+    // no faster; int8 takes the integer decode below).
+    if (dfma && !kF16 && !dot_forced() && ((!Enc::kScaled && most <= 4) || (Enc::kBits <= 4 && most <= 1)))
+      dfma = false;
+    // Integer codes: the integer decode where vpdpwssd pays (use_i16_dot)
+    // and for the tokens where it measured faster (Dec::kI16MaxTokens):
+    // Intel Xeon, one thread, L2-resident, GB/s of weights FMA -> i16 (hi
+    // and lo activation words): int8 1 token 15.8 -> 27.7, 2 tokens 13.5 ->
+    // 12.3, 4 tokens 8.3 -> 5.5; int4 1 token 14.9 -> 16.7 (the bf16 dot
+    // product above: 16.6), 2 tokens 11.9 -> 9.0; int2 1 token 9.2 -> 9.0.
+    // (With the hi words alone it ran int2 at 12.4, int4 at 19.2 and int8 at
+    // 38 GB/s, 1 token, but a one-row product of 128 weights missed the
+    // tests' 1e-2 / 2e-3 tolerances by up to 8x: the activations' fixed
+    // point loses the small elements of a group.)
+    if constexpr (kI16Ok)
+      i16 = use_i16_dot() && gs % 16 == 0 && double(gs) * D::kI16Max * 32767.0 < 2147483647.0 &&
+            (most <= D::kI16MaxTokens || dot_forced());
     Kd = pf32 ? Kp : Kp / 2;
     kc_dw = min64(Kd, 2048);
     // bf16 activations already in the panel's K order (no permutation or
@@ -1629,10 +1702,10 @@ struct Runner {
     // permutation or padding is needed) and per-group sums.
     direct = !kF16 && !dfma && !i16 && D::kVecs == 1 && K % 32 == 0;
     if (!direct && plan.decode_tokens > 0) {
-      stride = Kp * ((kF16 || dfma) && !i16 ? 4 : 2);
+      stride = Kp * (kF16 || dfma || i16 ? 4 : 2);  // (i16: hi, then lo words)
       act_buf.alloc(size_t(T * stride));
     }
-    const bool need_asum = kCorr && plan.decode_tokens > 0;
+    const bool need_asum = (kCorr || i16) && plan.decode_tokens > 0;  // (i16: the activation scales live there)
     if (need_asum) {
       asum_ld = kSums * G + (i16 ? G + 16 : 0);
       asum_buf.alloc(size_t(T * asum_ld * 4));
@@ -1677,7 +1750,7 @@ struct Runner {
           while (plan.offsets[e + 1] <= t) ++e;
           if (plan.is_decode_expert(e)) {
             if (!direct) prep_token(t, mode(true));
-            if (need_asum) prep_asum(t);
+            if (need_asum && !i16) prep_asum(t);  // (i16: prep_token_i16's own sums)
           } else if (amx_pf) {  // the token's row in the panel's K order (kF16: hi, then lo)
             prep_token_into(t, kF16 ? ActMode::hilo : ActMode::bf16,
                             pack_buf.as<uint8_t>() + pack_off_buf.as<int64_t>()[e] + (t - plan.offsets[e]) * amx_ld * 4);
