@@ -152,6 +152,16 @@ struct WCfg {
   // The TMA's swizzle of a quantized weight tile (WGather reads it back):
   // 64-byte for the 64-byte rows of 8-bit codes, none for 4-bit and 2-bit.
   static constexpr CUtensorMapSwizzle kWSwizzle = kBits == 8 ? CU_TENSOR_MAP_SWIZZLE_64B : CU_TENSOR_MAP_SWIZZLE_NONE;
+  // The L2 sector promotion of the weight tiles' reads. A stage reads 64 k
+  // of each of its rows: 16 bytes a row for int2, where 128-byte promotion
+  // streamed 2.12 TB/s against 1.94-1.96 with 256-byte (H100,
+  // bench/row_piece_probe.cu, boxes of 256 rows x 16 bytes); 32 bytes and up
+  // stream fastest with 256-byte.
+#ifndef QMOE_INT2_W_PROMOTION
+#define QMOE_INT2_W_PROMOTION CU_TENSOR_MAP_L2_PROMOTION_L2_128B
+#endif
+  static constexpr CUtensorMapL2promotion kWPromotion =
+      kBits == 2 ? QMOE_INT2_W_PROMOTION : CU_TENSOR_MAP_L2_PROMOTION_L2_256B;
   static_assert(STAGES >= 3, "pipeline depth");
   static constexpr int kBarriers = 2 * STAGES + 1;  // full[STAGES], empty[STAGES], the split tail's ready
   static_assert((TOK_BYTES + W_BYTES) % 1024 == 0, "scale words after 1024-aligned buffers");
@@ -968,7 +978,8 @@ inline EncodeTiledFn encode_tiled() {
 // (row stride `stride` bytes), box [box_rows, box_cols]; out-of-range
 // elements read as zero.
 inline bool make_map(CUtensorMap* m, const void* ptr, CUtensorMapDataType type, uint64_t cols, uint64_t rows,
-                     uint64_t stride, uint32_t box_cols, uint32_t box_rows, CUtensorMapSwizzle swz) {
+                     uint64_t stride, uint32_t box_cols, uint32_t box_rows, CUtensorMapSwizzle swz,
+                     CUtensorMapL2promotion promo = CU_TENSOR_MAP_L2_PROMOTION_L2_256B) {
   const EncodeTiledFn enc = encode_tiled();
   if (!enc) return false;
   const cuuint64_t dims[2] = {cols, rows};
@@ -976,7 +987,7 @@ inline bool make_map(CUtensorMap* m, const void* ptr, CUtensorMapDataType type, 
   const cuuint32_t box[2] = {box_cols, box_rows};
   const cuuint32_t estr[2] = {1, 1};
   return enc(m, type, 2, const_cast<void*>(ptr), dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE, swz,
-             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+             promo, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
 // The 3-D map of 16-bit [E, K, N] weights: dims {N, K, E}, box 64 n x 64 k x 1
@@ -1097,7 +1108,7 @@ bool launch_variant(const MoeGemmParams& p, cudaStream_t stream, Status* status,
                  : C::kNative ? make_map(&maps.w, p.weights, CU_TENSOR_MAP_DATA_TYPE_UINT16, uint64_t(p.k), wrows,
                                          uint64_t(kp), C::BK, glu ? C::BN / 2 : C::BN, CU_TENSOR_MAP_SWIZZLE_128B)
                               : make_map(&maps.w, p.weights, CU_TENSOR_MAP_DATA_TYPE_UINT8, uint64_t(kp), wrows,
-                                         uint64_t(kp), C::KPB, glu ? C::BN / 2 : C::BN, C::kWSwizzle);
+                                         uint64_t(kp), C::KPB, glu ? C::BN / 2 : C::BN, C::kWSwizzle, C::kWPromotion);
   if (!wok) return false;
 
   WArgs a;

@@ -15,9 +15,9 @@ bool run_avx512(const MoeGemmParams& p, Phase phase);
 // encoding but fp16 weights, prefill of bf16 activations) or with fp32 FMA:
 // a one-time probe picks the faster on this CPU (AMD Zen 4/5: the dot
 // product; Intel Sapphire Rapids: FMA); QMOE_CPU_DOT=bf16|fma forces it
-// (=i16: the int4 / int2 decode on vpdpwssd, which the CPUs where it issues
-// faster than vdpbf16ps take anyway). Only meaningful where the avx512
-// level is supported.
+// (=i16: the integer codes' decode on vpdpwssd, which CPUs where it issues
+// much faster than vdpbf16ps take for int8 at one token). Only meaningful
+// where the avx512 level is supported.
 bool avx512_uses_bf16_dot();
 
 // Whether the avx512 level's prefill runs on the AMX tile unit (TDPBF16PS;
