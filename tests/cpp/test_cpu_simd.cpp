@@ -153,6 +153,31 @@ INSTANTIATE_TEST_SUITE_P(
              (std::get<3>(info.param) ? "_prefill" : "_decode");
     });
 
+// The integer decode (QMOE_CPU_DOT=i16: integer codes as int16 words
+// against two int16 words an activation; on its own only where vpdpwssd is
+// much faster, for some token counts) on every decode shape: group sizes
+// below and above a unit, partial last units, a one-row product.
+TEST(CpuSimd, IntegerDecodeEveryShape) {
+  if (!cpu::isa_supported(Isa::avx512)) GTEST_SKIP() << "no avx512 level here";
+  ForceIsa force(Isa::avx512);
+  setenv("QMOE_CPU_DOT", "i16", 1);
+  for (ActType at : {ActType::f16, ActType::bf16})
+    for (Encoding enc : all_encodings()) {
+      if (enc.type != WeightType::int8 && enc.type != WeightType::int4 && enc.type != WeightType::int2) continue;
+      for (const Shape& s : shapes(enc.type, false)) {
+        const uint64_t seed = fresh_seed();
+        SCOPED_TRACE(name(at, enc) + " " + s.label + " seed=" + std::to_string(seed));
+        Problem pr = Problem::random(at, enc, s.n, s.k, s.group_size, s.counts, seed);
+        ASSERT_TRUE(moe_gemm_decode(pr.params).ok());
+        const std::vector<uint16_t> fast = pr.out;
+        const Comparison c = compare(pr, fast, pr.reference());
+        EXPECT_EQ(c.unwritten, 0);
+        EXPECT_LT(c.rel_error, tolerance(at));
+      }
+    }
+  unsetenv("QMOE_CPU_DOT");
+}
+
 // Decode keeps fp32 accuracy on every level (exact bf16 codes, fp16
 // activations split into two bf16 halves): it must agree with the exact
 // kernel far below the tolerance on a long K.
