@@ -539,40 +539,34 @@ double i16_dot_ns() {
   return ns;
 }
 
+// The mode QMOE_CPU_DOT forces ('b' bf16, 'f' fma, 'i' i16; tests), else 0.
+char forced_dot() {
+  const char* env = std::getenv("QMOE_CPU_DOT");
+  return env && (env[0] == 'b' || env[0] == 'f' || env[0] == 'i') ? env[0] : 0;
+}
+
 bool use_bf16_dot() {
-  if (const char* env = std::getenv("QMOE_CPU_DOT")) {
-    if (env[0] == 'b') return true;
-    if (env[0] == 'f' || env[0] == 'i') return false;
-  }
+  if (const char f = forced_dot()) return f == 'b';
   // Same instruction count: the dot product does twice the flops.
   static const bool dot = 2.0 * fma_ns() > 1.3 * bf16_dot_ns();
   return dot;
 }
 
-// Whether the decode of int4 / int2 weights takes vpdpwssd on int16 fields
-// and activations (Runner::kI16Ok): where it runs at least 1.5 times the
-// rate of vdpbf16ps (Intel Xeon: 4x, 2 a cycle against 0.5 — the bf16 dot
-// product bound the 1-token decode of int2 there; AMD Zen runs both at
-// the same rate). QMOE_CPU_DOT=i16 forces it, =bf16 or =fma the others.
+// Whether the decode of integer codes may take vpdpwssd on int16 words
+// (Runner::kI16Ok; which token counts: Dec::kI16MaxTokens): where it runs
+// at least 1.5 times the rate of vdpbf16ps (Intel Xeon: 4x, 2 a cycle
+// against 0.5; AMD Zen runs both at the same rate). QMOE_CPU_DOT=i16
+// forces it for every token count, =bf16 or =fma the others.
 bool use_i16_dot() {
-  if (const char* env = std::getenv("QMOE_CPU_DOT")) {
-    if (env[0] == 'i') return true;
-    if (env[0] == 'b' || env[0] == 'f') return false;
-  }
+  if (const char f = forced_dot()) return f == 'i';
   static const bool i16 = bf16_dot_ns() > 1.5 * i16_dot_ns();
   return i16;
-}
-
-// Whether QMOE_CPU_DOT forces the compute mode (tests).
-bool dot_forced() {
-  const char* env = std::getenv("QMOE_CPU_DOT");
-  return env && (env[0] == 'b' || env[0] == 'f' || env[0] == 'i');
 }
 
 // ---------------------------------------------------------------- one call
 enum class ActMode { bf16, hilo, f32, eo32, i16 };  // prepared activation format
 // The decode's products: vdpbf16ps on bf16 words, fp32 FMA, or vpdpwssd on
-// int16 fields and int16 activations (int2 / int4 weights: see kI16Ok).
+// int16 words of integer codes and activations (see kI16Ok).
 enum DotMode { kDotBf16 = 0, kDotFma = 1, kDotI16 = 2 };
 
 template <class Act, class Enc>
@@ -1661,7 +1655,7 @@ struct Runner {
     // 2 tokens int4 11.2 -> 10.2, bf16 weights 33.2 -> 41.4; bf16 weights 4
     // tokens 16.9 -> 22.7, 8 tokens 14.9 -> 13.9; fp16 activations and fp8
     // no faster; int8 takes the integer decode below).
-    if (dfma && !kF16 && !dot_forced() && ((!Enc::kScaled && most <= 4) || (Enc::kBits <= 4 && most <= 1)))
+    if (dfma && !kF16 && !forced_dot() && ((!Enc::kScaled && most <= 4) || (Enc::kBits <= 4 && most <= 1)))
       dfma = false;
     // Integer codes: the integer decode where vpdpwssd pays (use_i16_dot)
     // and for the tokens where it measured faster (Dec::kI16MaxTokens):
@@ -1675,7 +1669,7 @@ struct Runner {
     // point loses the small elements of a group.)
     if constexpr (kI16Ok)
       i16 = use_i16_dot() && gs % 16 == 0 && double(gs) * D::kI16Max * 32767.0 < 2147483647.0 &&
-            (most <= D::kI16MaxTokens || dot_forced());
+            (most <= D::kI16MaxTokens || forced_dot() == 'i');
     Kd = pf32 ? Kp : Kp / 2;
     kc_dw = min64(Kd, 2048);
     // bf16 activations already in the panel's K order (no permutation or
