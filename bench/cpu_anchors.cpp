@@ -156,6 +156,26 @@ __attribute__((target("avx512f,avx512bf16"))) double dot512(int64_t iters) {
   return hsum<16>(t);
 }
 
+// vpdpwssd (two int16 products into each int32 lane): the integer decode's
+// product (QMOE_CPU_DOT=i16), 12 independent chains.
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) double i16dot512(int64_t iters) {
+#define DECL(i) __m512i a##i = _mm512_set1_epi32(i);
+  QMOE_ACC12(DECL)
+#undef DECL
+  const __m512i x = _mm512_set1_epi16(3), y = _mm512_set1_epi16(-2);
+  for (int64_t it = 0; it < iters; ++it) {
+#define STEP(i) a##i = _mm512_dpwssd_epi32(a##i, x, y);
+    QMOE_ACC12(STEP)
+#undef STEP
+    QMOE_KEEP12;
+  }
+  __m512i s = _mm512_setzero_si512();
+#define SUM(i) s = _mm512_add_epi32(s, a##i);
+  QMOE_ACC12(SUM)
+#undef SUM
+  return double(_mm512_reduce_add_epi32(s));
+}
+
 template <class Loop>
 double peak(int threads, double seconds, Loop loop, double flops_per_iter) {
   int64_t iters = 1 << 16;  // calibrate on one thread
@@ -256,6 +276,12 @@ double cpu_peak_bf16_dot_gflops(int threads, double seconds) {
   threads = resolve(threads);
   if (!has_avx512()) return 0;  // qmoe's avx512 level implies AVX512_BF16
   return peak(threads, seconds, dot512, 12.0 * 32 * 2);
+}
+
+double cpu_peak_i16_dot_gops(int threads, double seconds) {
+  threads = resolve(threads);
+  if (!has_avx512()) return 0;  // (qmoe's avx512 level: AVX512_VNNI where its integer decode runs)
+  return peak(threads, seconds, i16dot512, 12.0 * 32 * 2);
 }
 
 std::string cpu_model_name() {

@@ -38,6 +38,7 @@ double cpu_read_bandwidth_gbs(size_t bytes = size_t(1) << 30, int threads = 0, i
 // Register-only loops on every thread at once, ~`seconds` each; best of 3.
 double cpu_peak_fma_gflops(int threads = 0, double seconds = 0.3);
 double cpu_peak_bf16_dot_gflops(int threads = 0, double seconds = 0.3);  // 0: no AVX512_BF16
+double cpu_peak_i16_dot_gops(int threads = 0, double seconds = 0.3);  // vpdpwssd, Gop/s (products + adds)
 double cpu_peak_amx_bf16_gflops(int threads = 0, double seconds = 0.3);  // 0: qmoe does not use AMX here
 std::string cpu_model_name();
 

@@ -13,6 +13,9 @@
 //                weight rows x 8 tokens, 16 accumulators, 32 steps of rows
 //                over K), walking K whole or in CHUNKs: GFLOP/s a core while
 //                the tokens' activations fit L1 or not (AVX512_BF16 only)
+//   dots         one core's register-loop rates of the decode's products:
+//                fp32 FMA, vdpbf16ps, vpdpwssd (instructions a ns; what
+//                use_bf16_dot / use_i16_dot weigh)
 // ACT=f16 for fp16 activations. Built as BUILD/bench/qmoe-cpu-probe.
 #include <immintrin.h>
 #include <qmoe/qmoe.h>
@@ -122,8 +125,14 @@ int main(int argc, char** argv) {
                   (long long)c, (long long)(8 * std::min(c, K) * 2 / 1024), act_l1_loop(K, c));
     return 0;
   }
+  if (argc == 2 && std::string(argv[1]) == "dots") {  // instructions a ns, one core
+    const double fma = bench::cpu_peak_fma_gflops(1) / 32, dot = bench::cpu_peak_bf16_dot_gflops(1) / 64,
+                 i16 = bench::cpu_peak_i16_dot_gops(1) / 64;
+    printf("one core, 12 chains: fp32 FMA %.2f, vdpbf16ps %.2f, vpdpwssd %.2f instructions a ns\n", fma, dot, i16);
+    return 0;
+  }
   if (argc < 3 || (std::string(argv[1]) != "l2" && std::string(argv[1]) != "dram" && std::string(argv[1]) != "pre")) {
-    std::fprintf(stderr, "usage: qmoe-cpu-probe l2|dram|pre ENCODING... | actl1 K [CHUNK...] (see the header of bench/cpu_decode_probe.cpp)\n");
+    std::fprintf(stderr, "usage: qmoe-cpu-probe l2|dram|pre ENCODING... | actl1 K [CHUNK...] | dots (see the header of bench/cpu_decode_probe.cpp)\n");
     return 2;
   }
   std::string mode = argv[1];
