@@ -922,6 +922,14 @@ struct Runner {
     }
   }
 
+  // A unit's packed codes at p (part > 0: its first `part` bytes) in the
+  // registers the decode mode M takes.
+  template <int NT, int M>
+  [[gnu::always_inline]] inline VI unit_raw(const uint8_t* p, int64_t part) const {
+    if constexpr (M == kDotI16 && kI16Ok) return part ? dec.raw16_part(p, part) : dec.raw16(p);
+    return part ? dec.raw_part(p, part, kWide<NT>) : dec.raw(p, kWide<NT>);
+  }
+
   // Units [u0, u1) of the R rows at wr into acc (whole units; unit pairs
   // alternate chains where a unit is one vector).
   template <int NT, int R, int C, int M>
@@ -931,8 +939,7 @@ struct Runner {
     auto load = [&](int64_t u, VI* x, bool pf = true) {
       for (int i = 0; i < R; ++i) {
         if (pf) _mm_prefetch(reinterpret_cast<const char*>(wr[i] + u * D::kBytes) + pf_dist, _MM_HINT_T0);
-        if constexpr (M == kDotI16 && kI16Ok) x[i] = dec.raw16(wr[i] + u * D::kBytes);
-        else x[i] = dec.raw(wr[i] + u * D::kBytes, kWide<NT>);
+        x[i] = unit_raw<NT, M>(wr[i] + u * D::kBytes, 0);
       }
     };
     int64_t u = u0;
@@ -982,16 +989,16 @@ struct Runner {
     };
     // tot += (sum of chains) * scale of block g: one scale (a group of
     // whole units), or a scale per fp32 lane.
+    // The scales sc[] of block g for each fp32 lane.
+    auto lane_scales = [&](const float* sc, int64_t g) {
+      return gs >= D::kUnit ? _mm512_set1_ps(sc[g]) : _mm512_permutexvar_ps(idx_dot, _mm512_loadu_ps(sc + g));
+    };
     auto fold = [&](int64_t g) {
-      V av[NT];  // (i16: each token's activation scale of the block's group(s))
+      V av[NT];  // (i16: each token's activation scales)
       if constexpr (M == kDotI16)
-        for (int t = 0; t < NT; ++t) {
-          const float* sa = as[t] + kSums * G;
-          av[t] = gs >= D::kUnit ? _mm512_set1_ps(sa[g]) : _mm512_permutexvar_ps(idx_dot, _mm512_loadu_ps(sa + g));
-        }
+        for (int t = 0; t < NT; ++t) av[t] = lane_scales(as[t] + kSums * G, g);
       for (int i = 0; i < R; ++i) {
-        const V sv = gs >= D::kUnit ? _mm512_set1_ps(s[i][g])
-                                    : _mm512_permutexvar_ps(idx_dot, _mm512_loadu_ps(s[i] + g));
+        const V sv = lane_scales(s[i], g);
 #pragma GCC unroll 8
         for (int t = 0; t < NT; ++t) {
           V d = acc[0][i][t];
@@ -1013,10 +1020,7 @@ struct Runner {
     };
     auto tail = [&] {  // the partial last unit (masked bytes, zero activations past K)
       VI x[R];
-      for (int i = 0; i < R; ++i) {
-        if constexpr (M == kDotI16 && kI16Ok) x[i] = dec.raw16_part(wr[i] + full * D::kBytes, tail_bytes);
-        else x[i] = dec.raw_part(wr[i] + full * D::kBytes, tail_bytes, kWide<NT>);
-      }
+      for (int i = 0; i < R; ++i) x[i] = unit_raw<NT, M>(wr[i] + full * D::kBytes, tail_bytes);
       unit_dots<NT, R, C, 0, M>(x, full, a, acc);
     };
     for (int i = 0; i < R; ++i)
@@ -1638,11 +1642,6 @@ struct Runner {
     Plan plan(p, row_bytes, 4 * PNR, threads, PNR);
     pf32 = kF16 || !use_bf16_dot();
     dfma = !kNativeF16 && !use_bf16_dot();
-    // Where FMA outruns the dot product (Intel), a decode of bf16 weights
-    // and activations, up to 4 tokens an expert, still runs faster on the
-    // dot product: the weights go in as they are (Intel Xeon, one thread,
-    // L2-resident, GB/s of weights FMA -> dot: 1 token 43.7 -> 56.5, 2
-    // tokens 33.2 -> 41.4, 4 tokens 16.9 -> 22.7, 8 tokens 14.9 -> 13.9).
     int64_t most = 0;  // tokens of the largest decode expert
     for (int64_t e = 0; e < plan.E; ++e)
       if (plan.is_decode_expert(e)) most = max64(most, plan.tokens(e));
